@@ -1,0 +1,9 @@
+DROP TABLE processed_messages;
+DROP TABLE dead_letters;
+DROP TABLE readings;
+DROP TABLE alerts;
+DROP TABLE alarms;
+DROP TABLE sensors;
+DROP TABLE devices;
+DROP TABLE profile_fields;
+DROP TABLE profiles;

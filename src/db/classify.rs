@@ -1,0 +1,296 @@
+//! What an error means for the caller: the one place that decides what is
+//! transient.
+//!
+//! diesel exposes no SQLSTATE (`DatabaseErrorInformation` has the message
+//! only), so the decision combines diesel's error kinds, the connection
+//! status it reports, and PostgreSQL's and SQLite's documented primary
+//! messages. The SQLSTATE that a message stands for is inferred and logged.
+
+use diesel::result::{DatabaseErrorKind, Error};
+
+use crate::metrics::Cause;
+
+/// An error from one attempt at a transaction.
+#[derive(Debug)]
+pub enum DbError {
+    /// A query, BEGIN, COMMIT or ROLLBACK failed.
+    Query(Error),
+    /// No connection could be had: connecting failed, or the pool timed out.
+    Connect(String),
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbError::Query(e) => write!(f, "{e}"),
+            DbError::Connect(e) => write!(f, "cannot get a connection: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+impl From<Error> for DbError {
+    fn from(e: Error) -> Self {
+        DbError::Query(e)
+    }
+}
+
+/// What the caller must do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The connection is unusable or the server unreachable: discard the
+    /// connection, never hand it out again, retry on a new one after a backoff.
+    Connection,
+    /// The transaction failed but the session is sound: roll back, back off,
+    /// retry.
+    Transient,
+    /// The statement is wrong for this data: retrying cannot help.
+    Permanent,
+    /// Not recognized: retried a bounded number of times, then permanent.
+    Unrecognized,
+}
+
+/// An error's class, the counter it goes to, and the SQLSTATE it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    /// What to do.
+    pub class: ErrorClass,
+    /// Which retry counter it goes to.
+    pub cause: Cause,
+    /// The SQLSTATE the error stands for, where one is known.
+    pub sqlstate: Option<&'static str>,
+}
+
+const fn c(class: ErrorClass, cause: Cause, sqlstate: Option<&'static str>) -> Classified {
+    Classified { class, cause, sqlstate }
+}
+
+use ErrorClass::{Connection, Permanent, Transient, Unrecognized};
+
+/// PostgreSQL and SQLite primary messages (lower case, matched as
+/// substrings), in order of precedence.
+const MESSAGES: &[(&str, Classified)] = &[
+    // 57P01..57P03: the server goes down, restarts or is not up yet.
+    ("terminating connection due to administrator command", c(Connection, Cause::AdminShutdown, Some("57P01"))),
+    ("terminating connection due to crash", c(Connection, Cause::AdminShutdown, Some("57P02"))),
+    ("terminating connection due to idle", c(Connection, Cause::ConnectionLost, Some("57P05"))),
+    ("the database system is starting up", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    ("the database system is shutting down", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    ("the database system is in recovery mode", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    ("the database system is not yet accepting connections", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    ("the database system is not accepting connections", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    // 53300: no slot for another connection.
+    ("sorry, too many clients already", c(Connection, Cause::TooManyConnections, Some("53300"))),
+    ("remaining connection slots are reserved", c(Connection, Cause::TooManyConnections, Some("53300"))),
+    ("too many connections for", c(Connection, Cause::TooManyConnections, Some("53300"))),
+    // Class 08 and libpq's own words for a dead socket.
+    ("server closed the connection unexpectedly", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("no connection to the server", c(Connection, Cause::ConnectionLost, Some("08003"))),
+    ("connection refused", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    ("could not connect to server", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    ("could not receive data from server", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("could not send data to server", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("connection reset by peer", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("broken pipe", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("ssl syscall error", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("ssl connection has been closed unexpectedly", c(Connection, Cause::ConnectionLost, Some("08006"))),
+    ("timeout expired", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    ("no such file or directory", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    ("is the server running", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    // The session is in a failed transaction: never reuse it.
+    ("current transaction is aborted", c(Connection, Cause::Other, Some("25P02"))),
+    // Transient inside a transaction.
+    ("could not serialize access", c(Transient, Cause::Serialization, Some("40001"))),
+    ("deadlock detected", c(Transient, Cause::Deadlock, Some("40P01"))),
+    ("canceling statement due to lock timeout", c(Transient, Cause::LockTimeout, Some("55P03"))),
+    ("could not obtain lock", c(Transient, Cause::LockTimeout, Some("55P03"))),
+    ("lock not available", c(Transient, Cause::LockTimeout, Some("55P03"))),
+    ("canceling statement due to statement timeout", c(Transient, Cause::StatementTimeout, Some("57014"))),
+    ("canceling statement due to user request", c(Transient, Cause::StatementTimeout, Some("57014"))),
+    ("canceling autovacuum task", c(Transient, Cause::StatementTimeout, Some("57014"))),
+    ("out of shared memory", c(Transient, Cause::Other, Some("53200"))),
+    ("out of memory", c(Transient, Cause::Other, Some("53200"))),
+    ("could not extend file", c(Transient, Cause::Other, Some("53100"))),
+    ("no space left on device", c(Transient, Cause::Other, Some("53100"))),
+    ("could not resize shared memory", c(Transient, Cause::Other, Some("53100"))),
+    // SQLite: another writer holds the lock.
+    ("database is locked", c(Transient, Cause::Busy, Some("SQLITE_BUSY"))),
+    ("database table is locked", c(Transient, Cause::Busy, Some("SQLITE_LOCKED"))),
+    ("database schema has changed", c(Transient, Cause::Other, Some("SQLITE_SCHEMA"))),
+    // Configuration, not an outage: fail at once with the server's words.
+    ("password authentication failed", c(Permanent, Cause::Other, Some("28P01"))),
+    ("no pg_hba.conf entry", c(Permanent, Cause::Other, Some("28000"))),
+    ("invalid connection option", c(Permanent, Cause::Other, None)),
+    ("invalid uri", c(Permanent, Cause::Other, None)),
+    ("invalid port number", c(Permanent, Cause::Other, None)),
+    ("invalid integer value", c(Permanent, Cause::Other, None)),
+    ("missing \"=\" after", c(Permanent, Cause::Other, None)),
+    ("unable to open database file", c(Permanent, Cause::Other, Some("SQLITE_CANTOPEN"))),
+    ("file is not a database", c(Permanent, Cause::Other, Some("SQLITE_NOTADB"))),
+    ("attempt to write a readonly database", c(Permanent, Cause::Other, Some("SQLITE_READONLY"))),
+    // Data, integrity and syntax errors (classes 22, 23, 42).
+    ("violates", c(Permanent, Cause::Other, Some("23000"))),
+    ("constraint failed", c(Permanent, Cause::Other, Some("23000"))),
+    ("invalid byte sequence", c(Permanent, Cause::Other, Some("22021"))),
+    ("invalid input syntax", c(Permanent, Cause::Other, Some("22P02"))),
+    ("value too long", c(Permanent, Cause::Other, Some("22001"))),
+    ("out of range", c(Permanent, Cause::Other, Some("22003"))),
+    ("numeric field overflow", c(Permanent, Cause::Other, Some("22003"))),
+    ("division by zero", c(Permanent, Cause::Other, Some("22012"))),
+    ("syntax error", c(Permanent, Cause::Other, Some("42601"))),
+    ("does not exist", c(Permanent, Cause::Other, None)),
+    ("no such table", c(Permanent, Cause::Other, None)),
+    ("no such column", c(Permanent, Cause::Other, None)),
+    ("permission denied", c(Permanent, Cause::Other, Some("42501"))),
+];
+
+/// Classifies an error by its text alone: connection failures and unknown
+/// database errors only carry their message.
+pub fn classify_message(message: &str) -> Option<Classified> {
+    let lower = message.to_ascii_lowercase();
+    MESSAGES
+        .iter()
+        .find(|(needle, _)| lower.contains(needle))
+        .map(|(_, classified)| *classified)
+}
+
+/// Decides what an error means for the caller.
+pub fn classify(error: &DbError) -> Classified {
+    match error {
+        // The pool could not connect, or every connection stayed busy for the
+        // whole checkout timeout; r2d2 adds the last connect error when it
+        // has one. Either way the database cannot take work right now.
+        DbError::Connect(text) => match classify_message(text) {
+            Some(found) if found.class == Permanent => found,
+            Some(found) => Classified { class: Connection, ..found },
+            None => c(Connection, Cause::ConnectionLost, Some("08001")),
+        },
+        DbError::Query(e) => classify_query(e),
+    }
+}
+
+fn classify_query(error: &Error) -> Classified {
+    match error {
+        Error::DatabaseError(kind, info) => {
+            let by_message = classify_message(info.message());
+            match kind {
+                DatabaseErrorKind::SerializationFailure => {
+                    c(Transient, Cause::Serialization, Some("40001"))
+                }
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                    by_message
+                        .filter(|f| f.class == Connection)
+                        .unwrap_or(c(Connection, Cause::ConnectionLost, Some("08006")))
+                }
+                DatabaseErrorKind::ReadOnlyTransaction => {
+                    // A read-only session: most likely a standby after a
+                    // failover. A new connection may reach the primary.
+                    c(Connection, Cause::Other, Some("25006"))
+                }
+                DatabaseErrorKind::UniqueViolation => c(Permanent, Cause::Other, Some("23505")),
+                DatabaseErrorKind::ForeignKeyViolation => c(Permanent, Cause::Other, Some("23503")),
+                DatabaseErrorKind::NotNullViolation => c(Permanent, Cause::Other, Some("23502")),
+                DatabaseErrorKind::CheckViolation => c(Permanent, Cause::Other, Some("23514")),
+                DatabaseErrorKind::RestrictViolation => c(Permanent, Cause::Other, Some("23001")),
+                DatabaseErrorKind::ExclusionViolation => c(Permanent, Cause::Other, Some("23P01")),
+                _ => by_message.unwrap_or(c(Unrecognized, Cause::Other, None)),
+            }
+        }
+        // The session's transaction state is lost or unknown: a failed
+        // COMMIT or ROLLBACK, or a transaction left open by a panic.
+        Error::BrokenTransactionManager
+        | Error::AlreadyInTransaction
+        | Error::NotInTransaction
+        | Error::RollbackErrorOnCommit { .. } => c(Connection, Cause::ConnectionLost, None),
+        // Our own statements or rows are wrong: a bug, not an outage.
+        Error::NotFound
+        | Error::QueryBuilderError(_)
+        | Error::DeserializationError(_)
+        | Error::SerializationError(_)
+        | Error::InvalidCString(_)
+        | Error::RollbackTransaction
+        | Error::IntegerConversion(_) => c(Permanent, Cause::Other, None),
+        _ => c(Unrecognized, Cause::Other, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Info(&'static str);
+    impl diesel::result::DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn db(kind: DatabaseErrorKind, message: &'static str) -> DbError {
+        DbError::Query(Error::DatabaseError(kind, Box::new(Info(message))))
+    }
+
+    /// Real error values, as diesel 2.3 reports them from PostgreSQL 15,
+    /// SQLite and r2d2 (see shared/PITFALLS.md).
+    #[test]
+    fn real_errors_are_classified_as_the_caller_must_act() {
+        use DatabaseErrorKind::*;
+        let table: Vec<(DbError, ErrorClass, Cause, Option<&str>)> = vec![
+            (db(Unknown, "canceling statement due to statement timeout"), Transient, Cause::StatementTimeout, Some("57014")),
+            (db(Unknown, "canceling statement due to lock timeout"), Transient, Cause::LockTimeout, Some("55P03")),
+            (db(Unknown, "could not obtain lock on row in relation \"devices\""), Transient, Cause::LockTimeout, Some("55P03")),
+            (db(Unknown, "deadlock detected"), Transient, Cause::Deadlock, Some("40P01")),
+            (db(SerializationFailure, "could not serialize access due to concurrent update"), Transient, Cause::Serialization, Some("40001")),
+            (db(Unknown, "could not serialize access due to read/write dependencies among transactions"), Transient, Cause::Serialization, Some("40001")),
+            (db(ClosedConnection, "terminating connection due to administrator command"), Connection, Cause::AdminShutdown, Some("57P01")),
+            (db(UnableToSendCommand, "no connection to the server\n"), Connection, Cause::ConnectionLost, Some("08003")),
+            (db(ClosedConnection, "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally"), Connection, Cause::ConnectionLost, Some("08006")),
+            (db(Unknown, "current transaction is aborted, commands ignored until end of transaction block"), Connection, Cause::Other, Some("25P02")),
+            (db(Unknown, "sorry, too many clients already"), Connection, Cause::TooManyConnections, Some("53300")),
+            (db(Unknown, "database is locked"), Transient, Cause::Busy, Some("SQLITE_BUSY")),
+            (db(Unknown, "database table is locked"), Transient, Cause::Busy, Some("SQLITE_LOCKED")),
+            (db(UniqueViolation, "duplicate key value violates unique constraint \"readings_pkey\""), Permanent, Cause::Other, Some("23505")),
+            (db(ForeignKeyViolation, "insert or update on table \"readings\" violates foreign key constraint"), Permanent, Cause::Other, Some("23503")),
+            (db(CheckViolation, "new row violates check constraint"), Permanent, Cause::Other, Some("23514")),
+            (db(Unknown, "invalid byte sequence for encoding \"UTF8\": 0x00"), Permanent, Cause::Other, Some("22021")),
+            (db(Unknown, "value \"99999999999\" is out of range for type integer"), Permanent, Cause::Other, Some("22003")),
+            (db(Unknown, "something the classifier has never seen"), Unrecognized, Cause::Other, None),
+            (DbError::Query(Error::BrokenTransactionManager), Connection, Cause::ConnectionLost, None),
+            (DbError::Query(Error::RollbackErrorOnCommit {
+                rollback_error: Box::new(Error::BrokenTransactionManager),
+                commit_error: Box::new(Error::BrokenTransactionManager),
+            }), Connection, Cause::ConnectionLost, None),
+            (DbError::Query(Error::NotFound), Permanent, Cause::Other, None),
+            (DbError::Connect("connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?".into()), Connection, Cause::ConnectionLost, Some("08001")),
+            (DbError::Connect("timed out waiting for connection: connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  sorry, too many clients already".into()), Connection, Cause::TooManyConnections, Some("53300")),
+            (DbError::Connect("timed out waiting for connection: connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  the database system is starting up".into()), Connection, Cause::AdminShutdown, Some("57P03")),
+            (DbError::Connect("timed out waiting for connection".into()), Connection, Cause::ConnectionLost, Some("08001")),
+            (DbError::Connect("connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for user \"app\"".into()), Permanent, Cause::Other, Some("28P01")),
+            (DbError::Connect("connection to server failed: FATAL:  database \"nope\" does not exist".into()), Permanent, Cause::Other, None),
+            (DbError::Connect("unable to open database file: /no/such/dir/n.db".into()), Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+        ];
+        for (error, class, cause, sqlstate) in table {
+            let got = classify(&error);
+            assert_eq!((got.class, got.cause, got.sqlstate), (class, cause, sqlstate), "{error}");
+        }
+    }
+}

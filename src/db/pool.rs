@@ -1,0 +1,210 @@
+//! The connection pool: r2d2 with a manager that can discard on our word.
+//!
+//! r2d2 decides at check-in whether a connection goes back, by asking
+//! `has_broken`; it offers no way to throw away a connection one holds. So
+//! [`PooledConn`] carries a `discard` flag that the retry layer sets whenever
+//! it has any doubt about the session (a connection-level error, a failed
+//! rollback, a panic), and the manager answers `has_broken` from it. Idle
+//! connections are validated at checkout only when they sat idle for a while,
+//! as HikariCP and pgxpool do, not with a round trip before every job.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::PgConnection;
+use diesel::r2d2::R2D2Connection;
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, ConnectionError, QueryResult};
+
+use super::url::DatabaseUrl;
+use crate::metrics::DbMetrics;
+
+/// A connection to either backend. Database code matches on it once and runs
+/// the same diesel code for both (see the `dispatch!` macro).
+pub enum AnyConnection {
+    /// PostgreSQL.
+    Pg(PgConnection),
+    /// SQLite.
+    Sqlite(SqliteConnection),
+}
+
+impl AnyConnection {
+    /// BEGIN; on SQLite `BEGIN IMMEDIATE`, so that a write transaction takes
+    /// the write lock up front instead of failing to upgrade a read lock.
+    pub(crate) fn begin(&mut self) -> QueryResult<()> {
+        match self {
+            AnyConnection::Pg(c) => AnsiTransactionManager::begin_transaction(c),
+            AnyConnection::Sqlite(c) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")
+            }
+        }
+    }
+
+    /// COMMIT.
+    pub(crate) fn commit(&mut self) -> QueryResult<()> {
+        match self {
+            AnyConnection::Pg(c) => AnsiTransactionManager::commit_transaction(c),
+            AnyConnection::Sqlite(c) => AnsiTransactionManager::commit_transaction(c),
+        }
+    }
+
+    /// ROLLBACK.
+    pub(crate) fn rollback(&mut self) -> QueryResult<()> {
+        match self {
+            AnyConnection::Pg(c) => AnsiTransactionManager::rollback_transaction(c),
+            AnyConnection::Sqlite(c) => AnsiTransactionManager::rollback_transaction(c),
+        }
+    }
+
+    /// Runs SQL text without results.
+    pub fn batch_execute(&mut self, sql: &str) -> QueryResult<()> {
+        match self {
+            AnyConnection::Pg(c) => c.batch_execute(sql),
+            AnyConnection::Sqlite(c) => c.batch_execute(sql),
+        }
+    }
+
+    fn is_broken(&mut self) -> bool {
+        match self {
+            AnyConnection::Pg(c) => c.is_broken(),
+            AnyConnection::Sqlite(c) => c.is_broken(),
+        }
+    }
+}
+
+/// Settings of each connection and of the pool. Defaults in `impl Default`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    /// Most connections open at once.
+    pub max_size: u32,
+    /// How long a checkout waits for a connection.
+    pub checkout_timeout: Duration,
+    /// A connection idle for longer is pinged before it is handed out.
+    pub validate_after_idle: Duration,
+    /// Connections older than this are closed and replaced.
+    pub max_lifetime: Duration,
+    /// PostgreSQL `statement_timeout`.
+    pub statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout`.
+    pub lock_timeout: Duration,
+    /// SQLite `busy_timeout`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_size: 4,
+            checkout_timeout: Duration::from_secs(2),
+            validate_after_idle: Duration::from_millis(500),
+            max_lifetime: Duration::from_secs(30 * 60),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A pooled connection and what the pool must know of it.
+pub struct PooledConn {
+    pub(crate) conn: AnyConnection,
+    pub(crate) discard: bool,
+    last_used: Instant,
+}
+
+impl PooledConn {
+    pub(crate) fn touch(&mut self) {
+        self.last_used = Instant::now();
+    }
+}
+
+/// The r2d2 manager for both backends.
+pub struct Manager {
+    url: DatabaseUrl,
+    settings: PoolSettings,
+    metrics: Arc<DbMetrics>,
+}
+
+impl Manager {
+    pub(crate) fn new(url: DatabaseUrl, settings: PoolSettings, metrics: Arc<DbMetrics>) -> Self {
+        Manager { url, settings, metrics }
+    }
+
+    fn setup_sql(&self) -> String {
+        let s = &self.settings;
+        match self.url {
+            DatabaseUrl::Postgres(_) => format!(
+                "SET application_name = 'normalizer'; \
+                 SET statement_timeout = {}; SET lock_timeout = {}; \
+                 SET idle_in_transaction_session_timeout = {};",
+                s.statement_timeout.as_millis(),
+                s.lock_timeout.as_millis(),
+                (s.statement_timeout * 2).as_millis(),
+            ),
+            DatabaseUrl::Sqlite(_) => format!(
+                "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
+                 PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                s.busy_timeout.as_millis()
+            ),
+        }
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PooledConn;
+    type Error = ConnectionError;
+
+    fn connect(&self) -> Result<PooledConn, ConnectionError> {
+        let mut conn = match &self.url {
+            DatabaseUrl::Postgres(url) => AnyConnection::Pg(PgConnection::establish(url)?),
+            DatabaseUrl::Sqlite(path) => {
+                let path = path.to_str().ok_or_else(|| {
+                    ConnectionError::InvalidConnectionUrl("the SQLite path is not UTF-8".into())
+                })?;
+                AnyConnection::Sqlite(SqliteConnection::establish(path)?)
+            }
+        };
+        conn.batch_execute(&self.setup_sql())
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        self.metrics.connection_opened();
+        log::debug!("opened a {} connection", self.url.backend_name());
+        Ok(PooledConn { conn, discard: false, last_used: Instant::now() })
+    }
+
+    fn is_valid(&self, conn: &mut PooledConn) -> Result<(), ConnectionError> {
+        if conn.last_used.elapsed() < self.settings.validate_after_idle {
+            return Ok(());
+        }
+        match conn.conn.batch_execute("SELECT 1") {
+            Ok(()) => {
+                conn.touch();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.connection_discarded();
+                log::info!("discarding an idle connection that failed validation: {e}");
+                Err(ConnectionError::BadConnection(e.to_string()))
+            }
+        }
+    }
+
+    fn has_broken(&self, conn: &mut PooledConn) -> bool {
+        let broken = conn.discard || std::thread::panicking() || conn.conn.is_broken();
+        if broken {
+            self.metrics.connection_discarded();
+        }
+        broken
+    }
+}
+
+/// Connect errors during an outage are the retry layer's to report, once;
+/// r2d2's default handler would log every failed attempt as an error.
+#[derive(Debug)]
+pub(crate) struct QuietErrors;
+
+impl r2d2::HandleError<ConnectionError> for QuietErrors {
+    fn handle_error(&self, error: ConnectionError) {
+        log::debug!("connection attempt failed: {error}");
+    }
+}

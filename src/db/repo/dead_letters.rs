@@ -1,0 +1,60 @@
+//! `dead_letters`: exactly-once upserts by message id.
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+
+use crate::db::schema::dead_letters::dsl as dl;
+use crate::db::types::Instant;
+use crate::db::{dispatch, AnyConnection};
+use crate::outcome::DeadLetter;
+
+/// Files a dead letter. A message id has one row: filing it again bumps
+/// `attempts` and keeps the latest kind, error and raw line. `token` names
+/// this write: when a retried transaction finds its own token already stored,
+/// the earlier commit landed and nothing is written twice.
+pub fn record(conn: &mut AnyConnection, letter: &DeadLetter, token: &str) -> QueryResult<()> {
+    let landed: Option<i64> = dispatch!(conn, c => dl::dead_letters
+        .filter(dl::write_token.eq(token))
+        .select(dl::id)
+        .first(c)
+        .optional())?;
+    if landed.is_some() {
+        return Ok(());
+    }
+    let now = Instant(Utc::now());
+    let row = (
+        dl::message_id.eq(&letter.message_id),
+        dl::device_key.eq(&letter.device_key),
+        dl::kind.eq(letter.kind.as_str()),
+        dl::error.eq(&letter.error),
+        dl::raw.eq(&letter.raw),
+        dl::attempts.eq(1),
+        dl::created_at.eq(now),
+        dl::updated_at.eq(now),
+        dl::write_token.eq(token),
+    );
+    dispatch!(conn, c => match letter.message_id {
+        None => diesel::insert_into(dl::dead_letters).values(row).execute(c),
+        Some(_) => diesel::insert_into(dl::dead_letters)
+            .values(row)
+            .on_conflict(dl::message_id)
+            .do_update()
+            .set((
+                dl::attempts.eq(dl::attempts + 1),
+                dl::device_key.eq(excluded(dl::device_key)),
+                dl::kind.eq(excluded(dl::kind)),
+                dl::error.eq(excluded(dl::error)),
+                dl::raw.eq(excluded(dl::raw)),
+                dl::updated_at.eq(excluded(dl::updated_at)),
+                dl::write_token.eq(excluded(dl::write_token)),
+            ))
+            .execute(c),
+    })?;
+    Ok(())
+}
+
+/// Removes the dead letter of a message that has now been processed.
+pub fn remove(conn: &mut AnyConnection, message_id: &str) -> QueryResult<usize> {
+    dispatch!(conn, c => diesel::delete(dl::dead_letters.filter(dl::message_id.eq(message_id))).execute(c))
+}

@@ -1,0 +1,8 @@
+//! The SQL of each use case. Every function takes a connection inside a
+//! transaction that [`super::Database::transaction`] opened, and runs the same
+//! diesel code on both backends through `dispatch!`.
+
+pub mod dead_letters;
+pub mod messages;
+pub mod provisioning;
+pub mod status;

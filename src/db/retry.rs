@@ -1,0 +1,393 @@
+//! The retry loop: bounded, jittered, and the only place that sleeps.
+//!
+//! The loop knows nothing of connections: each attempt is a closure that
+//! returns a value or a classified error, and time comes from a [`Clock`], so
+//! the decisions can be tested against a scripted fake without real time
+//! passing (see the tests below). [`super::Database::transaction`] supplies
+//! the attempt that checks out a connection and runs one transaction.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::classify::{Classified, DbError, ErrorClass};
+
+/// How long and how often to retry. Defaults live in `impl Default`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// The backoff ceiling of the first retry; it doubles with each retry.
+    pub base_delay: Duration,
+    /// The backoff ceiling never grows beyond this.
+    pub max_delay: Duration,
+    /// Connection and transient errors are retried until they have lasted this
+    /// long without a success in between; then the caller gives up.
+    pub max_outage: Duration,
+    /// Attempts in all for an error the classifier does not recognize.
+    pub unrecognized_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base_delay: Duration::from_millis(5),
+            max_delay: Duration::from_secs(1),
+            max_outage: Duration::from_secs(300),
+            unrecognized_attempts: 3,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The ceiling of the jittered delay before retry number `retry` (1-based):
+    /// `min(max_delay, base_delay * 2^(retry-1))`.
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        let factor = 1u32 << retry.saturating_sub(1).min(20);
+        self.base_delay.saturating_mul(factor).min(self.max_delay)
+    }
+
+    /// Whether an error of `class` is retried after `attempts` attempts, the
+    /// first failure having been `failing_for` ago.
+    pub fn should_retry(&self, class: ErrorClass, attempts: u32, failing_for: Duration) -> bool {
+        match class {
+            ErrorClass::Permanent => false,
+            ErrorClass::Unrecognized => attempts < self.unrecognized_attempts,
+            ErrorClass::Connection | ErrorClass::Transient => failing_for < self.max_outage,
+        }
+    }
+}
+
+/// Where an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Checking a connection out of the pool.
+    Checkout,
+    /// BEGIN.
+    Begin,
+    /// The transaction's own statements.
+    Body,
+    /// COMMIT: whether it landed is unknown when the connection broke.
+    Commit,
+}
+
+/// A failed attempt.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// The database said no.
+    Failed {
+        /// The error.
+        error: DbError,
+        /// Its classification.
+        classified: Classified,
+        /// Where it happened.
+        stage: Stage,
+    },
+    /// The transaction's code panicked; the message is the panic's.
+    Panicked(String),
+}
+
+/// Why a call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A permanent error, or an unrecognized one that persisted.
+    #[error("the database rejected the transaction: {error}")]
+    Rejected {
+        /// The last error.
+        error: DbError,
+    },
+    /// The transaction's code panicked.
+    #[error("the transaction panicked: {0}")]
+    Panicked(String),
+    /// Connection or transient errors lasted longer than `max_outage`.
+    #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]
+    GaveUp {
+        /// The last error.
+        error: DbError,
+        /// How long the errors lasted.
+        failing_for: Duration,
+    },
+}
+
+/// Time and randomness for the loop; faked in tests.
+pub trait Clock {
+    /// The current instant.
+    fn now(&mut self) -> Instant;
+    /// Waits.
+    fn sleep(&mut self, duration: Duration);
+    /// A uniformly random duration in `[0, ceiling]` (full jitter).
+    fn jitter(&mut self, ceiling: Duration) -> Duration;
+}
+
+/// The real clock: the only code in the crate that sleeps.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&mut self) -> Instant {
+        Instant::now()
+    }
+    fn sleep(&mut self, duration: Duration) {
+        std::thread::sleep(duration)
+    }
+    fn jitter(&mut self, ceiling: Duration) -> Duration {
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
+
+/// What the loop reports as it goes, for logs and counters.
+pub trait Observer {
+    /// An attempt failed and will be retried after `delay`.
+    fn retrying(&mut self, error: &AttemptError, attempt: u32, delay: Duration);
+    /// An attempt succeeded after `retries` retries.
+    fn succeeded(&mut self, retries: u32);
+    /// The loop stops without success.
+    fn stopped(&mut self, failure: &Failure, attempts: u32);
+}
+
+/// Runs `attempt` until it succeeds or the policy says stop. Never sleeps
+/// after the last attempt; returns the last real error.
+pub fn run<T>(
+    policy: &RetryPolicy,
+    clock: &mut impl Clock,
+    observer: &mut impl Observer,
+    mut attempt: impl FnMut(u32) -> Result<T, AttemptError>,
+) -> Result<T, Failure> {
+    let mut failing_since: Option<Instant> = None;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let error = match attempt(attempts) {
+            Ok(value) => {
+                observer.succeeded(attempts - 1);
+                return Ok(value);
+            }
+            Err(e) => e,
+        };
+        let now = clock.now();
+        let since = *failing_since.get_or_insert(now);
+        let failing_for = now.saturating_duration_since(since);
+        let verdict = match &error {
+            AttemptError::Panicked(_) => None,
+            AttemptError::Failed { classified, .. } => policy
+                .should_retry(classified.class, attempts, failing_for)
+                .then_some(classified.class),
+        };
+        if verdict.is_none() {
+            let failure = match error {
+                AttemptError::Panicked(message) => Failure::Panicked(message),
+                AttemptError::Failed { error, classified, .. } => match classified.class {
+                    ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
+                    ErrorClass::Connection | ErrorClass::Transient => {
+                        Failure::GaveUp { error, failing_for }
+                    }
+                },
+            };
+            observer.stopped(&failure, attempts);
+            return Err(failure);
+        }
+        let left = policy.max_outage.saturating_sub(failing_for);
+        let delay = clock.jitter(policy.ceiling(attempts)).min(left);
+        observer.retrying(&error, attempts, delay);
+        clock.sleep(delay);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::classify::classify;
+    use crate::metrics::Cause;
+
+    /// Virtual time: sleeping advances it, jitter is always the ceiling.
+    struct FakeClock {
+        now: Instant,
+        slept: Vec<Duration>,
+    }
+
+    impl Clock for FakeClock {
+        fn now(&mut self) -> Instant {
+            self.now
+        }
+        fn sleep(&mut self, d: Duration) {
+            self.slept.push(d);
+            self.now += d;
+        }
+        fn jitter(&mut self, ceiling: Duration) -> Duration {
+            ceiling
+        }
+    }
+
+    #[derive(Default)]
+    struct Log {
+        retries: Vec<(u32, Option<Cause>)>,
+        succeeded: Option<u32>,
+        stopped: Option<u32>,
+    }
+
+    impl Observer for Log {
+        fn retrying(&mut self, error: &AttemptError, attempt: u32, _delay: Duration) {
+            let cause = match error {
+                AttemptError::Failed { classified, .. } => Some(classified.cause),
+                AttemptError::Panicked(_) => None,
+            };
+            self.retries.push((attempt, cause));
+        }
+        fn succeeded(&mut self, retries: u32) {
+            self.succeeded = Some(retries);
+        }
+        fn stopped(&mut self, _failure: &Failure, attempts: u32) {
+            self.stopped = Some(attempts);
+        }
+    }
+
+    fn fail_with(message: &str) -> AttemptError {
+        let error = DbError::Connect(message.to_string());
+        let classified = classify(&error);
+        AttemptError::Failed { error, classified, stage: Stage::Checkout }
+    }
+
+    fn query_error(message: &'static str) -> AttemptError {
+        #[derive(Debug)]
+        struct Info(&'static str);
+        impl diesel::result::DatabaseErrorInformation for Info {
+            fn message(&self) -> &str {
+                self.0
+            }
+            fn details(&self) -> Option<&str> {
+                None
+            }
+            fn hint(&self) -> Option<&str> {
+                None
+            }
+            fn table_name(&self) -> Option<&str> {
+                None
+            }
+            fn column_name(&self) -> Option<&str> {
+                None
+            }
+            fn constraint_name(&self) -> Option<&str> {
+                None
+            }
+            fn statement_position(&self) -> Option<i32> {
+                None
+            }
+        }
+        let error = DbError::Query(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(Info(message)),
+        ));
+        let classified = classify(&error);
+        AttemptError::Failed { error, classified, stage: Stage::Body }
+    }
+
+    /// A scripted fake: fails `n` times with `make`, then succeeds.
+    fn scripted(
+        n: u32,
+        make: impl Fn() -> AttemptError,
+        policy: &RetryPolicy,
+    ) -> (Result<u32, Failure>, FakeClock, Log) {
+        let mut clock = FakeClock { now: Instant::now(), slept: vec![] };
+        let mut log = Log::default();
+        let result = run(policy, &mut clock, &mut log, |attempt| {
+            if attempt <= n {
+                Err(make())
+            } else {
+                Ok(attempt)
+            }
+        });
+        (result, clock, log)
+    }
+
+    #[test]
+    fn every_retryable_class_is_retried_until_it_succeeds() {
+        let policy = RetryPolicy::default();
+        let cases: Vec<(&str, Box<dyn Fn() -> AttemptError>, Cause)> = vec![
+            ("refused", Box::new(|| fail_with("Connection refused")), Cause::ConnectionLost),
+            ("starting", Box::new(|| fail_with("FATAL: the database system is starting up")), Cause::AdminShutdown),
+            ("too many", Box::new(|| fail_with("sorry, too many clients already")), Cause::TooManyConnections),
+            ("serialization", Box::new(|| query_error("could not serialize access")), Cause::Serialization),
+            ("deadlock", Box::new(|| query_error("deadlock detected")), Cause::Deadlock),
+            ("lock", Box::new(|| query_error("canceling statement due to lock timeout")), Cause::LockTimeout),
+            ("busy", Box::new(|| query_error("database is locked")), Cause::Busy),
+        ];
+        for (name, make, cause) in cases {
+            for n in [1, 5, 40] {
+                let (result, clock, log) = scripted(n, &make, &policy);
+                assert_eq!(result.unwrap(), n + 1, "{name} x{n}");
+                assert_eq!(log.retries.len() as u32, n, "{name}");
+                assert!(log.retries.iter().all(|(_, c)| *c == Some(cause)), "{name}");
+                assert_eq!(log.succeeded, Some(n));
+                assert_eq!(clock.slept.len() as u32, n, "one sleep per retry, none after success");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let policy = RetryPolicy {
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(100),
+            ..RetryPolicy::default()
+        };
+        let (_, clock, _) = scripted(6, || query_error("deadlock detected"), &policy);
+        let ms: Vec<u128> = clock.slept.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, vec![10, 20, 40, 80, 100, 100]);
+    }
+
+    #[test]
+    fn real_jitter_stays_within_the_ceiling() {
+        let mut clock = SystemClock;
+        for _ in 0..1000 {
+            assert!(clock.jitter(Duration::from_millis(3)) <= Duration::from_millis(3));
+        }
+    }
+
+    #[test]
+    fn a_permanent_error_is_not_retried() {
+        let policy = RetryPolicy::default();
+        let (result, clock, log) = scripted(1, || query_error("invalid byte sequence for encoding"), &policy);
+        assert!(matches!(result, Err(Failure::Rejected { .. })));
+        assert!(clock.slept.is_empty(), "no sleep after the last attempt");
+        assert_eq!(log.stopped, Some(1));
+    }
+
+    #[test]
+    fn an_unrecognized_error_is_retried_a_bounded_number_of_times() {
+        let policy = RetryPolicy::default();
+        let (result, clock, log) = scripted(100, || query_error("a new kind of failure"), &policy);
+        assert!(matches!(result, Err(Failure::Rejected { .. })));
+        assert_eq!(log.stopped, Some(policy.unrecognized_attempts));
+        assert_eq!(clock.slept.len() as u32, policy.unrecognized_attempts - 1);
+        // And a few of them are survived.
+        let (result, _, _) = scripted(2, || query_error("a new kind of failure"), &policy);
+        assert_eq!(result.unwrap(), 3);
+    }
+
+    #[test]
+    fn an_outage_longer_than_max_outage_gives_up_with_the_last_error() {
+        let policy = RetryPolicy {
+            max_outage: Duration::from_secs(10),
+            max_delay: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        };
+        let (result, clock, log) = scripted(u32::MAX, || fail_with("Connection refused"), &policy);
+        match result {
+            Err(Failure::GaveUp { error, failing_for }) => {
+                assert!(error.to_string().contains("Connection refused"));
+                assert_eq!(failing_for, Duration::from_secs(10));
+            }
+            other => panic!("{other:?}"),
+        }
+        let slept: Duration = clock.slept.iter().sum();
+        assert_eq!(slept, Duration::from_secs(10), "never sleeps past the deadline");
+        assert!(log.stopped.is_some());
+    }
+
+    #[test]
+    fn a_panic_stops_the_loop_at_once() {
+        let policy = RetryPolicy::default();
+        let (result, clock, _) = scripted(1, || AttemptError::Panicked("boom".into()), &policy);
+        assert!(matches!(result, Err(Failure::Panicked(m)) if m == "boom"));
+        assert!(clock.slept.is_empty());
+    }
+}

@@ -1,0 +1,72 @@
+//! `UtcTime`: one SQL type for instants on both backends.
+//!
+//! PostgreSQL stores `timestamptz`. SQLite has no time type; it stores TEXT
+//! of the fixed-width form `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so that comparing
+//! the text compares the instants (and `max()` and `ORDER BY` work).
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::deserialize::{self, FromSql, FromSqlRow};
+use diesel::expression::AsExpression;
+use diesel::pg::{Pg, PgValue};
+use diesel::serialize::{self, IsNull, Output, ToSql};
+use diesel::sql_types::{SqlType, Text, Timestamptz};
+use diesel::sqlite::{Sqlite, SqliteValue};
+
+/// An instant in UTC: `timestamptz` on PostgreSQL, fixed-width TEXT on SQLite.
+#[derive(Debug, Clone, Copy, Default, SqlType, diesel::query_builder::QueryId)]
+#[diesel(postgres_type(oid = 1184, array_oid = 1185))]
+#[diesel(sqlite_type(name = "Text"))]
+pub struct UtcTime;
+
+impl diesel::sql_types::SqlOrd for UtcTime {}
+
+/// A UTC instant as the database layer reads and writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, AsExpression, FromSqlRow)]
+#[diesel(sql_type = UtcTime)]
+pub struct Instant(pub DateTime<Utc>);
+
+/// The SQLite text form of an instant.
+pub const SQLITE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+impl ToSql<UtcTime, Pg> for Instant {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        <DateTime<Utc> as ToSql<Timestamptz, Pg>>::to_sql(&self.0, &mut out.reborrow())
+    }
+}
+
+impl FromSql<UtcTime, Pg> for Instant {
+    fn from_sql(bytes: PgValue<'_>) -> deserialize::Result<Self> {
+        <DateTime<Utc> as FromSql<Timestamptz, Pg>>::from_sql(bytes).map(Instant)
+    }
+}
+
+impl ToSql<UtcTime, Sqlite> for Instant {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Sqlite>) -> serialize::Result {
+        out.set_value(self.0.format(SQLITE_FORMAT).to_string());
+        Ok(IsNull::No)
+    }
+}
+
+impl FromSql<UtcTime, Sqlite> for Instant {
+    fn from_sql(value: SqliteValue<'_, '_, '_>) -> deserialize::Result<Self> {
+        let text = <String as FromSql<Text, Sqlite>>::from_sql(value)?;
+        let naive = NaiveDateTime::parse_from_str(&text, SQLITE_FORMAT)
+            .or_else(|_| NaiveDateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S%.f"))
+            .map_err(|e| format!("{text:?} is not a stored instant: {e}"))?;
+        Ok(Instant(naive.and_utc()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sqlite_form_sorts_as_the_instants_do() {
+        let a: DateTime<Utc> = "2026-11-29T09:59:59.999999Z".parse().unwrap();
+        let b: DateTime<Utc> = "2026-11-29T10:00:00Z".parse().unwrap();
+        let (ta, tb) = (a.format(SQLITE_FORMAT).to_string(), b.format(SQLITE_FORMAT).to_string());
+        assert_eq!(tb, "2026-11-29T10:00:00.000000Z");
+        assert!(ta < tb);
+    }
+}

@@ -1,0 +1,164 @@
+//! Database URLs: which backend, where, and how to print it without secrets.
+
+use std::path::PathBuf;
+
+/// The default database: a SQLite file in the working directory.
+pub const DEFAULT_URL: &str = "sqlite://normalizer.db";
+
+/// A parsed database location.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// A PostgreSQL connection URL, passed to libpq as it is.
+    Postgres(String),
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+}
+
+impl DatabaseUrl {
+    /// Parses `postgres://…`, `postgresql://…`, `sqlite://PATH` or a bare path.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err("the database URL is empty".into());
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            check_postgres(url)?;
+            return Ok(DatabaseUrl::Postgres(url.to_string()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            if path.is_empty() {
+                return Err(format!("the database URL {url:?} names no SQLite file"));
+            }
+            return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = url.split_once("://") {
+            return Err(format!(
+                "the database URL scheme {scheme:?} is not supported (use postgres://, postgresql:// or sqlite://)"
+            ));
+        }
+        Ok(DatabaseUrl::Sqlite(PathBuf::from(url)))
+    }
+
+    /// The URL with any password replaced by `***`, for logs and errors.
+    pub fn redacted(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+            DatabaseUrl::Postgres(url) => redact(url),
+        }
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            DatabaseUrl::Postgres(_) => "postgres",
+            DatabaseUrl::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Catches the URL mistakes libpq would only report at connect time, where
+/// they would look like an unreachable server.
+fn check_postgres(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        if host.starts_with('[') {
+            continue;
+        }
+        if let Some((_, port)) = host.rsplit_once(':') {
+            if port.parse::<u16>().is_err() {
+                return Err(format!(
+                    "the database URL {} has an invalid port {port:?}",
+                    redact(url)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = redact_query_password(tail);
+    format!("{scheme}://{authority}{tail}")
+}
+
+fn redact_query_password(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_select_the_backend() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite://normalizer.db").unwrap(),
+            DatabaseUrl::Sqlite("normalizer.db".into())
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///var/lib/n.db").unwrap(),
+            DatabaseUrl::Sqlite("/var/lib/n.db".into())
+        );
+        assert_eq!(DatabaseUrl::parse("data/n.db").unwrap(), DatabaseUrl::Sqlite("data/n.db".into()));
+        assert!(matches!(DatabaseUrl::parse("postgres://u@h/db").unwrap(), DatabaseUrl::Postgres(_)));
+        assert!(matches!(
+            DatabaseUrl::parse("postgresql://h:5433/db").unwrap(),
+            DatabaseUrl::Postgres(_)
+        ));
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_with_a_sentence() {
+        assert!(DatabaseUrl::parse("mysql://h/db").unwrap_err().contains("not supported"));
+        assert!(DatabaseUrl::parse("sqlite://").unwrap_err().contains("names no SQLite file"));
+        assert!(DatabaseUrl::parse("postgres://h:port/db").unwrap_err().contains("invalid port"));
+        assert!(DatabaseUrl::parse("").is_err());
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let url = DatabaseUrl::parse("postgres://app:s3cret@db:5432/n?password=s3cret&sslmode=require").unwrap();
+        let shown = url.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(shown, "postgres://app:***@db:5432/n?password=***&sslmode=require");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let bad = DatabaseUrl::parse("postgres://app:s3cret@db:x/n").unwrap_err();
+        assert!(!bad.contains("s3cret"), "{bad}");
+    }
+}

@@ -1,0 +1,17 @@
+//! normalizer: raw sensor messages into clean readings and alerts, in
+//! PostgreSQL or SQLite, without wedging, losing or doubling data when the
+//! database fails.
+//!
+//! - [`core`]: pure parsing, normalizing and alarm decisions.
+//! - [`db`]: the only module that knows the database.
+//! - [`pipeline`]: reader, router and worker pool.
+//! - [`cli`]: the command line.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod core;
+pub mod db;
+pub mod input;
+pub mod metrics;
+pub mod outcome;
+pub mod pipeline;
