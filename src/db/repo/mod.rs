@@ -5,4 +5,5 @@
 pub mod dead_letters;
 pub mod messages;
 pub mod provisioning;
+pub mod snapshot;
 pub mod status;

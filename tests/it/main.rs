@@ -1,0 +1,6 @@
+//! Integration tests on a real SQLite file and a real PostgreSQL cluster that
+//! the tests start themselves.
+
+mod contract;
+mod pg;
+mod support;

@@ -1,0 +1,220 @@
+//! Throwaway PostgreSQL clusters that the tests own: initdb into a temporary
+//! folder, a free port on 127.0.0.1, stopped and removed when dropped. Tests
+//! may stop, restart and break them; the machine's own server is never used.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+
+/// A PostgreSQL cluster of the test's own.
+pub struct PgCluster {
+    root: PathBuf,
+    data: PathBuf,
+    bindir: PathBuf,
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn bindir() -> PathBuf {
+    let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config is installed");
+    assert!(out.status.success(), "pg_config --bindir failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl PgCluster {
+    /// initdb and start a new cluster; `conf` lines go into postgresql.conf.
+    pub fn start_with(conf: &[&str]) -> PgCluster {
+        let root = std::env::temp_dir().join(format!(
+            "normalizer-pg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let data = root.join("data");
+        let cluster = PgCluster { root, data, bindir: bindir(), port: free_port() };
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.root));
+        }
+        run(&mut cluster.command("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"]).arg(&cluster.data));
+        let mut settings = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("port = {}", cluster.port),
+            format!("unix_socket_directories = '{}'", cluster.root.display()),
+            "fsync = off".into(),
+            "synchronous_commit = off".into(),
+            "full_page_writes = off".into(),
+            "max_connections = 60".into(),
+            "lc_messages = 'C'".into(),
+            "log_min_messages = warning".into(),
+        ];
+        settings.extend(conf.iter().map(|s| s.to_string()));
+        let conf_path = cluster.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&settings.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).unwrap();
+        cluster.start();
+        cluster
+    }
+
+    /// A new cluster with default settings.
+    pub fn start_new() -> PgCluster {
+        Self::start_with(&[])
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let log = self.root.join("server.log");
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(log)
+            .args(args)
+            .output()
+            .expect("pg_ctl runs")
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&self) {
+        let out = self.pg_ctl(&["-w", "-t", "60", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log_tail());
+    }
+
+    /// Starts the server without waiting.
+    pub fn start_no_wait(&self) {
+        let out = self.pg_ctl(&["-W", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops the server: `mode` is smart, fast or immediate.
+    pub fn stop(&self, mode: &str) {
+        let out = self.pg_ctl(&["-w", "-m", mode, "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Restarts the server with `pg_ctl restart -m mode`.
+    pub fn restart(&self, mode: &str) {
+        let out = self.pg_ctl(&["-w", "-m", mode, "restart"]);
+        assert!(out.status.success(), "pg_ctl restart: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The end of the server log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
+        text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The URL of a database of this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A superuser connection to the `postgres` database.
+    pub fn admin(&self) -> PgConnection {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match PgConnection::establish(&self.url("postgres")) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("cannot connect to the test cluster: {e}"),
+            }
+        }
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub fn create_database(&self) -> String {
+        let name = format!("t_{}", rand::random::<u64>());
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut self.admin()).unwrap();
+        self.url(&name)
+    }
+
+    /// Runs SQL as superuser in one database of the cluster.
+    pub fn execute(&self, url: &str, sql: &str) {
+        let mut c = PgConnection::establish(url).unwrap();
+        diesel::connection::SimpleConnection::batch_execute(&mut c, sql).unwrap();
+    }
+
+    /// Terminates every backend of the normalizer (by application name).
+    pub fn terminate_normalizer_backends(&self) -> usize {
+        #[derive(diesel::QueryableByName)]
+        struct Killed {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let rows: Vec<Killed> = diesel::sql_query(
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = 'normalizer'",
+        )
+        .load(&mut self.admin())
+        .unwrap();
+        rows[0].n as usize
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static SHARED: OnceLock<PgCluster> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some(cluster) = SHARED.get() {
+        let _ = cluster.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&cluster.root);
+    }
+}
+
+/// One cluster for all tests of this process that do not break their server;
+/// each test takes a database of its own in it. Stopped at process exit.
+pub fn shared() -> &'static PgCluster {
+    SHARED.get_or_init(|| {
+        let cluster = PgCluster::start_new();
+        // SAFETY: registering a plain extern "C" function has no preconditions.
+        unsafe { libc::atexit(stop_shared) };
+        cluster
+    })
+}

@@ -1,0 +1,115 @@
+//! Helpers: a real database of each backend, and one-call ingest and reads.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use normalizer::core::provisioning::Provisioning;
+use normalizer::db::repo::snapshot::{self, Snapshot};
+use normalizer::db::repo::{provisioning, status};
+use normalizer::db::{migrate, Database, DatabaseUrl, PoolSettings, RetryPolicy};
+use normalizer::pipeline::{self, IngestOptions, Progress, Summary};
+
+use crate::pg;
+
+/// A database for one test, of either backend.
+pub struct TestDb {
+    pub db: Database,
+    pub url: String,
+    pub name: &'static str,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn policy() -> RetryPolicy {
+    RetryPolicy { max_outage: Duration::from_secs(120), ..RetryPolicy::default() }
+}
+
+pub fn open(url: &str, pool: u32) -> Database {
+    let db = Database::open(
+        DatabaseUrl::parse(url).unwrap(),
+        PoolSettings { max_size: pool, ..PoolSettings::default() },
+        policy(),
+    );
+    migrate::run(&db).expect("migrations run");
+    db
+}
+
+/// A new SQLite file in a temporary folder.
+pub fn sqlite() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    TestDb { db: open(&url, 5), url, name: "sqlite", _dir: Some(dir) }
+}
+
+/// A new database in the tests' own PostgreSQL cluster.
+pub fn postgres() -> TestDb {
+    let url = pg::shared().create_database();
+    TestDb { db: open(&url, 5), url, name: "postgres", _dir: None }
+}
+
+/// One of each backend.
+pub fn both() -> Vec<TestDb> {
+    vec![sqlite(), postgres()]
+}
+
+impl TestDb {
+    pub fn provision(&self, json: &str) {
+        let file = Provisioning::parse(json).expect("valid provisioning");
+        self.db
+            .transaction(|c| provisioning::load(c, &file))
+            .expect("provisioning commits")
+            .expect("provisioning is valid");
+    }
+
+    pub fn ingest_with(&self, input: &str, options: &IngestOptions) -> anyhow::Result<Summary> {
+        pipeline::ingest(&self.db, Cursor::new(input.as_bytes().to_vec()), options, &Progress::default(), |_| {})
+    }
+
+    pub fn ingest(&self, input: &str) -> Summary {
+        self.ingest_with(input, &IngestOptions { workers: 3, ..IngestOptions::default() })
+            .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.db.transaction(snapshot::read).unwrap()
+    }
+
+    pub fn status(&self) -> status::Status {
+        self.db.transaction(status::read).unwrap()
+    }
+}
+
+/// The contract's example provisioning file, with one more device.
+pub const DEVICES: &str = r#"{
+  "profiles": {
+    "th-v1": {"fields": {"t": {"metric": "temperature"},
+                         "h": {"metric": "humidity"},
+                         "bat_mv": {"metric": "battery", "scale": 0.001}}},
+    "th-f":  {"fields": {"temp_f": {"metric": "temperature",
+                                    "scale": 0.5555555555555556,
+                                    "offset": -17.77777777777778}}}
+  },
+  "devices": [
+    {"key": "dev-0042", "site": "museum-a/room-1", "profile": "th-v1",
+     "sensors": [
+       {"metric": "temperature", "unit": "°C", "scale": 1.0, "offset": -0.3,
+        "min": -40, "max": 85,
+        "alarms": [{"name": "too-warm", "condition": "gt", "threshold": 26.0}]},
+       {"metric": "humidity", "unit": "%", "min": 0, "max": 100,
+        "alarms": [{"name": "too-dry", "condition": "lt", "threshold": 35},
+                   {"name": "too-humid", "condition": "gte", "threshold": 65,
+                    "active": false}]}
+     ]},
+    {"key": "dev-f", "site": "archive", "profile": "th-f",
+     "sensors": [{"metric": "temperature", "unit": "°C"}]}
+  ]
+}"#;
+
+/// A message line.
+pub fn msg(id: &str, device: &str, ts: &str, payload: &str) -> String {
+    format!(r#"{{"id":"{id}","device":"{device}","ts":"{ts}","payload":{payload}}}"#)
+}
+
+/// Ingests raw bytes (for input that is not valid UTF-8).
+pub fn ingest_bytes(t: &TestDb, bytes: Vec<u8>) -> Summary {
+    pipeline::ingest(&t.db, Cursor::new(bytes), &IngestOptions::default(), &Progress::default(), |_| {}).unwrap()
+}
