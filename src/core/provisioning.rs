@@ -115,6 +115,11 @@ impl Provisioning {
     /// Parses and validates a provisioning file's text. The error names the
     /// offending item.
     pub fn parse(text: &str) -> Result<Self, String> {
+        // serde would also read a struct from an array: insist on an object.
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if !value.is_object() {
+            return Err("the file must hold a JSON object with `profiles` and `devices`".into());
+        }
         let file: Provisioning = serde_json::from_str(text).map_err(|e| e.to_string())?;
         file.validate()?;
         Ok(file)
@@ -296,7 +301,8 @@ mod tests {
             (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","treshold":1}]}]}"#, "unknown field `treshold`"),
             (r#"{"devices":[{"key":"a"}]}"#, "missing field `profile`"),
             (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","alarms":[{"name":"x","condition":"gt","threshold":1},{"name":"x","condition":"lt","threshold":2}]}]}]}"#, "alarm name twice"),
-            ("[]", "invalid type"),
+            ("[]", "must hold a JSON object"),
+            ("{", "EOF while parsing"),
         ] {
             let e = error_of(text);
             assert!(e.contains(expected), "{text}: {e}");

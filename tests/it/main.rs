@@ -2,5 +2,6 @@
 //! the tests start themselves.
 
 mod contract;
+mod faults;
 mod pg;
 mod support;

@@ -53,8 +53,10 @@ impl PgCluster {
             "listen_addresses = '127.0.0.1'".to_string(),
             format!("port = {}", cluster.port),
             format!("unix_socket_directories = '{}'", cluster.root.display()),
+            // fsync off is safe against a killed server (the OS keeps the
+            // WAL); synchronous_commit stays on, or an immediate stop would
+            // lose acknowledged commits.
             "fsync = off".into(),
-            "synchronous_commit = off".into(),
             "full_page_writes = off".into(),
             "max_connections = 60".into(),
             "lc_messages = 'C'".into(),
@@ -161,16 +163,20 @@ impl PgCluster {
         diesel::connection::SimpleConnection::batch_execute(&mut c, sql).unwrap();
     }
 
-    /// Terminates every backend of the normalizer (by application name).
-    pub fn terminate_normalizer_backends(&self) -> usize {
+    /// Terminates every backend of the normalizer (by application name) that
+    /// is connected to the database of `url`, and waits until they are gone.
+    pub fn terminate_normalizer_backends(&self, url: &str) -> usize {
+        let database = url.rsplit('/').next().unwrap();
         #[derive(diesel::QueryableByName)]
         struct Killed {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
         let rows: Vec<Killed> = diesel::sql_query(
-            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = 'normalizer'",
+            "SELECT count(pg_terminate_backend(pid, 5000)) AS n FROM pg_stat_activity \
+             WHERE application_name = 'normalizer' AND datname = $1",
         )
+        .bind::<diesel::sql_types::Text, _>(database)
         .load(&mut self.admin())
         .unwrap();
         rows[0].n as usize

@@ -16,7 +16,7 @@ pub struct TestDb {
     pub db: Database,
     pub url: String,
     pub name: &'static str,
-    _dir: Option<tempfile::TempDir>,
+    pub _dir: Option<tempfile::TempDir>,
 }
 
 pub fn policy() -> RetryPolicy {
