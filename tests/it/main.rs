@@ -4,4 +4,6 @@
 mod contract;
 mod faults;
 mod pg;
+mod provisioning;
+mod cli;
 mod support;
