@@ -66,6 +66,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate a provisioning file and a message stream for benchmarks.
+    Gen {
+        /// Devices to provision.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Lines to write.
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        /// Random seed: the same seed gives the same output.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the provisioning file here.
+        #[arg(long)]
+        provisioning: Option<PathBuf>,
+        /// Write the messages here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Counts from the database.
     Status {
         /// Print as JSON.
@@ -77,15 +95,23 @@ pub enum Command {
 /// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
     let seconds = match unit.trim() {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -102,7 +128,10 @@ pub enum RunError {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), RunError> {
     let url = DatabaseUrl::parse(&cli.database_url).map_err(|e| RunError::Failed(anyhow!(e)))?;
-    let policy = RetryPolicy { max_outage: cli.max_outage, ..RetryPolicy::default() };
+    let policy = RetryPolicy {
+        max_outage: cli.max_outage,
+        ..RetryPolicy::default()
+    };
     match cli.command {
         Command::Migrate => {
             let db = open(url, 1, policy);
@@ -129,7 +158,12 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             }
             Ok(())
         }
-        Command::Ingest { file, provision, workers, json } => {
+        Command::Ingest {
+            file,
+            provision,
+            workers,
+            json,
+        } => {
             let (input, size) = open_input(file.as_deref()).map_err(RunError::Failed)?;
             let provisioning = provision
                 .as_deref()
@@ -163,6 +197,40 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             }
             Ok(())
         }
+        Command::Gen {
+            devices,
+            messages,
+            seed,
+            provisioning,
+            out,
+        } => {
+            let options = crate::gen::GenOptions {
+                devices,
+                messages,
+                seed,
+                ..Default::default()
+            };
+            if let Some(path) = provisioning {
+                let text = serde_json::to_string_pretty(&crate::gen::provisioning(&options))
+                    .expect("serializable");
+                std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))
+                    .map_err(RunError::Failed)?;
+            }
+            let written = match out {
+                Some(path) => File::create(&path)
+                    .with_context(|| format!("cannot write {}", path.display()))
+                    .and_then(|f| {
+                        crate::gen::messages(&options, &mut io::BufWriter::new(f))
+                            .with_context(|| format!("cannot write {}", path.display()))
+                    }),
+                None => {
+                    crate::gen::messages(&options, &mut io::BufWriter::new(io::stdout().lock()))
+                        .context("cannot write the messages")
+                }
+            };
+            written.map_err(RunError::Failed)
+        }
         Command::Status { json } => {
             let db = open(url, 1, policy);
             migrate::run(&db).map_err(db_error)?;
@@ -174,9 +242,23 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                 println!("readings: {}", s.readings);
                 println!("alerts: {} ({} open)", s.alerts, s.open_alerts);
                 println!("devices: {}", s.devices);
-                let kinds: Vec<String> = s.dead_letters.iter().map(|(k, n)| format!("{k} {n}")).collect();
-                println!("dead letters: {}", if kinds.is_empty() { "none".into() } else { kinds.join(", ") });
-                println!("last message at: {}", s.last_message_at.as_deref().unwrap_or("never"));
+                let kinds: Vec<String> = s
+                    .dead_letters
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!(
+                    "dead letters: {}",
+                    if kinds.is_empty() {
+                        "none".into()
+                    } else {
+                        kinds.join(", ")
+                    }
+                );
+                println!(
+                    "last message at: {}",
+                    s.last_message_at.as_deref().unwrap_or("never")
+                );
             }
             Ok(())
         }
@@ -185,7 +267,14 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
 
 fn open(url: DatabaseUrl, pool_size: u32, policy: RetryPolicy) -> Database {
     log::debug!("database {url}");
-    Database::open(url, PoolSettings { max_size: pool_size, ..PoolSettings::default() }, policy)
+    Database::open(
+        url,
+        PoolSettings {
+            max_size: pool_size,
+            ..PoolSettings::default()
+        },
+        policy,
+    )
 }
 
 fn db_error(failure: Failure) -> RunError {
@@ -209,7 +298,12 @@ fn load_provisioning(
 ) -> Result<provisioning::Loaded, RunError> {
     db.transaction(|conn| provisioning::load(conn, file))
         .map_err(db_error)?
-        .map_err(|e| RunError::Failed(anyhow!("the provisioning file {} is invalid: {e}", path.display())))
+        .map_err(|e| {
+            RunError::Failed(anyhow!(
+                "the provisioning file {} is invalid: {e}",
+                path.display()
+            ))
+        })
 }
 
 fn open_input(file: Option<&Path>) -> anyhow::Result<(Box<dyn BufRead + Send>, Option<u64>)> {
@@ -217,12 +311,18 @@ fn open_input(file: Option<&Path>) -> anyhow::Result<(Box<dyn BufRead + Send>, O
         None => Ok((Box::new(BufReader::new(io::stdin())), None)),
         Some(p) if p == Path::new("-") => Ok((Box::new(BufReader::new(io::stdin())), None)),
         Some(p) => {
-            let f = File::open(p).with_context(|| format!("cannot open the input file {}", p.display()))?;
-            let meta = f.metadata().with_context(|| format!("cannot read {}", p.display()))?;
+            let f = File::open(p)
+                .with_context(|| format!("cannot open the input file {}", p.display()))?;
+            let meta = f
+                .metadata()
+                .with_context(|| format!("cannot read {}", p.display()))?;
             if meta.is_dir() {
                 bail!("the input {} is a directory, not a file", p.display());
             }
-            Ok((Box::new(BufReader::with_capacity(256 * 1024, f)), Some(meta.len())))
+            Ok((
+                Box::new(BufReader::with_capacity(256 * 1024, f)),
+                Some(meta.len()),
+            ))
         }
     }
 }

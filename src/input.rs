@@ -27,7 +27,11 @@ pub struct LineReader<R> {
 impl<R: BufRead> LineReader<R> {
     /// Wraps a buffered reader.
     pub fn new(inner: R) -> Self {
-        LineReader { inner, number: 0, consumed: 0 }
+        LineReader {
+            inner,
+            number: 0,
+            consumed: 0,
+        }
     }
 
     /// Bytes consumed so far, newlines included.
@@ -75,7 +79,11 @@ impl<R: BufRead> LineReader<R> {
             }
         }
         self.number += 1;
-        Ok(Some(Line { number: self.number, bytes, oversize }))
+        Ok(Some(Line {
+            number: self.number,
+            bytes,
+            oversize,
+        }))
     }
 }
 
@@ -99,7 +107,10 @@ mod tests {
         let got = lines(b"one\r\ntwo\n\nthree");
         let texts: Vec<&[u8]> = got.iter().map(|l| l.bytes.as_slice()).collect();
         assert_eq!(texts, vec![&b"one\r"[..], b"two", b"", b"three"]);
-        assert_eq!(got.iter().map(|l| l.number).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            got.iter().map(|l| l.number).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod core;
 pub mod db;
+pub mod gen;
 pub mod input;
 pub mod metrics;
 pub mod outcome;

@@ -70,7 +70,12 @@ pub fn evaluates_alarms(ts: DateTime<Utc>, latest_good: Option<DateTime<Utc>>) -
 }
 
 /// Decides what a reading that evaluates alarms does to one active alarm.
-pub fn transition(condition: Condition, threshold: f64, value: f64, has_open_alert: bool) -> Transition {
+pub fn transition(
+    condition: Condition,
+    threshold: f64,
+    value: f64,
+    has_open_alert: bool,
+) -> Transition {
     match (condition.holds(value, threshold), has_open_alert) {
         (true, false) => Transition::Open,
         (false, true) => Transition::Close,
@@ -104,18 +109,39 @@ mod tests {
 
     #[test]
     fn an_alert_opens_once_and_closes_once() {
-        assert_eq!(transition(Condition::Gt, 26.0, 27.0, false), Transition::Open);
-        assert_eq!(transition(Condition::Gt, 26.0, 28.0, true), Transition::Stay);
-        assert_eq!(transition(Condition::Gt, 26.0, 25.0, true), Transition::Close);
-        assert_eq!(transition(Condition::Gt, 26.0, 25.0, false), Transition::Stay);
+        assert_eq!(
+            transition(Condition::Gt, 26.0, 27.0, false),
+            Transition::Open
+        );
+        assert_eq!(
+            transition(Condition::Gt, 26.0, 28.0, true),
+            Transition::Stay
+        );
+        assert_eq!(
+            transition(Condition::Gt, 26.0, 25.0, true),
+            Transition::Close
+        );
+        assert_eq!(
+            transition(Condition::Gt, 26.0, 25.0, false),
+            Transition::Stay
+        );
     }
 
     #[test]
     fn only_a_reading_later_than_every_good_one_evaluates_alarms() {
         let latest = Some(at("2026-11-29T12:00:00Z"));
         assert!(evaluates_alarms(at("2026-11-29T12:00:00.000001Z"), latest));
-        assert!(!evaluates_alarms(at("2026-11-29T12:00:00Z"), latest), "same instant is not later");
-        assert!(!evaluates_alarms(at("2026-11-29T11:00:00Z"), latest), "late reading");
-        assert!(evaluates_alarms(at("1970-01-01T00:00:00Z"), None), "first good reading");
+        assert!(
+            !evaluates_alarms(at("2026-11-29T12:00:00Z"), latest),
+            "same instant is not later"
+        );
+        assert!(
+            !evaluates_alarms(at("2026-11-29T11:00:00Z"), latest),
+            "late reading"
+        );
+        assert!(
+            evaluates_alarms(at("1970-01-01T00:00:00Z"), None),
+            "first good reading"
+        );
     }
 }

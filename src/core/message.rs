@@ -192,9 +192,9 @@ fn check_key(value: Option<&Value>, name: &str) -> Result<(), String> {
     match value {
         None => Err(format!("missing field `{name}`")),
         Some(Value::String(s)) if s.is_empty() => Err(format!("`{name}` is empty")),
-        Some(Value::String(s)) if s.chars().count() > MAX_KEY_CHARS => {
-            Err(format!("`{name}` is longer than {MAX_KEY_CHARS} characters"))
-        }
+        Some(Value::String(s)) if s.chars().count() > MAX_KEY_CHARS => Err(format!(
+            "`{name}` is longer than {MAX_KEY_CHARS} characters"
+        )),
         Some(Value::String(s)) if !is_valid_key(s) => {
             Err(format!("`{name}` contains a control character"))
         }
@@ -253,7 +253,11 @@ mod tests {
     #[test]
     fn white_space_lines_are_blank() {
         for line in ["", " ", "\t \r", "   \r"] {
-            assert_eq!(parse_line(line.as_bytes(), false), Parsed::Blank, "{line:?}");
+            assert_eq!(
+                parse_line(line.as_bytes(), false),
+                Parsed::Blank,
+                "{line:?}"
+            );
         }
     }
 
@@ -311,17 +315,50 @@ mod tests {
     #[test]
     fn missing_or_ill_typed_fields_are_invalid() {
         let cases = [
-            (r#"{"device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "missing field `id`"),
-            (r#"{"id":7,"device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "`id` is a number"),
-            (r#"{"id":"","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "`id` is empty"),
-            (r#"{"id":"m","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "missing field `device`"),
-            (r#"{"id":"m","device":null,"ts":"2026-01-01T00:00:00Z","payload":{}}"#, "`device` is null"),
-            (r#"{"id":"m","device":"d","payload":{}}"#, "missing field `ts`"),
-            (r#"{"id":"m","device":"d","ts":5,"payload":{}}"#, "`ts` is a number"),
-            (r#"{"id":"m","device":"d","ts":"2026-01-01T00:00:00Z"}"#, "missing field `payload`"),
-            (r#"{"id":"m","device":"d","ts":"2026-01-01T00:00:00Z","payload":[1]}"#, "`payload` is an array"),
-            (r#"{"id":"m\u0001","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "control character"),
-            (r#"{"id":"m\u007f","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#, "control character"),
+            (
+                r#"{"device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "missing field `id`",
+            ),
+            (
+                r#"{"id":7,"device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "`id` is a number",
+            ),
+            (
+                r#"{"id":"","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "`id` is empty",
+            ),
+            (
+                r#"{"id":"m","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "missing field `device`",
+            ),
+            (
+                r#"{"id":"m","device":null,"ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "`device` is null",
+            ),
+            (
+                r#"{"id":"m","device":"d","payload":{}}"#,
+                "missing field `ts`",
+            ),
+            (
+                r#"{"id":"m","device":"d","ts":5,"payload":{}}"#,
+                "`ts` is a number",
+            ),
+            (
+                r#"{"id":"m","device":"d","ts":"2026-01-01T00:00:00Z"}"#,
+                "missing field `payload`",
+            ),
+            (
+                r#"{"id":"m","device":"d","ts":"2026-01-01T00:00:00Z","payload":[1]}"#,
+                "`payload` is an array",
+            ),
+            (
+                r#"{"id":"m\u0001","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "control character",
+            ),
+            (
+                r#"{"id":"m\u007f","device":"d","ts":"2026-01-01T00:00:00Z","payload":{}}"#,
+                "control character",
+            ),
         ];
         for (line, expected) in cases {
             let r = rejected(line);
@@ -336,7 +373,8 @@ mod tests {
         let long = "é".repeat(201);
         assert!(is_valid_key(&ok));
         assert!(!is_valid_key(&long));
-        let line = format!(r#"{{"id":"{long}","device":"d","ts":"2026-01-01T00:00:00Z","payload":{{}}}}"#);
+        let line =
+            format!(r#"{{"id":"{long}","device":"d","ts":"2026-01-01T00:00:00Z","payload":{{}}}}"#);
         let r = rejected(&line);
         assert_eq!(r.kind, DeadLetterKind::Invalid);
         assert_eq!(r.message_id, None, "an invalid id is not recorded");

@@ -153,7 +153,11 @@ mod tests {
         let mut d = DeviceSpec::default();
         d.fields.insert(
             "t".into(),
-            FieldMapping { metric: "temperature".into(), scale: 1.0, offset: 0.0 },
+            FieldMapping {
+                metric: "temperature".into(),
+                scale: 1.0,
+                offset: 0.0,
+            },
         );
         d.fields.insert(
             "temp_f".into(),
@@ -165,20 +169,49 @@ mod tests {
         );
         d.fields.insert(
             "bat_mv".into(),
-            FieldMapping { metric: "battery".into(), scale: 0.001, offset: 0.0 },
+            FieldMapping {
+                metric: "battery".into(),
+                scale: 0.001,
+                offset: 0.0,
+            },
         );
-        d.fields.insert("co2".into(), FieldMapping { metric: "co2".into(), scale: 1.0, offset: 0.0 });
+        d.fields.insert(
+            "co2".into(),
+            FieldMapping {
+                metric: "co2".into(),
+                scale: 1.0,
+                offset: 0.0,
+            },
+        );
         d.sensors.insert(
             "temperature".into(),
-            SensorSpec { id: 1, scale: 1.0, offset: -0.3, min: Some(-40.0), max: Some(85.0) },
+            SensorSpec {
+                id: 1,
+                scale: 1.0,
+                offset: -0.3,
+                min: Some(-40.0),
+                max: Some(85.0),
+            },
         );
         d.sensors.insert(
             "temperature_f".into(),
-            SensorSpec { id: 3, scale: 1.0, offset: 0.0, min: None, max: None },
+            SensorSpec {
+                id: 3,
+                scale: 1.0,
+                offset: 0.0,
+                min: None,
+                max: None,
+            },
         );
         d.sensors.insert(
             "battery".into(),
-            SensorSpec { id: 2, scale: 1.0, offset: 0.0, min: Some(3.0), max: None },
+            SensorSpec {
+                id: 2,
+                scale: 1.0,
+                offset: 0.0,
+                min: Some(3.0),
+                max: None,
+            },
         );
         d
     }
@@ -202,12 +235,22 @@ mod tests {
 
     #[test]
     fn bounds_are_inclusive_and_absent_bounds_are_open() {
-        let s = SensorSpec { id: 1, scale: 1.0, offset: 0.0, min: Some(0.0), max: Some(100.0) };
+        let s = SensorSpec {
+            id: 1,
+            scale: 1.0,
+            offset: 0.0,
+            min: Some(0.0),
+            max: Some(100.0),
+        };
         assert_eq!(quality(0.0, &s), Quality::Good);
         assert_eq!(quality(100.0, &s), Quality::Good);
         assert_eq!(quality(-0.000_001, &s), Quality::OutOfRange);
         assert_eq!(quality(100.000_001, &s), Quality::OutOfRange);
-        let open = SensorSpec { min: None, max: None, ..s };
+        let open = SensorSpec {
+            min: None,
+            max: None,
+            ..s
+        };
         assert_eq!(quality(-1e300, &open), Quality::Good);
     }
 

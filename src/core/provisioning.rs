@@ -279,28 +279,48 @@ mod tests {
         let e = error_of(
             r#"{"devices":[{"key":"d1","profile":"p","sensors":[{"metric":"t","alarms":[{"name":"a","condition":"above","threshold":1}]}]}]}"#,
         );
-        assert!(e.contains(r#"devices[0] ("d1"), sensors[0] ("t"), alarms[0] ("a")"#), "{e}");
+        assert!(
+            e.contains(r#"devices[0] ("d1"), sensors[0] ("t"), alarms[0] ("a")"#),
+            "{e}"
+        );
         assert!(e.contains("gt, gte, lt, lte"), "{e}");
     }
 
     #[test]
     fn a_profile_may_not_map_two_fields_to_one_metric() {
-        let e = error_of(
-            r#"{"profiles":{"p":{"fields":{"a":{"metric":"t"},"b":{"metric":"t"}}}}}"#,
+        let e =
+            error_of(r#"{"profiles":{"p":{"fields":{"a":{"metric":"t"},"b":{"metric":"t"}}}}}"#);
+        assert!(
+            e.contains(r#"profile "p""#) && e.contains("already mapped"),
+            "{e}"
         );
-        assert!(e.contains(r#"profile "p""#) && e.contains("already mapped"), "{e}");
     }
 
     #[test]
     fn structural_errors_are_refused() {
         for (text, expected) in [
             (r#"{"devices":[{"key":"","profile":"p"}]}"#, "key must be"),
-            (r#"{"devices":[{"key":"a","profile":"p"},{"key":"a","profile":"p"}]}"#, "twice"),
-            (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t"},{"metric":"t"}]}]}"#, "metric twice"),
-            (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","min":5,"max":1}]}]}"#, "greater than max"),
-            (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","treshold":1}]}]}"#, "unknown field `treshold`"),
+            (
+                r#"{"devices":[{"key":"a","profile":"p"},{"key":"a","profile":"p"}]}"#,
+                "twice",
+            ),
+            (
+                r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t"},{"metric":"t"}]}]}"#,
+                "metric twice",
+            ),
+            (
+                r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","min":5,"max":1}]}]}"#,
+                "greater than max",
+            ),
+            (
+                r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","treshold":1}]}]}"#,
+                "unknown field `treshold`",
+            ),
             (r#"{"devices":[{"key":"a"}]}"#, "missing field `profile`"),
-            (r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","alarms":[{"name":"x","condition":"gt","threshold":1},{"name":"x","condition":"lt","threshold":2}]}]}]}"#, "alarm name twice"),
+            (
+                r#"{"devices":[{"key":"a","profile":"p","sensors":[{"metric":"t","alarms":[{"name":"x","condition":"gt","threshold":1},{"name":"x","condition":"lt","threshold":2}]}]}]}"#,
+                "alarm name twice",
+            ),
             ("[]", "must hold a JSON object"),
             ("{", "EOF while parsing"),
         ] {

@@ -63,7 +63,11 @@ pub struct Classified {
 }
 
 const fn c(class: ErrorClass, cause: Cause, sqlstate: Option<&'static str>) -> Classified {
-    Classified { class, cause, sqlstate }
+    Classified {
+        class,
+        cause,
+        sqlstate,
+    }
 }
 
 use ErrorClass::{Connection, Permanent, Transient, Unrecognized};
@@ -72,77 +76,233 @@ use ErrorClass::{Connection, Permanent, Transient, Unrecognized};
 /// substrings), in order of precedence.
 const MESSAGES: &[(&str, Classified)] = &[
     // 57P01..57P03: the server goes down, restarts or is not up yet.
-    ("terminating connection due to administrator command", c(Connection, Cause::AdminShutdown, Some("57P01"))),
-    ("terminating connection due to crash", c(Connection, Cause::AdminShutdown, Some("57P02"))),
-    ("terminating connection due to idle", c(Connection, Cause::ConnectionLost, Some("57P05"))),
-    ("the database system is starting up", c(Connection, Cause::AdminShutdown, Some("57P03"))),
-    ("the database system is shutting down", c(Connection, Cause::AdminShutdown, Some("57P03"))),
-    ("the database system is in recovery mode", c(Connection, Cause::AdminShutdown, Some("57P03"))),
-    ("the database system is not yet accepting connections", c(Connection, Cause::AdminShutdown, Some("57P03"))),
-    ("the database system is not accepting connections", c(Connection, Cause::AdminShutdown, Some("57P03"))),
+    (
+        "terminating connection due to administrator command",
+        c(Connection, Cause::AdminShutdown, Some("57P01")),
+    ),
+    (
+        "terminating connection due to crash",
+        c(Connection, Cause::AdminShutdown, Some("57P02")),
+    ),
+    (
+        "terminating connection due to idle",
+        c(Connection, Cause::ConnectionLost, Some("57P05")),
+    ),
+    (
+        "the database system is starting up",
+        c(Connection, Cause::AdminShutdown, Some("57P03")),
+    ),
+    (
+        "the database system is shutting down",
+        c(Connection, Cause::AdminShutdown, Some("57P03")),
+    ),
+    (
+        "the database system is in recovery mode",
+        c(Connection, Cause::AdminShutdown, Some("57P03")),
+    ),
+    (
+        "the database system is not yet accepting connections",
+        c(Connection, Cause::AdminShutdown, Some("57P03")),
+    ),
+    (
+        "the database system is not accepting connections",
+        c(Connection, Cause::AdminShutdown, Some("57P03")),
+    ),
     // 53300: no slot for another connection.
-    ("sorry, too many clients already", c(Connection, Cause::TooManyConnections, Some("53300"))),
-    ("remaining connection slots are reserved", c(Connection, Cause::TooManyConnections, Some("53300"))),
-    ("too many connections for", c(Connection, Cause::TooManyConnections, Some("53300"))),
+    (
+        "sorry, too many clients already",
+        c(Connection, Cause::TooManyConnections, Some("53300")),
+    ),
+    (
+        "remaining connection slots are reserved",
+        c(Connection, Cause::TooManyConnections, Some("53300")),
+    ),
+    (
+        "too many connections for",
+        c(Connection, Cause::TooManyConnections, Some("53300")),
+    ),
     // Class 08 and libpq's own words for a dead socket.
-    ("server closed the connection unexpectedly", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("no connection to the server", c(Connection, Cause::ConnectionLost, Some("08003"))),
-    ("connection refused", c(Connection, Cause::ConnectionLost, Some("08001"))),
-    ("could not connect to server", c(Connection, Cause::ConnectionLost, Some("08001"))),
-    ("could not receive data from server", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("could not send data to server", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("connection reset by peer", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("broken pipe", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("ssl syscall error", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("ssl connection has been closed unexpectedly", c(Connection, Cause::ConnectionLost, Some("08006"))),
-    ("timeout expired", c(Connection, Cause::ConnectionLost, Some("08001"))),
-    ("no such file or directory", c(Connection, Cause::ConnectionLost, Some("08001"))),
-    ("is the server running", c(Connection, Cause::ConnectionLost, Some("08001"))),
+    (
+        "server closed the connection unexpectedly",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "no connection to the server",
+        c(Connection, Cause::ConnectionLost, Some("08003")),
+    ),
+    (
+        "connection refused",
+        c(Connection, Cause::ConnectionLost, Some("08001")),
+    ),
+    (
+        "could not connect to server",
+        c(Connection, Cause::ConnectionLost, Some("08001")),
+    ),
+    (
+        "could not receive data from server",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "could not send data to server",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "connection reset by peer",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "broken pipe",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "ssl syscall error",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "ssl connection has been closed unexpectedly",
+        c(Connection, Cause::ConnectionLost, Some("08006")),
+    ),
+    (
+        "timeout expired",
+        c(Connection, Cause::ConnectionLost, Some("08001")),
+    ),
+    (
+        "no such file or directory",
+        c(Connection, Cause::ConnectionLost, Some("08001")),
+    ),
+    (
+        "is the server running",
+        c(Connection, Cause::ConnectionLost, Some("08001")),
+    ),
     // The session is in a failed transaction: never reuse it.
-    ("current transaction is aborted", c(Connection, Cause::Other, Some("25P02"))),
+    (
+        "current transaction is aborted",
+        c(Connection, Cause::Other, Some("25P02")),
+    ),
     // Transient inside a transaction.
-    ("could not serialize access", c(Transient, Cause::Serialization, Some("40001"))),
-    ("deadlock detected", c(Transient, Cause::Deadlock, Some("40P01"))),
-    ("canceling statement due to lock timeout", c(Transient, Cause::LockTimeout, Some("55P03"))),
-    ("could not obtain lock", c(Transient, Cause::LockTimeout, Some("55P03"))),
-    ("lock not available", c(Transient, Cause::LockTimeout, Some("55P03"))),
-    ("canceling statement due to statement timeout", c(Transient, Cause::StatementTimeout, Some("57014"))),
-    ("canceling statement due to user request", c(Transient, Cause::StatementTimeout, Some("57014"))),
-    ("canceling autovacuum task", c(Transient, Cause::StatementTimeout, Some("57014"))),
-    ("out of shared memory", c(Transient, Cause::Other, Some("53200"))),
+    (
+        "could not serialize access",
+        c(Transient, Cause::Serialization, Some("40001")),
+    ),
+    (
+        "deadlock detected",
+        c(Transient, Cause::Deadlock, Some("40P01")),
+    ),
+    (
+        "canceling statement due to lock timeout",
+        c(Transient, Cause::LockTimeout, Some("55P03")),
+    ),
+    (
+        "could not obtain lock",
+        c(Transient, Cause::LockTimeout, Some("55P03")),
+    ),
+    (
+        "lock not available",
+        c(Transient, Cause::LockTimeout, Some("55P03")),
+    ),
+    (
+        "canceling statement due to statement timeout",
+        c(Transient, Cause::StatementTimeout, Some("57014")),
+    ),
+    (
+        "canceling statement due to user request",
+        c(Transient, Cause::StatementTimeout, Some("57014")),
+    ),
+    (
+        "canceling autovacuum task",
+        c(Transient, Cause::StatementTimeout, Some("57014")),
+    ),
+    (
+        "out of shared memory",
+        c(Transient, Cause::Other, Some("53200")),
+    ),
     ("out of memory", c(Transient, Cause::Other, Some("53200"))),
-    ("could not extend file", c(Transient, Cause::Other, Some("53100"))),
-    ("no space left on device", c(Transient, Cause::Other, Some("53100"))),
-    ("could not resize shared memory", c(Transient, Cause::Other, Some("53100"))),
+    (
+        "could not extend file",
+        c(Transient, Cause::Other, Some("53100")),
+    ),
+    (
+        "no space left on device",
+        c(Transient, Cause::Other, Some("53100")),
+    ),
+    (
+        "could not resize shared memory",
+        c(Transient, Cause::Other, Some("53100")),
+    ),
     // SQLite: another writer holds the lock.
-    ("database is locked", c(Transient, Cause::Busy, Some("SQLITE_BUSY"))),
-    ("database table is locked", c(Transient, Cause::Busy, Some("SQLITE_LOCKED"))),
-    ("database schema has changed", c(Transient, Cause::Other, Some("SQLITE_SCHEMA"))),
+    (
+        "database is locked",
+        c(Transient, Cause::Busy, Some("SQLITE_BUSY")),
+    ),
+    (
+        "database table is locked",
+        c(Transient, Cause::Busy, Some("SQLITE_LOCKED")),
+    ),
+    (
+        "database schema has changed",
+        c(Transient, Cause::Other, Some("SQLITE_SCHEMA")),
+    ),
     // Configuration, not an outage: fail at once with the server's words.
-    ("password authentication failed", c(Permanent, Cause::Other, Some("28P01"))),
-    ("no pg_hba.conf entry", c(Permanent, Cause::Other, Some("28000"))),
-    ("invalid connection option", c(Permanent, Cause::Other, None)),
+    (
+        "password authentication failed",
+        c(Permanent, Cause::Other, Some("28P01")),
+    ),
+    (
+        "no pg_hba.conf entry",
+        c(Permanent, Cause::Other, Some("28000")),
+    ),
+    (
+        "invalid connection option",
+        c(Permanent, Cause::Other, None),
+    ),
     ("invalid uri", c(Permanent, Cause::Other, None)),
     ("invalid port number", c(Permanent, Cause::Other, None)),
     ("invalid integer value", c(Permanent, Cause::Other, None)),
     ("missing \"=\" after", c(Permanent, Cause::Other, None)),
-    ("unable to open database file", c(Permanent, Cause::Other, Some("SQLITE_CANTOPEN"))),
-    ("file is not a database", c(Permanent, Cause::Other, Some("SQLITE_NOTADB"))),
-    ("attempt to write a readonly database", c(Permanent, Cause::Other, Some("SQLITE_READONLY"))),
+    (
+        "unable to open database file",
+        c(Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+    ),
+    (
+        "file is not a database",
+        c(Permanent, Cause::Other, Some("SQLITE_NOTADB")),
+    ),
+    (
+        "attempt to write a readonly database",
+        c(Permanent, Cause::Other, Some("SQLITE_READONLY")),
+    ),
     // Data, integrity and syntax errors (classes 22, 23, 42).
     ("violates", c(Permanent, Cause::Other, Some("23000"))),
-    ("constraint failed", c(Permanent, Cause::Other, Some("23000"))),
-    ("invalid byte sequence", c(Permanent, Cause::Other, Some("22021"))),
-    ("invalid input syntax", c(Permanent, Cause::Other, Some("22P02"))),
+    (
+        "constraint failed",
+        c(Permanent, Cause::Other, Some("23000")),
+    ),
+    (
+        "invalid byte sequence",
+        c(Permanent, Cause::Other, Some("22021")),
+    ),
+    (
+        "invalid input syntax",
+        c(Permanent, Cause::Other, Some("22P02")),
+    ),
     ("value too long", c(Permanent, Cause::Other, Some("22001"))),
     ("out of range", c(Permanent, Cause::Other, Some("22003"))),
-    ("numeric field overflow", c(Permanent, Cause::Other, Some("22003"))),
-    ("division by zero", c(Permanent, Cause::Other, Some("22012"))),
+    (
+        "numeric field overflow",
+        c(Permanent, Cause::Other, Some("22003")),
+    ),
+    (
+        "division by zero",
+        c(Permanent, Cause::Other, Some("22012")),
+    ),
     ("syntax error", c(Permanent, Cause::Other, Some("42601"))),
     ("does not exist", c(Permanent, Cause::Other, None)),
     ("no such table", c(Permanent, Cause::Other, None)),
     ("no such column", c(Permanent, Cause::Other, None)),
-    ("permission denied", c(Permanent, Cause::Other, Some("42501"))),
+    (
+        "permission denied",
+        c(Permanent, Cause::Other, Some("42501")),
+    ),
 ];
 
 /// Classifies an error by its text alone: connection failures and unknown
@@ -163,7 +323,10 @@ pub fn classify(error: &DbError) -> Classified {
         // has one. Either way the database cannot take work right now.
         DbError::Connect(text) => match classify_message(text) {
             Some(found) if found.class == Permanent => found,
-            Some(found) => Classified { class: Connection, ..found },
+            Some(found) => Classified {
+                class: Connection,
+                ..found
+            },
             None => c(Connection, Cause::ConnectionLost, Some("08001")),
         },
         DbError::Query(e) => classify_query(e),
@@ -179,9 +342,11 @@ fn classify_query(error: &Error) -> Classified {
                     c(Transient, Cause::Serialization, Some("40001"))
                 }
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
-                    by_message
-                        .filter(|f| f.class == Connection)
-                        .unwrap_or(c(Connection, Cause::ConnectionLost, Some("08006")))
+                    by_message.filter(|f| f.class == Connection).unwrap_or(c(
+                        Connection,
+                        Cause::ConnectionLost,
+                        Some("08006"),
+                    ))
                 }
                 DatabaseErrorKind::ReadOnlyTransaction => {
                     // A read-only session: most likely a standby after a
@@ -290,7 +455,11 @@ mod tests {
         ];
         for (error, class, cause, sqlstate) in table {
             let got = classify(&error);
-            assert_eq!((got.class, got.cause, got.sqlstate), (class, cause, sqlstate), "{error}");
+            assert_eq!(
+                (got.class, got.cause, got.sqlstate),
+                (class, cause, sqlstate),
+                "{error}"
+            );
         }
     }
 }

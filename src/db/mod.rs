@@ -25,10 +25,10 @@ use diesel::QueryResult;
 
 pub use self::classify::{classify, Classified, DbError, ErrorClass};
 pub use self::pool::{AnyConnection, PoolSettings};
-pub use self::retry::{Failure, RetryPolicy};
-pub use self::url::DatabaseUrl;
 use self::pool::{Manager, PooledConn, QuietErrors};
 use self::retry::{AttemptError, Observer, Stage, SystemClock};
+pub use self::retry::{Failure, RetryPolicy};
+pub use self::url::DatabaseUrl;
 use crate::metrics::{DbCounters, DbMetrics};
 
 /// Runs the same diesel code on whichever backend a connection is.
@@ -73,7 +73,13 @@ impl Database {
             .test_on_check_out(true)
             .error_handler(Box::new(QuietErrors))
             .build_unchecked(Manager::new(url.clone(), settings, metrics.clone()));
-        Database { url, pool, policy, metrics, health: Mutex::new(Health::default()) }
+        Database {
+            url,
+            pool,
+            policy,
+            metrics,
+            health: Mutex::new(Health::default()),
+        }
     }
 
     /// Where this database is, without its password.
@@ -94,7 +100,11 @@ impl Database {
 
     /// Since when the database has been unreachable, if it is.
     pub fn down_since(&self) -> Option<DateTime<Utc>> {
-        self.health.lock().expect("health lock").down_since.map(|(_, at)| at)
+        self.health
+            .lock()
+            .expect("health lock")
+            .down_since
+            .map(|(_, at)| at)
     }
 
     /// Runs `body` in one transaction, retried as the error's class says:
@@ -107,8 +117,13 @@ impl Database {
         &self,
         mut body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
-        let mut observer = TxObserver { db: self, waited: false };
-        retry::run(&self.policy, &mut SystemClock, &mut observer, |_| self.attempt(&mut body))
+        let mut observer = TxObserver {
+            db: self,
+            waited: false,
+        };
+        retry::run(&self.policy, &mut SystemClock, &mut observer, |_| {
+            self.attempt(&mut body)
+        })
     }
 
     fn attempt<T>(
@@ -117,7 +132,11 @@ impl Database {
     ) -> Result<T, AttemptError> {
         let mut conn = self.pool.get().map_err(|e| {
             let error = DbError::Connect(e.to_string());
-            AttemptError::Failed { classified: classify(&error), error, stage: Stage::Checkout }
+            AttemptError::Failed {
+                classified: classify(&error),
+                error,
+                stage: Stage::Checkout,
+            }
         })?;
         let result = run_transaction(&mut conn, body);
         conn.touch();
@@ -138,7 +157,11 @@ fn run_transaction<T>(
         if classified.class == ErrorClass::Connection {
             pooled.discard = true;
         }
-        AttemptError::Failed { error, classified, stage }
+        AttemptError::Failed {
+            error,
+            classified,
+            stage,
+        }
     };
     if let Err(e) = pooled.conn.begin() {
         return Err(failed(pooled, e, Stage::Begin));
@@ -185,7 +208,12 @@ struct TxObserver<'a> {
 
 impl Observer for TxObserver<'_> {
     fn retrying(&mut self, error: &AttemptError, attempt: u32, delay: Duration) {
-        let AttemptError::Failed { error, classified, stage } = error else {
+        let AttemptError::Failed {
+            error,
+            classified,
+            stage,
+        } = error
+        else {
             return;
         };
         self.db.metrics.retried(classified.cause, attempt == 1);

@@ -128,7 +128,11 @@ pub struct Manager {
 
 impl Manager {
     pub(crate) fn new(url: DatabaseUrl, settings: PoolSettings, metrics: Arc<DbMetrics>) -> Self {
-        Manager { url, settings, metrics }
+        Manager {
+            url,
+            settings,
+            metrics,
+        }
     }
 
     fn setup_sql(&self) -> String {
@@ -169,7 +173,11 @@ impl r2d2::ManageConnection for Manager {
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
         self.metrics.connection_opened();
         log::debug!("opened a {} connection", self.url.backend_name());
-        Ok(PooledConn { conn, discard: false, last_used: Instant::now() })
+        Ok(PooledConn {
+            conn,
+            discard: false,
+            last_used: Instant::now(),
+        })
     }
 
     fn is_valid(&self, conn: &mut PooledConn) -> Result<(), ConnectionError> {

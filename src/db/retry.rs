@@ -175,7 +175,9 @@ pub fn run<T>(
         if verdict.is_none() {
             let failure = match error {
                 AttemptError::Panicked(message) => Failure::Panicked(message),
-                AttemptError::Failed { error, classified, .. } => match classified.class {
+                AttemptError::Failed {
+                    error, classified, ..
+                } => match classified.class {
                     ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
                     ErrorClass::Connection | ErrorClass::Transient => {
                         Failure::GaveUp { error, failing_for }
@@ -243,7 +245,11 @@ mod tests {
     fn fail_with(message: &str) -> AttemptError {
         let error = DbError::Connect(message.to_string());
         let classified = classify(&error);
-        AttemptError::Failed { error, classified, stage: Stage::Checkout }
+        AttemptError::Failed {
+            error,
+            classified,
+            stage: Stage::Checkout,
+        }
     }
 
     fn query_error(message: &'static str) -> AttemptError {
@@ -277,7 +283,11 @@ mod tests {
             Box::new(Info(message)),
         ));
         let classified = classify(&error);
-        AttemptError::Failed { error, classified, stage: Stage::Body }
+        AttemptError::Failed {
+            error,
+            classified,
+            stage: Stage::Body,
+        }
     }
 
     /// A scripted fake: fails `n` times with `make`, then succeeds.
@@ -286,7 +296,10 @@ mod tests {
         make: impl Fn() -> AttemptError,
         policy: &RetryPolicy,
     ) -> (Result<u32, Failure>, FakeClock, Log) {
-        let mut clock = FakeClock { now: Instant::now(), slept: vec![] };
+        let mut clock = FakeClock {
+            now: Instant::now(),
+            slept: vec![],
+        };
         let mut log = Log::default();
         let result = run(policy, &mut clock, &mut log, |attempt| {
             if attempt <= n {
@@ -301,14 +314,43 @@ mod tests {
     #[test]
     fn every_retryable_class_is_retried_until_it_succeeds() {
         let policy = RetryPolicy::default();
-        let cases: Vec<(&str, Box<dyn Fn() -> AttemptError>, Cause)> = vec![
-            ("refused", Box::new(|| fail_with("Connection refused")), Cause::ConnectionLost),
-            ("starting", Box::new(|| fail_with("FATAL: the database system is starting up")), Cause::AdminShutdown),
-            ("too many", Box::new(|| fail_with("sorry, too many clients already")), Cause::TooManyConnections),
-            ("serialization", Box::new(|| query_error("could not serialize access")), Cause::Serialization),
-            ("deadlock", Box::new(|| query_error("deadlock detected")), Cause::Deadlock),
-            ("lock", Box::new(|| query_error("canceling statement due to lock timeout")), Cause::LockTimeout),
-            ("busy", Box::new(|| query_error("database is locked")), Cause::Busy),
+        type Case = (&'static str, Box<dyn Fn() -> AttemptError>, Cause);
+        let cases: Vec<Case> = vec![
+            (
+                "refused",
+                Box::new(|| fail_with("Connection refused")),
+                Cause::ConnectionLost,
+            ),
+            (
+                "starting",
+                Box::new(|| fail_with("FATAL: the database system is starting up")),
+                Cause::AdminShutdown,
+            ),
+            (
+                "too many",
+                Box::new(|| fail_with("sorry, too many clients already")),
+                Cause::TooManyConnections,
+            ),
+            (
+                "serialization",
+                Box::new(|| query_error("could not serialize access")),
+                Cause::Serialization,
+            ),
+            (
+                "deadlock",
+                Box::new(|| query_error("deadlock detected")),
+                Cause::Deadlock,
+            ),
+            (
+                "lock",
+                Box::new(|| query_error("canceling statement due to lock timeout")),
+                Cause::LockTimeout,
+            ),
+            (
+                "busy",
+                Box::new(|| query_error("database is locked")),
+                Cause::Busy,
+            ),
         ];
         for (name, make, cause) in cases {
             for n in [1, 5, 40] {
@@ -317,7 +359,11 @@ mod tests {
                 assert_eq!(log.retries.len() as u32, n, "{name}");
                 assert!(log.retries.iter().all(|(_, c)| *c == Some(cause)), "{name}");
                 assert_eq!(log.succeeded, Some(n));
-                assert_eq!(clock.slept.len() as u32, n, "one sleep per retry, none after success");
+                assert_eq!(
+                    clock.slept.len() as u32,
+                    n,
+                    "one sleep per retry, none after success"
+                );
             }
         }
     }
@@ -345,7 +391,11 @@ mod tests {
     #[test]
     fn a_permanent_error_is_not_retried() {
         let policy = RetryPolicy::default();
-        let (result, clock, log) = scripted(1, || query_error("invalid byte sequence for encoding"), &policy);
+        let (result, clock, log) = scripted(
+            1,
+            || query_error("invalid byte sequence for encoding"),
+            &policy,
+        );
         assert!(matches!(result, Err(Failure::Rejected { .. })));
         assert!(clock.slept.is_empty(), "no sleep after the last attempt");
         assert_eq!(log.stopped, Some(1));
@@ -379,7 +429,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let slept: Duration = clock.slept.iter().sum();
-        assert_eq!(slept, Duration::from_secs(10), "never sleeps past the deadline");
+        assert_eq!(
+            slept,
+            Duration::from_secs(10),
+            "never sleeps past the deadline"
+        );
         assert!(log.stopped.is_some());
     }
 

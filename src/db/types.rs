@@ -65,7 +65,10 @@ mod tests {
     fn the_sqlite_form_sorts_as_the_instants_do() {
         let a: DateTime<Utc> = "2026-11-29T09:59:59.999999Z".parse().unwrap();
         let b: DateTime<Utc> = "2026-11-29T10:00:00Z".parse().unwrap();
-        let (ta, tb) = (a.format(SQLITE_FORMAT).to_string(), b.format(SQLITE_FORMAT).to_string());
+        let (ta, tb) = (
+            a.format(SQLITE_FORMAT).to_string(),
+            b.format(SQLITE_FORMAT).to_string(),
+        );
         assert_eq!(tb, "2026-11-29T10:00:00.000000Z");
         assert!(ta < tb);
     }

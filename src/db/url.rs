@@ -25,7 +25,10 @@ impl DatabaseUrl {
             check_postgres(url)?;
             return Ok(DatabaseUrl::Postgres(url.to_string()));
         }
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             if path.is_empty() {
                 return Err(format!("the database URL {url:?} names no SQLite file"));
             }
@@ -135,8 +138,14 @@ mod tests {
             DatabaseUrl::parse("sqlite:///var/lib/n.db").unwrap(),
             DatabaseUrl::Sqlite("/var/lib/n.db".into())
         );
-        assert_eq!(DatabaseUrl::parse("data/n.db").unwrap(), DatabaseUrl::Sqlite("data/n.db".into()));
-        assert!(matches!(DatabaseUrl::parse("postgres://u@h/db").unwrap(), DatabaseUrl::Postgres(_)));
+        assert_eq!(
+            DatabaseUrl::parse("data/n.db").unwrap(),
+            DatabaseUrl::Sqlite("data/n.db".into())
+        );
+        assert!(matches!(
+            DatabaseUrl::parse("postgres://u@h/db").unwrap(),
+            DatabaseUrl::Postgres(_)
+        ));
         assert!(matches!(
             DatabaseUrl::parse("postgresql://h:5433/db").unwrap(),
             DatabaseUrl::Postgres(_)
@@ -145,18 +154,29 @@ mod tests {
 
     #[test]
     fn malformed_urls_are_refused_with_a_sentence() {
-        assert!(DatabaseUrl::parse("mysql://h/db").unwrap_err().contains("not supported"));
-        assert!(DatabaseUrl::parse("sqlite://").unwrap_err().contains("names no SQLite file"));
-        assert!(DatabaseUrl::parse("postgres://h:port/db").unwrap_err().contains("invalid port"));
+        assert!(DatabaseUrl::parse("mysql://h/db")
+            .unwrap_err()
+            .contains("not supported"));
+        assert!(DatabaseUrl::parse("sqlite://")
+            .unwrap_err()
+            .contains("names no SQLite file"));
+        assert!(DatabaseUrl::parse("postgres://h:port/db")
+            .unwrap_err()
+            .contains("invalid port"));
         assert!(DatabaseUrl::parse("").is_err());
     }
 
     #[test]
     fn passwords_never_show() {
-        let url = DatabaseUrl::parse("postgres://app:s3cret@db:5432/n?password=s3cret&sslmode=require").unwrap();
+        let url =
+            DatabaseUrl::parse("postgres://app:s3cret@db:5432/n?password=s3cret&sslmode=require")
+                .unwrap();
         let shown = url.to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert_eq!(shown, "postgres://app:***@db:5432/n?password=***&sslmode=require");
+        assert_eq!(
+            shown,
+            "postgres://app:***@db:5432/n?password=***&sslmode=require"
+        );
         assert!(!format!("{url:?}").contains("s3cret"));
         let bad = DatabaseUrl::parse("postgres://app:s3cret@db:x/n").unwrap_err();
         assert!(!bad.contains("s3cret"), "{bad}");

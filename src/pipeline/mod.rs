@@ -85,8 +85,16 @@ pub struct ReadFailed {
 }
 
 enum Job {
-    Apply { line: u64, message: Message, raw: Vec<u8> },
-    Reject { line: u64, rejection: Rejection, raw: Vec<u8> },
+    Apply {
+        line: u64,
+        message: Message,
+        raw: Vec<u8>,
+    },
+    Reject {
+        line: u64,
+        rejection: Rejection,
+        raw: Vec<u8>,
+    },
 }
 
 impl Job {
@@ -174,7 +182,13 @@ pub fn ingest(
             .copied()
             .unwrap_or(line)
             .min(line);
-        return Err(Stopped { line, failure, resume_from, summary: Box::new(summary) }.into());
+        return Err(Stopped {
+            line,
+            failure,
+            resume_from,
+            summary: Box::new(summary),
+        }
+        .into());
     }
     Ok(summary)
 }
@@ -199,19 +213,35 @@ fn read(
             Ok(None) => break,
             Err(source) => {
                 stop.store(true, Ordering::SeqCst);
-                return Err(ReadFailed { line: non_blank, source });
+                return Err(ReadFailed {
+                    line: non_blank,
+                    source,
+                });
             }
         };
-        progress.bytes_read.store(reader.consumed(), Ordering::Relaxed);
+        progress
+            .bytes_read
+            .store(reader.consumed(), Ordering::Relaxed);
         let (worker, job) = match parse_line(&line.bytes, line.oversize) {
             Parsed::Blank => continue,
             Parsed::Message(message) => (
                 route(&message.device, senders.len()),
-                Job::Apply { line: line.number, message, raw: line.bytes },
+                Job::Apply {
+                    line: line.number,
+                    message,
+                    raw: line.bytes,
+                },
             ),
             Parsed::Rejected(rejection) => {
                 next_reject = (next_reject + 1) % senders.len();
-                (next_reject, Job::Reject { line: line.number, rejection, raw: line.bytes })
+                (
+                    next_reject,
+                    Job::Reject {
+                        line: line.number,
+                        rejection,
+                        raw: line.bytes,
+                    },
+                )
             }
         };
         non_blank += 1;
@@ -230,7 +260,13 @@ pub fn route(device: &str, workers: usize) -> usize {
     (hasher.finish() % workers as u64) as usize
 }
 
-fn work(db: &Database, jobs: Receiver<Job>, done: Sender<Done>, stop: &AtomicBool, hook: Option<ApplyHook>) {
+fn work(
+    db: &Database,
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+    stop: &AtomicBool,
+    hook: Option<ApplyHook>,
+) {
     for job in jobs.iter() {
         if stop.load(Ordering::SeqCst) {
             // Handed back: not done, and safe to run again in a later run.
@@ -244,7 +280,11 @@ fn work(db: &Database, jobs: Receiver<Job>, done: Sender<Done>, stop: &AtomicBoo
     }
 }
 
-fn run_job(db: &Database, job: Job, hook: Option<&(dyn Fn(&Message) + Send + Sync)>) -> Result<Outcome, Failure> {
+fn run_job(
+    db: &Database,
+    job: Job,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> Result<Outcome, Failure> {
     match job {
         Job::Reject { rejection, raw, .. } => {
             let letter = DeadLetter {
@@ -284,13 +324,19 @@ fn apply_message(
             Ok(outcome) => return Ok(outcome),
             Err(failure @ Failure::GaveUp { .. }) => return Err(failure),
             Err(failure) => {
-                log::warn!("line {line}, message {:?}: attempt {attempt} on its own failed: {failure}", message.id);
+                log::warn!(
+                    "line {line}, message {:?}: attempt {attempt} on its own failed: {failure}",
+                    message.id
+                );
                 first_failure = Some(failure);
             }
         }
     }
     let (kind, error) = match first_failure.expect("two failed attempts") {
-        Failure::Panicked(m) => (DeadLetterKind::Internal, format!("the normalizer panicked: {m}")),
+        Failure::Panicked(m) => (
+            DeadLetterKind::Internal,
+            format!("the normalizer panicked: {m}"),
+        ),
         other => (DeadLetterKind::DbRejected, other.to_string()),
     };
     let letter = DeadLetter {

@@ -49,7 +49,10 @@ impl Summary {
     /// An empty tally with every dead-letter kind listed.
     pub fn new() -> Self {
         Summary {
-            dead_letters_by_kind: DeadLetterKind::ALL.iter().map(|k| (k.as_str(), 0)).collect(),
+            dead_letters_by_kind: DeadLetterKind::ALL
+                .iter()
+                .map(|k| (k.as_str(), 0))
+                .collect(),
             ..Summary::default()
         }
     }

@@ -27,10 +27,21 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn the_quickstart_runs_into_normalizer_db_and_prints_the_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let out = normalizer(dir.path(), &["ingest", "--provision", &examples("devices.json"), &examples("messages.jsonl")]);
+    let out = normalizer(
+        dir.path(),
+        &[
+            "ingest",
+            "--provision",
+            &examples("devices.json"),
+            &examples("messages.jsonl"),
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout.clone()).unwrap();
-    assert!(text.contains("processed 579, duplicate 1, dead letter 6"), "{text}");
+    assert!(
+        text.contains("processed 579, duplicate 1, dead letter 6"),
+        "{text}"
+    );
     assert!(text.contains("messages/s"), "{text}");
     assert!(dir.path().join("normalizer.db").exists());
     // Not a terminal: no progress bar on stderr.
@@ -42,7 +53,15 @@ fn json_summary_counts_every_outcome_and_reads_stdin() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("x.db");
     let url = format!("sqlite://{}", db.display());
-    let p = normalizer(dir.path(), &["--database-url", &url, "provision", &examples("devices.json")]);
+    let p = normalizer(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "provision",
+            &examples("devices.json"),
+        ],
+    );
     assert!(p.status.success(), "{}", stderr(&p));
     let mut child = Command::new(env!("CARGO_BIN_EXE_normalizer"))
         .args(["--database-url", &url, "ingest", "--json", "-"])
@@ -54,7 +73,13 @@ fn json_summary_counts_every_outcome_and_reads_stdin() {
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(std::fs::read(examples("messages.jsonl")).unwrap().as_slice()).unwrap();
+        stdin
+            .write_all(
+                std::fs::read(examples("messages.jsonl"))
+                    .unwrap()
+                    .as_slice(),
+            )
+            .unwrap();
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -80,19 +105,37 @@ fn setup_errors_exit_non_zero_with_one_sentence_and_change_nothing() {
     let input = examples("messages.jsonl");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["ingest", "--no-such-flag"], "unexpected argument"),
-        (vec!["ingest", "/no/such/file.jsonl"], "cannot open the input file /no/such/file.jsonl"),
-        (vec!["--database-url", "mysql://h/db", "migrate"], "not supported"),
-        (vec!["--database-url", "postgres://h:notaport/db", "migrate"], "invalid port"),
-        (vec!["ingest", "--provision", bad, &input], "condition \"above\" is not one of gt, gte, lt, lte"),
+        (
+            vec!["ingest", "/no/such/file.jsonl"],
+            "cannot open the input file /no/such/file.jsonl",
+        ),
+        (
+            vec!["--database-url", "mysql://h/db", "migrate"],
+            "not supported",
+        ),
+        (
+            vec!["--database-url", "postgres://h:notaport/db", "migrate"],
+            "invalid port",
+        ),
+        (
+            vec!["ingest", "--provision", bad, &input],
+            "condition \"above\" is not one of gt, gte, lt, lte",
+        ),
         (vec!["provision", bad], "alarms[0] (\"a\")"),
-        (vec!["ingest", "--workers", "0", &input], "--workers must be at least 1"),
+        (
+            vec!["ingest", "--workers", "0", &input],
+            "--workers must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         let out = normalizer(dir.path(), &args);
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = stderr(&out);
         assert!(err.contains(expected), "{args:?}: {err}");
-        assert!(!dir.path().join("normalizer.db").exists(), "{args:?} created the database");
+        assert!(
+            !dir.path().join("normalizer.db").exists(),
+            "{args:?} created the database"
+        );
     }
 }
 
@@ -101,7 +144,17 @@ fn a_postgres_url_selects_postgres_and_the_password_never_shows() {
     let cluster = pg::shared();
     let url = cluster.create_database();
     let dir = tempfile::tempdir().unwrap();
-    let out = normalizer(dir.path(), &["--database-url", &url, "ingest", "--provision", &examples("devices.json"), &examples("messages.jsonl")]);
+    let out = normalizer(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "ingest",
+            "--provision",
+            &examples("devices.json"),
+            &examples("messages.jsonl"),
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!dir.path().join("normalizer.db").exists());
     let env = Command::new(env!("CARGO_BIN_EXE_normalizer"))
@@ -110,11 +163,27 @@ fn a_postgres_url_selects_postgres_and_the_password_never_shows() {
         .output()
         .unwrap();
     let s: serde_json::Value = serde_json::from_slice(&env.stdout).unwrap();
-    assert_eq!(s["processed_messages"], 579, "DATABASE_URL is read when the flag is absent");
+    assert_eq!(
+        s["processed_messages"], 579,
+        "DATABASE_URL is read when the flag is absent"
+    );
     // A wrong password: the server trusts everyone here, so use a closed port
     // and check the error text instead.
-    let out = normalizer(dir.path(), &["--database-url", "postgres://app:s3cret@127.0.0.1:1/db", "--max-outage", "1s", "migrate"]);
-    assert_eq!(out.status.code(), Some(3), "gave up on an unreachable database");
+    let out = normalizer(
+        dir.path(),
+        &[
+            "--database-url",
+            "postgres://app:s3cret@127.0.0.1:1/db",
+            "--max-outage",
+            "1s",
+            "migrate",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "gave up on an unreachable database"
+    );
     let err = stderr(&out);
     assert!(err.contains("gave up") && !err.contains("s3cret"), "{err}");
 }

@@ -20,8 +20,17 @@ fn messages(n: usize, prefix: &str) -> String {
     (0..n)
         .map(|i| {
             let device = if i % 2 == 0 { "dev-0042" } else { "dev-f" };
-            let ts = format!("2026-11-29T{:02}:{:02}:{:02}Z", i / 3600 % 24, i / 60 % 60, i % 60);
-            let payload = if i % 2 == 0 { format!(r#"{{"t":{},"h":50}}"#, 20 + i % 10) } else { r#"{"temp_f":60}"#.into() };
+            let ts = format!(
+                "2026-11-29T{:02}:{:02}:{:02}Z",
+                i / 3600 % 24,
+                i / 60 % 60,
+                i % 60
+            );
+            let payload = if i % 2 == 0 {
+                format!(r#"{{"t":{},"h":50}}"#, 20 + i % 10)
+            } else {
+                r#"{"temp_f":60}"#.into()
+            };
             msg(&format!("{prefix}{i}"), device, &ts, &payload)
         })
         .collect::<Vec<_>>()
@@ -35,23 +44,38 @@ fn backend_pid(conn: &mut AnyConnection) -> QueryResult<i32> {
         pid: i32,
     }
     match conn {
-        AnyConnection::Pg(c) => diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result::<Pid>(c).map(|p| p.pid),
+        AnyConnection::Pg(c) => diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result::<Pid>(c)
+            .map(|p| p.pid),
         AnyConnection::Sqlite(_) => unreachable!("PostgreSQL only"),
     }
 }
 
 fn postgres_with(settings: PoolSettings) -> TestDb {
     let url = pg::shared().create_database();
-    let db = Database::open(DatabaseUrl::parse(&url).unwrap(), settings, support::policy());
+    let db = Database::open(
+        DatabaseUrl::parse(&url).unwrap(),
+        settings,
+        support::policy(),
+    );
     normalizer::db::migrate::run(&db).unwrap();
-    TestDb { db, url, name: "postgres", _dir: None }
+    TestDb {
+        db,
+        url,
+        name: "postgres",
+        _dir: None,
+    }
 }
 
 #[test]
 fn a_terminated_backend_is_discarded_and_the_next_job_succeeds_on_a_new_connection() {
     // No idle validation: the dead connection is handed out, its first
     // statement fails, and the retry layer must discard it and retry.
-    let t = postgres_with(PoolSettings { max_size: 2, validate_after_idle: Duration::from_secs(3600), ..PoolSettings::default() });
+    let t = postgres_with(PoolSettings {
+        max_size: 2,
+        validate_after_idle: Duration::from_secs(3600),
+        ..PoolSettings::default()
+    });
     t.provision(DEVICES);
     t.ingest(&messages(10, "a"));
     let killed = pg::shared().terminate_normalizer_backends(&t.url);
@@ -60,13 +84,20 @@ fn a_terminated_backend_is_discarded_and_the_next_job_succeeds_on_a_new_connecti
     assert_eq!((s.processed, s.dead_letters), (10, 0));
     let c = t.db.counters();
     assert!(c.connections_discarded >= 1, "{c:?}");
-    assert!(c.retries_of(Cause::AdminShutdown) + c.retries_of(Cause::ConnectionLost) >= 1, "{c:?}");
+    assert!(
+        c.retries_of(Cause::AdminShutdown) + c.retries_of(Cause::ConnectionLost) >= 1,
+        "{c:?}"
+    );
     assert_eq!(t.snapshot().processed.len(), 20);
 }
 
 #[test]
 fn an_idle_connection_killed_by_the_server_is_validated_away_at_checkout() {
-    let t = postgres_with(PoolSettings { max_size: 2, validate_after_idle: Duration::from_millis(10), ..PoolSettings::default() });
+    let t = postgres_with(PoolSettings {
+        max_size: 2,
+        validate_after_idle: Duration::from_millis(10),
+        ..PoolSettings::default()
+    });
     t.provision(DEVICES);
     t.ingest(&messages(4, "a"));
     pg::shared().terminate_normalizer_backends(&t.url);
@@ -75,7 +106,11 @@ fn an_idle_connection_killed_by_the_server_is_validated_away_at_checkout() {
     assert_eq!(s.processed, 4);
     let c = t.db.counters();
     assert!(c.connections_discarded >= 1, "{c:?}");
-    assert_eq!(c.total_retries(), 0, "validation caught it before any job failed: {c:?}");
+    assert_eq!(
+        c.total_retries(),
+        0,
+        "validation caught it before any job failed: {c:?}"
+    );
 }
 
 #[test]
@@ -99,14 +134,19 @@ fn a_failed_rollback_discards_the_connection_and_the_next_attempt_succeeds() {
             };
             // Kill the session before the wrapper rolls back.
             let mut admin = PgConnection::establish(&admin_url).unwrap();
-            diesel::sql_query(format!("SELECT pg_terminate_backend({pid}, 5000)")).execute(&mut admin).unwrap();
+            diesel::sql_query(format!("SELECT pg_terminate_backend({pid}, 5000)"))
+                .execute(&mut admin)
+                .unwrap();
             return Err(err);
         }
         Ok(pid)
     });
     let second = result.expect("the retry on a new connection commits");
     assert_eq!(pids.len(), 2);
-    assert_ne!(pids[0], second, "the broken connection was not handed out again");
+    assert_ne!(
+        pids[0], second,
+        "the broken connection was not handed out again"
+    );
     assert!(t.db.counters().connections_discarded >= 1);
     // And the pool keeps working.
     t.provision(DEVICES);
@@ -127,7 +167,10 @@ fn a_poison_message_is_dead_lettered_as_db_rejected_and_the_rest_commit() {
         };
         t.db.transaction(|c| c.batch_execute(trigger)).unwrap();
         let mut lines: Vec<String> = messages(40, "g").lines().map(String::from).collect();
-        lines.insert(20, msg("poison", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#));
+        lines.insert(
+            20,
+            msg("poison", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
+        );
         let s = t.ingest(&lines.join("\n"));
         assert_eq!((s.processed, s.dead_letters), (40, 1), "{}", t.name);
         assert_eq!(s.dead_letters_by_kind["db_rejected"], 1, "{}", t.name);
@@ -151,12 +194,23 @@ fn a_panicking_message_is_dead_lettered_as_internal_and_nothing_else_is_affected
             ..IngestOptions::default()
         };
         let mut lines: Vec<String> = messages(30, "g").lines().map(String::from).collect();
-        lines.insert(7, msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#));
+        lines.insert(
+            7,
+            msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
+        );
         let s = t.ingest_with(&lines.join("\n"), &options).unwrap();
-        assert_eq!((s.processed, s.dead_letters_by_kind["internal"]), (30, 1), "{}", t.name);
+        assert_eq!(
+            (s.processed, s.dead_letters_by_kind["internal"]),
+            (30, 1),
+            "{}",
+            t.name
+        );
         let dl = &t.snapshot().dead_letters[0];
         assert!(dl.3.contains("injected panic for boom"), "{dl:?}");
-        assert!(t.db.counters().connections_discarded >= 2, "the panicking transaction's connections are discarded");
+        assert!(
+            t.db.counters().connections_discarded >= 2,
+            "the panicking transaction's connections are discarded"
+        );
         // The pool still has its connections to give.
         assert_eq!(t.ingest(&messages(5, "after")).processed, 5);
     }
@@ -167,17 +221,34 @@ fn a_commit_whose_acknowledgement_was_lost_is_not_applied_twice() {
     for t in both() {
         t.provision(DEVICES);
         let line = msg("once", "dev-0042", "2026-11-29T10:00:00Z", r#"{"t":27}"#);
-        let Parsed::Message(m) = parse_line(line.as_bytes(), false) else { panic!() };
+        let Parsed::Message(m) = parse_line(line.as_bytes(), false) else {
+            panic!()
+        };
         // The same write (same token) committed twice, as a retry after a
         // lost acknowledgement would: the second sees its own commit.
-        let first = t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1")).unwrap();
-        let again = t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1")).unwrap();
+        let first =
+            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1"))
+                .unwrap();
+        let again =
+            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1"))
+                .unwrap();
         assert!(matches!(first, Outcome::Processed(a) if a.readings == 1 && a.alerts_opened == 1));
-        assert!(matches!(again, Outcome::Processed(_)), "{}: reported as processed, not duplicate", t.name);
-        let other = t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-2")).unwrap();
+        assert!(
+            matches!(again, Outcome::Processed(_)),
+            "{}: reported as processed, not duplicate",
+            t.name
+        );
+        let other =
+            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-2"))
+                .unwrap();
         assert_eq!(other, Outcome::Duplicate);
         let snap = t.snapshot();
-        assert_eq!((snap.readings.len(), snap.alerts.len()), (1, 1), "{}", t.name);
+        assert_eq!(
+            (snap.readings.len(), snap.alerts.len()),
+            (1, 1),
+            "{}",
+            t.name
+        );
         // Dead letters: no attempt counted twice, no second row without an id.
         for message_id in [Some("dl".to_string()), None] {
             let letter = DeadLetter {
@@ -188,14 +259,29 @@ fn a_commit_whose_acknowledgement_was_lost_is_not_applied_twice() {
                 raw: "r".into(),
             };
             for _ in 0..2 {
-                t.db.transaction(|c| dead_letters::record(c, &letter, "dl-token")).unwrap();
+                t.db.transaction(|c| dead_letters::record(c, &letter, "dl-token"))
+                    .unwrap();
             }
             let token = format!("dl-token-{}", message_id.is_some());
-            t.db.transaction(|c| dead_letters::record(c, &letter, &token)).unwrap();
+            t.db.transaction(|c| dead_letters::record(c, &letter, &token))
+                .unwrap();
         }
         let dl = t.snapshot().dead_letters;
-        assert_eq!(dl.iter().filter(|d| d.0.as_deref() == Some("dl")).map(|d| d.5).collect::<Vec<_>>(), vec![2], "{}", t.name);
-        assert_eq!(dl.iter().filter(|d| d.0.is_none()).count(), 1 + 1, "{}", t.name);
+        assert_eq!(
+            dl.iter()
+                .filter(|d| d.0.as_deref() == Some("dl"))
+                .map(|d| d.5)
+                .collect::<Vec<_>>(),
+            vec![2],
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            dl.iter().filter(|d| d.0.is_none()).count(),
+            1 + 1,
+            "{}",
+            t.name
+        );
     }
 }
 
@@ -204,8 +290,17 @@ fn a_database_that_is_down_at_start_is_waited_for_and_nothing_is_dead_lettered()
     let cluster = PgCluster::start_new();
     let url = cluster.create_database();
     cluster.stop("fast");
-    let db = Database::open(DatabaseUrl::parse(&url).unwrap(), PoolSettings::default(), support::policy());
-    let t = TestDb { db, url, name: "postgres", _dir: None };
+    let db = Database::open(
+        DatabaseUrl::parse(&url).unwrap(),
+        PoolSettings::default(),
+        support::policy(),
+    );
+    let t = TestDb {
+        db,
+        url,
+        name: "postgres",
+        _dir: None,
+    };
     std::thread::scope(|s| {
         let run = s.spawn(|| {
             normalizer::db::migrate::run(&t.db).unwrap();
@@ -228,10 +323,22 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
     let cluster = PgCluster::start_new();
     let url = cluster.create_database();
     let open = |max_outage| {
-        let policy = RetryPolicy { max_outage, ..RetryPolicy::default() };
-        Database::open(DatabaseUrl::parse(&url).unwrap(), PoolSettings::default(), policy)
+        let policy = RetryPolicy {
+            max_outage,
+            ..RetryPolicy::default()
+        };
+        Database::open(
+            DatabaseUrl::parse(&url).unwrap(),
+            PoolSettings::default(),
+            policy,
+        )
     };
-    let t = TestDb { db: open(Duration::from_secs(2)), url: url.clone(), name: "postgres", _dir: None };
+    let t = TestDb {
+        db: open(Duration::from_secs(2)),
+        url: url.clone(),
+        name: "postgres",
+        _dir: None,
+    };
     normalizer::db::migrate::run(&t.db).unwrap();
     t.provision(DEVICES);
     let input = messages(200, "o");
@@ -246,15 +353,37 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
         killer.join().unwrap();
         result
     });
-    let stopped = stopper.expect_err("the run gives up").downcast::<Stopped>().expect("a Stopped error");
+    let stopped = stopper
+        .expect_err("the run gives up")
+        .downcast::<Stopped>()
+        .expect("a Stopped error");
     assert!(stopped.summary.completed < 200, "{:?}", stopped.summary);
     assert!(stopped.resume_from >= 1 && stopped.resume_from <= 200);
-    assert!(stopped.to_string().contains("re-running the same input is safe"), "{stopped}");
+    assert!(
+        stopped
+            .to_string()
+            .contains("re-running the same input is safe"),
+        "{stopped}"
+    );
     cluster.start();
-    let t2 = TestDb { db: open(Duration::from_secs(60)), url, name: "postgres", _dir: None };
+    let t2 = TestDb {
+        db: open(Duration::from_secs(60)),
+        url,
+        name: "postgres",
+        _dir: None,
+    };
     let s = t2.ingest(&input);
-    assert_eq!(s.dead_letters, 0, "{:?} {:?}", s, t2.snapshot().dead_letters.first());
+    assert_eq!(
+        s.dead_letters,
+        0,
+        "{:?} {:?}",
+        s,
+        t2.snapshot().dead_letters.first()
+    );
     let snap = t2.snapshot();
     assert_eq!(snap.processed.len(), 200, "nothing lost");
-    assert!(snap.dead_letters.is_empty(), "no valid message dead-lettered");
+    assert!(
+        snap.dead_letters.is_empty(),
+        "no valid message dead-lettered"
+    );
 }

@@ -1,9 +1,10 @@
 //! Integration tests on a real SQLite file and a real PostgreSQL cluster that
 //! the tests start themselves.
 
+mod chaos;
+mod cli;
 mod contract;
 mod faults;
 mod pg;
 mod provisioning;
-mod cli;
 mod support;

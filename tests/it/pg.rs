@@ -3,7 +3,7 @@
 //! may stop, restart and break them; the machine's own server is never used.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -25,13 +25,20 @@ fn is_root() -> bool {
 }
 
 fn bindir() -> PathBuf {
-    let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config is installed");
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .expect("pg_config is installed");
     assert!(out.status.success(), "pg_config --bindir failed");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl PgCluster {
@@ -44,11 +51,29 @@ impl PgCluster {
         ));
         std::fs::create_dir_all(&root).unwrap();
         let data = root.join("data");
-        let cluster = PgCluster { root, data, bindir: bindir(), port: free_port() };
+        let cluster = PgCluster {
+            root,
+            data,
+            bindir: bindir(),
+            port: free_port(),
+        };
         if is_root() {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.root));
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.root));
         }
-        run(&mut cluster.command("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"]).arg(&cluster.data));
+        run(cluster
+            .command("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&cluster.data));
         let mut settings = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
             format!("port = {}", cluster.port),
@@ -103,31 +128,55 @@ impl PgCluster {
     /// Starts the server and waits until it accepts connections.
     pub fn start(&self) {
         let out = self.pg_ctl(&["-w", "-t", "60", "start"]);
-        assert!(out.status.success(), "pg_ctl start: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log_tail());
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
     }
 
     /// Starts the server without waiting.
     pub fn start_no_wait(&self) {
         let out = self.pg_ctl(&["-W", "start"]);
-        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stops the server: `mode` is smart, fast or immediate.
     pub fn stop(&self, mode: &str) {
         let out = self.pg_ctl(&["-w", "-m", mode, "stop"]);
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Restarts the server with `pg_ctl restart -m mode`.
     pub fn restart(&self, mode: &str) {
         let out = self.pg_ctl(&["-w", "-m", mode, "restart"]);
-        assert!(out.status.success(), "pg_ctl restart: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The end of the server log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
-        text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        text.lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The URL of a database of this cluster.
@@ -153,14 +202,26 @@ impl PgCluster {
     /// Creates a fresh database and returns its URL.
     pub fn create_database(&self) -> String {
         let name = format!("t_{}", rand::random::<u64>());
-        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut self.admin()).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut self.admin())
+            .unwrap();
         self.url(&name)
     }
 
-    /// Runs SQL as superuser in one database of the cluster.
-    pub fn execute(&self, url: &str, sql: &str) {
-        let mut c = PgConnection::establish(url).unwrap();
-        diesel::connection::SimpleConnection::batch_execute(&mut c, sql).unwrap();
+    /// Creates a login role (not a superuser) and a database it owns;
+    /// returns the URL that connects as that role.
+    pub fn create_database_for(&self, role: &str) -> String {
+        let name = format!("t_{}", rand::random::<u64>());
+        let mut admin = self.admin();
+        diesel::sql_query(format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))
+        .execute(&mut admin)
+        .unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name} OWNER {role}"))
+            .execute(&mut admin)
+            .unwrap();
+        format!("postgres://{role}@127.0.0.1:{}/{name}", self.port)
     }
 
     /// Terminates every backend of the normalizer (by application name) that
@@ -180,11 +241,6 @@ impl PgCluster {
         .load(&mut self.admin())
         .unwrap();
         rows[0].n as usize
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data
     }
 }
 

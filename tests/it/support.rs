@@ -20,13 +20,19 @@ pub struct TestDb {
 }
 
 pub fn policy() -> RetryPolicy {
-    RetryPolicy { max_outage: Duration::from_secs(120), ..RetryPolicy::default() }
+    RetryPolicy {
+        max_outage: Duration::from_secs(120),
+        ..RetryPolicy::default()
+    }
 }
 
 pub fn open(url: &str, pool: u32) -> Database {
     let db = Database::open(
         DatabaseUrl::parse(url).unwrap(),
-        PoolSettings { max_size: pool, ..PoolSettings::default() },
+        PoolSettings {
+            max_size: pool,
+            ..PoolSettings::default()
+        },
         policy(),
     );
     migrate::run(&db).expect("migrations run");
@@ -37,13 +43,23 @@ pub fn open(url: &str, pool: u32) -> Database {
 pub fn sqlite() -> TestDb {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
-    TestDb { db: open(&url, 5), url, name: "sqlite", _dir: Some(dir) }
+    TestDb {
+        db: open(&url, 5),
+        url,
+        name: "sqlite",
+        _dir: Some(dir),
+    }
 }
 
 /// A new database in the tests' own PostgreSQL cluster.
 pub fn postgres() -> TestDb {
     let url = pg::shared().create_database();
-    TestDb { db: open(&url, 5), url, name: "postgres", _dir: None }
+    TestDb {
+        db: open(&url, 5),
+        url,
+        name: "postgres",
+        _dir: None,
+    }
 }
 
 /// One of each backend.
@@ -61,12 +77,24 @@ impl TestDb {
     }
 
     pub fn ingest_with(&self, input: &str, options: &IngestOptions) -> anyhow::Result<Summary> {
-        pipeline::ingest(&self.db, Cursor::new(input.as_bytes().to_vec()), options, &Progress::default(), |_| {})
+        pipeline::ingest(
+            &self.db,
+            Cursor::new(input.as_bytes().to_vec()),
+            options,
+            &Progress::default(),
+            |_| {},
+        )
     }
 
     pub fn ingest(&self, input: &str) -> Summary {
-        self.ingest_with(input, &IngestOptions { workers: 3, ..IngestOptions::default() })
-            .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
+        self.ingest_with(
+            input,
+            &IngestOptions {
+                workers: 3,
+                ..IngestOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -111,5 +139,12 @@ pub fn msg(id: &str, device: &str, ts: &str, payload: &str) -> String {
 
 /// Ingests raw bytes (for input that is not valid UTF-8).
 pub fn ingest_bytes(t: &TestDb, bytes: Vec<u8>) -> Summary {
-    pipeline::ingest(&t.db, Cursor::new(bytes), &IngestOptions::default(), &Progress::default(), |_| {}).unwrap()
+    pipeline::ingest(
+        &t.db,
+        Cursor::new(bytes),
+        &IngestOptions::default(),
+        &Progress::default(),
+        |_| {},
+    )
+    .unwrap()
 }

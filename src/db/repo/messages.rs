@@ -9,7 +9,9 @@ use crate::core::alarm::{evaluates_alarms, transition, Condition, Transition};
 use crate::core::message::raw_for_storage;
 use crate::core::normalize::{normalize, DeviceSpec, FieldMapping, Quality, Reading, SensorSpec};
 use crate::core::{DeadLetterKind, Message};
-use crate::db::schema::{alarms, alerts, devices, processed_messages, profile_fields, readings, sensors};
+use crate::db::schema::{
+    alarms, alerts, devices, processed_messages, profile_fields, readings, sensors,
+};
 use crate::db::types::Instant;
 use crate::db::{dispatch, AnyConnection};
 use crate::outcome::{Applied, DeadLetter, Outcome};
@@ -20,7 +22,12 @@ use super::dead_letters;
 /// read, for a dead letter; `token` names this write (see
 /// [`dead_letters::record`]). Safe to run again after a commit whose outcome
 /// was unknown: the processed-id check comes first.
-pub fn apply(conn: &mut AnyConnection, msg: &Message, raw: &[u8], token: &str) -> QueryResult<Outcome> {
+pub fn apply(
+    conn: &mut AnyConnection,
+    msg: &Message,
+    raw: &[u8],
+    token: &str,
+) -> QueryResult<Outcome> {
     // Step 2: an id already processed changes nothing. Our own token there
     // means our earlier commit landed and only its acknowledgement was lost.
     if let Some(stored) = processed_token(conn, &msg.id)? {
@@ -52,7 +59,10 @@ pub fn apply(conn: &mut AnyConnection, msg: &Message, raw: &[u8], token: &str) -
         Err(error) => return dead_letter(conn, DeadLetterKind::Invalid, error),
     };
     let ts = Instant(msg.ts);
-    let mut applied = Applied { unmapped: normalized.unmapped, ..Applied::default() };
+    let mut applied = Applied {
+        unmapped: normalized.unmapped,
+        ..Applied::default()
+    };
     for reading in &normalized.readings {
         // Step 5.
         if insert_reading(conn, reading, ts, &msg.id)? == 0 {
@@ -88,14 +98,24 @@ fn processed_token(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<Str
 /// (A SQLite write transaction holds the whole database already.)
 fn lock_device(conn: &mut AnyConnection, key: &str) -> QueryResult<Option<(i64, i64)>> {
     use devices::dsl as d;
-    let query = d::devices.filter(d::key.eq(key)).select((d::id, d::profile_id));
+    let query = d::devices
+        .filter(d::key.eq(key))
+        .select((d::id, d::profile_id));
     match conn {
         AnyConnection::Pg(c) => query.for_update().first(c).optional(),
         AnyConnection::Sqlite(c) => query.first(c).optional(),
     }
 }
 
-type SensorRow = (i64, String, f64, f64, Option<f64>, Option<f64>, Option<Instant>);
+type SensorRow = (
+    i64,
+    String,
+    f64,
+    f64,
+    Option<f64>,
+    Option<f64>,
+    Option<Instant>,
+);
 
 /// The device's profile mappings and sensors, and each sensor's latest good
 /// reading time.
@@ -116,11 +136,27 @@ fn device_spec(
         .load(c))?;
     let mut spec = DeviceSpec::default();
     for (field, metric, scale, offset) in fields {
-        spec.fields.insert(field, FieldMapping { metric, scale, offset });
+        spec.fields.insert(
+            field,
+            FieldMapping {
+                metric,
+                scale,
+                offset,
+            },
+        );
     }
     let mut latest = HashMap::new();
     for (id, metric, scale, offset, min, max, last_good) in sensors {
-        spec.sensors.insert(metric, SensorSpec { id, scale, offset, min, max });
+        spec.sensors.insert(
+            metric,
+            SensorSpec {
+                id,
+                scale,
+                offset,
+                min,
+                max,
+            },
+        );
         latest.insert(id, last_good);
     }
     Ok((spec, latest))
@@ -128,7 +164,12 @@ fn device_spec(
 
 /// Inserts a reading unless its sensor has one at that instant; returns the
 /// rows inserted (0 or 1).
-fn insert_reading(conn: &mut AnyConnection, r: &Reading, ts: Instant, message_id: &str) -> QueryResult<usize> {
+fn insert_reading(
+    conn: &mut AnyConnection,
+    r: &Reading,
+    ts: Instant,
+    message_id: &str,
+) -> QueryResult<usize> {
     use readings::dsl as rd;
     let row = (
         rd::sensor_id.eq(r.sensor_id),
@@ -151,7 +192,12 @@ fn set_latest_good(conn: &mut AnyConnection, sensor_id: i64, ts: Instant) -> Que
         .execute(c))
 }
 
-fn evaluate_alarms(conn: &mut AnyConnection, reading: &Reading, ts: Instant, applied: &mut Applied) -> QueryResult<()> {
+fn evaluate_alarms(
+    conn: &mut AnyConnection,
+    reading: &Reading,
+    ts: Instant,
+    applied: &mut Applied,
+) -> QueryResult<()> {
     use alarms::dsl as a;
     use alerts::dsl as al;
     let active: Vec<(i64, String, f64)> = dispatch!(conn, c => a::alarms
@@ -179,7 +225,11 @@ fn evaluate_alarms(conn: &mut AnyConnection, reading: &Reading, ts: Instant, app
         let open_alert = open.get(&alarm_id).copied();
         match transition(condition, threshold, reading.value, open_alert.is_some()) {
             Transition::Open => {
-                let row = (al::alarm_id.eq(alarm_id), al::opened_at.eq(ts), al::open_value.eq(reading.value));
+                let row = (
+                    al::alarm_id.eq(alarm_id),
+                    al::opened_at.eq(ts),
+                    al::open_value.eq(reading.value),
+                );
                 dispatch!(conn, c => diesel::insert_into(al::alerts).values(row).execute(c))?;
                 applied.alerts_opened += 1;
             }

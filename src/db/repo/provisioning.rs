@@ -160,7 +160,7 @@ fn replace_fields(
     dispatch!(conn, c => {
         diesel::delete(f::profile_fields.filter(f::profile_id.eq(profile_id))).execute(c)?;
         for row in &rows {
-            diesel::insert_into(f::profile_fields).values(row.clone()).execute(c)?;
+            diesel::insert_into(f::profile_fields).values(*row).execute(c)?;
         }
         Ok(())
     })

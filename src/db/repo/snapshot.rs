@@ -4,19 +4,36 @@
 use diesel::prelude::*;
 use serde::Serialize;
 
-use crate::db::schema::{alarms, alerts, dead_letters, devices, processed_messages, readings, sensors};
+use crate::db::schema::{
+    alarms, alerts, dead_letters, devices, processed_messages, readings, sensors,
+};
 use crate::db::types::Instant;
 use crate::db::{dispatch, AnyConnection};
+
+/// A reading: (device, metric, ts, value, quality, message id).
+pub type ReadingRow = (String, String, String, f64, String, String);
+/// An alert: (device, metric, alarm, opened at, open value, closed at, close value).
+pub type AlertRow = (
+    String,
+    String,
+    String,
+    String,
+    f64,
+    Option<String>,
+    Option<f64>,
+);
+/// A dead letter: (message id, device key, kind, error, raw, attempts).
+pub type DeadLetterRow = (Option<String>, Option<String>, String, String, String, i32);
 
 /// Every row other services read, with ids replaced by keys, sorted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
-    /// (device, metric, ts, value, quality, message id)
-    pub readings: Vec<(String, String, String, f64, String, String)>,
-    /// (device, metric, alarm, opened at, open value, closed at, close value)
-    pub alerts: Vec<(String, String, String, String, f64, Option<String>, Option<f64>)>,
-    /// (message id, device key, kind, error, raw, attempts)
-    pub dead_letters: Vec<(Option<String>, Option<String>, String, String, String, i32)>,
+    /// Readings by device, metric and ts.
+    pub readings: Vec<ReadingRow>,
+    /// Alerts by device, metric, alarm and opening.
+    pub alerts: Vec<AlertRow>,
+    /// Dead letters by message id and raw line.
+    pub dead_letters: Vec<DeadLetterRow>,
     /// Processed message ids.
     pub processed: Vec<String>,
     /// (device, last seen at)
@@ -27,7 +44,15 @@ fn text(i: Instant) -> String {
     i.0.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-type AlertRow = (String, String, String, Instant, f64, Option<Instant>, Option<f64>);
+type StoredAlert = (
+    String,
+    String,
+    String,
+    Instant,
+    f64,
+    Option<Instant>,
+    Option<f64>,
+);
 
 /// Reads the snapshot.
 pub fn read(conn: &mut AnyConnection) -> QueryResult<Snapshot> {
@@ -36,12 +61,12 @@ pub fn read(conn: &mut AnyConnection) -> QueryResult<Snapshot> {
         .select((devices::key, sensors::metric, readings::ts, readings::value, readings::quality, readings::message_id))
         .order((devices::key, sensors::metric, readings::ts))
         .load(c))?;
-    let alerts: Vec<AlertRow> = dispatch!(conn, c => alerts::table
+    let alerts: Vec<StoredAlert> = dispatch!(conn, c => alerts::table
         .inner_join(alarms::table.inner_join(sensors::table.inner_join(devices::table)))
         .select((devices::key, sensors::metric, alarms::name, alerts::opened_at, alerts::open_value, alerts::closed_at, alerts::close_value))
         .order((devices::key, sensors::metric, alarms::name, alerts::opened_at))
         .load(c))?;
-    let mut dead_letters: Vec<(Option<String>, Option<String>, String, String, String, i32)> = dispatch!(conn, c => dead_letters::table
+    let mut dead_letters: Vec<DeadLetterRow> = dispatch!(conn, c => dead_letters::table
         .select((dead_letters::message_id, dead_letters::device_key, dead_letters::kind, dead_letters::error, dead_letters::raw, dead_letters::attempts))
         .load(c))?;
     dead_letters.sort_by(|a, b| (&a.0, &a.4, &a.2).cmp(&(&b.0, &b.4, &b.2)));

@@ -1,0 +1,514 @@
+//! Reliability under real faults. Each case runs the same generated input
+//! twice on a PostgreSQL cluster that the test owns: once clean, once while a
+//! fault is injected, and checks that the two end states are identical table
+//! by table: nothing lost, nothing doubled, no valid message dead-lettered.
+//!
+//! `CHAOS_MESSAGES` sets the size (default 3,000; `scripts/chaos` runs
+//! 50,000). Each case prints one line of figures.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use normalizer::db::repo::snapshot::Snapshot;
+use normalizer::db::{Database, DatabaseUrl, PoolSettings};
+use normalizer::gen::{self, GenOptions};
+use normalizer::metrics::Cause;
+use normalizer::pipeline::{self, IngestOptions, Progress, Summary};
+
+use crate::pg::PgCluster;
+use crate::support::{self, TestDb};
+
+fn size() -> usize {
+    std::env::var("CHAOS_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000)
+}
+
+fn input(messages: usize) -> (String, String) {
+    let options = GenOptions {
+        devices: 60,
+        messages,
+        seed: 42,
+        ..GenOptions::default()
+    };
+    let mut out = Vec::new();
+    gen::messages(&options, &mut out).unwrap();
+    (
+        gen::provisioning(&options).to_string(),
+        String::from_utf8(out).unwrap(),
+    )
+}
+
+/// What the injector and the run share.
+#[derive(Default)]
+pub struct Run {
+    done: AtomicBool,
+    completed: AtomicU64,
+    total: AtomicU64,
+    back_at: Mutex<Option<Instant>>,
+    first_after_back: Mutex<Option<Instant>>,
+    injected_while_running: AtomicBool,
+    note: Mutex<String>,
+    max_stall: Mutex<Duration>,
+}
+
+impl Run {
+    /// Waits until `share` of the input is done (or the run ended).
+    pub fn wait_for(&self, share: f64) {
+        let target = (self.total.load(Ordering::SeqCst) as f64 * share) as u64;
+        while self.completed.load(Ordering::SeqCst) < target && !self.done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !self.done.load(Ordering::SeqCst) {
+            self.injected_while_running.store(true, Ordering::SeqCst);
+        }
+    }
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+    fn server_back(&self) {
+        *self.back_at.lock().unwrap() = Some(Instant::now());
+    }
+    fn note(&self, text: String) {
+        *self.note.lock().unwrap() = text;
+    }
+}
+
+/// One line of figures.
+struct Figures {
+    fault: &'static str,
+    how: String,
+    messages: usize,
+    lost: usize,
+    doubled: usize,
+    wrongly_dead_lettered: usize,
+    summary: Summary,
+    recovery: Option<Duration>,
+    max_stall: Duration,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let db = &self.summary.database;
+        let retries: Vec<String> = db
+            .retries
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        write!(
+            f,
+            "fault={} messages={} lost={} doubled={} wrongly_dead_lettered={} retries={} [{}] recovered={}/{} discarded={} recovery={} max_stall={:.2}s elapsed={:.1}s how=\"{}\"",
+            self.fault,
+            self.messages,
+            self.lost,
+            self.doubled,
+            self.wrongly_dead_lettered,
+            db.total_retries(),
+            retries.join(" "),
+            db.recoveries,
+            db.needed_retry,
+            db.connections_discarded,
+            self.recovery.map_or("-".to_string(), |d| format!("{:.3}s", d.as_secs_f64())),
+            self.max_stall.as_secs_f64(),
+            self.summary.elapsed_seconds,
+            self.how,
+        )
+    }
+}
+
+fn compare(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
+    use std::collections::HashSet;
+    let clean_ids: HashSet<&String> = clean.processed.iter().collect();
+    let faulty_ids: HashSet<&String> = faulty.processed.iter().collect();
+    let key = |d: &normalizer::db::repo::snapshot::DeadLetterRow| (d.0.clone(), d.4.clone());
+    let clean_dl: HashSet<_> = clean.dead_letters.iter().map(key).collect();
+    let faulty_dl: HashSet<_> = faulty.dead_letters.iter().map(key).collect();
+    let lost = clean_ids.difference(&faulty_ids).count()
+        + clean_dl.difference(&faulty_dl).count()
+        + clean.readings.len().saturating_sub(faulty.readings.len());
+    let doubled = faulty.readings.len().saturating_sub(clean.readings.len())
+        + faulty.alerts.len().saturating_sub(clean.alerts.len())
+        + faulty
+            .dead_letters
+            .len()
+            .saturating_sub(clean.dead_letters.len())
+        + faulty.dead_letters.iter().filter(|d| d.5 > 1).count();
+    let wrong = faulty_dl.difference(&clean_dl).count();
+    (lost, doubled, wrong)
+}
+
+fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usize) -> Summary {
+    let mut last = Instant::now();
+    let mut max_stall = Duration::ZERO;
+    let summary = pipeline::ingest(
+        db,
+        std::io::Cursor::new(text.as_bytes().to_vec()),
+        &IngestOptions {
+            workers,
+            ..IngestOptions::default()
+        },
+        &Progress::default(),
+        |s| {
+            run.completed.store(s.completed, Ordering::SeqCst);
+            let now = Instant::now();
+            max_stall = max_stall.max(now - last);
+            last = now;
+            if run.back_at.lock().unwrap().is_some() {
+                let mut first = run.first_after_back.lock().unwrap();
+                if first.is_none() {
+                    *first = Some(now);
+                }
+            }
+        },
+    );
+    run.done.store(true, Ordering::SeqCst);
+    *run.max_stall.lock().unwrap() = max_stall;
+    summary.expect("the run finishes by itself")
+}
+
+/// Runs one case: `prepare` may change the faulty database before the run,
+/// `inject` runs beside the faulty run until it returns. With `role`, the
+/// normalizer connects as that role (not a superuser).
+fn case(
+    fault: &'static str,
+    cluster: &PgCluster,
+    settings: PoolSettings,
+    role: Option<&str>,
+    workers: usize,
+    prepare: impl FnOnce(&str),
+    inject: impl FnOnce(&PgCluster, &str, &Run) + Send,
+) {
+    let messages = size();
+    let (devices, text) = input(messages);
+    let open = |url: &str| {
+        let db = Database::open(
+            DatabaseUrl::parse(url).unwrap(),
+            settings.clone(),
+            support::policy(),
+        );
+        normalizer::db::migrate::run(&db).unwrap();
+        TestDb {
+            db,
+            url: url.to_string(),
+            name: "postgres",
+            _dir: None,
+        }
+    };
+    let create = || match role {
+        Some(role) => cluster.create_database_for(role),
+        None => cluster.create_database(),
+    };
+    let (clean_url, faulty_url) = (create(), create());
+    let (clean_summary, clean_snap) = {
+        let clean = open(&clean_url);
+        clean.provision(&devices);
+        let summary = ingest_observed(&clean.db, &text, &Run::default(), workers);
+        (summary, clean.snapshot())
+    };
+    let faulty = open(&faulty_url);
+    faulty.provision(&devices);
+    prepare(&faulty.url);
+    let run = Run::default();
+    run.total.store(clean_summary.lines, Ordering::SeqCst);
+    let summary = std::thread::scope(|s| {
+        let injector = s.spawn(|| inject(cluster, &faulty.url, &run));
+        let summary = ingest_observed(&faulty.db, &text, &run, workers);
+        injector.join().expect("the injector does not panic");
+        summary
+    });
+    let faulty_snap = faulty.snapshot();
+    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
+    let recovery = match (
+        *run.back_at.lock().unwrap(),
+        *run.first_after_back.lock().unwrap(),
+    ) {
+        (Some(back), Some(first)) => Some(first.saturating_duration_since(back)),
+        _ => None,
+    };
+    let figures = Figures {
+        fault,
+        how: run.note.lock().unwrap().clone(),
+        messages,
+        lost,
+        doubled,
+        wrongly_dead_lettered: wrong,
+        summary,
+        recovery,
+        max_stall: *run.max_stall.lock().unwrap(),
+    };
+    println!("{figures}");
+    assert!(
+        run.injected_while_running.load(Ordering::SeqCst),
+        "{fault}: the fault hit the run"
+    );
+    assert_eq!((lost, doubled, wrong), (0, 0, 0), "{figures}");
+    assert_eq!(
+        faulty_snap, clean_snap,
+        "{fault}: end state equals the clean run"
+    );
+    assert!(
+        figures.summary.database.total_retries() > 0,
+        "{fault}: the fault was felt: {figures}"
+    );
+}
+
+#[test]
+fn killed_backends_lose_and_double_nothing() {
+    let cluster = PgCluster::start_new();
+    case(
+        "kill-backends",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        |_| {},
+        |cluster, url, run| {
+            run.wait_for(0.05);
+            let mut kills = 0;
+            while !run.is_done() {
+                kills += cluster.terminate_normalizer_backends(url);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            run.note(format!(
+                "pg_terminate_backend of every normalizer backend every 300 ms ({kills} killed)"
+            ));
+        },
+    );
+}
+
+#[test]
+fn a_fast_restart_mid_run_loses_and_doubles_nothing() {
+    let cluster = PgCluster::start_new();
+    case(
+        "fast-restart",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        |_| {},
+        |cluster, _, run| {
+            run.wait_for(0.3);
+            cluster.restart("fast");
+            run.server_back();
+            run.note("pg_ctl restart -m fast at 30% of the input".into());
+        },
+    );
+}
+
+#[test]
+fn an_outage_and_a_slow_start_lose_and_double_nothing() {
+    let cluster = PgCluster::start_new();
+    case(
+        "outage",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        |_| {},
+        |cluster, _, run| {
+            run.wait_for(0.3);
+            cluster.stop("immediate");
+            let down = Duration::from_secs(if size() > 10_000 { 8 } else { 3 });
+            std::thread::sleep(down);
+            // Crash recovery after an immediate stop: "the database system is
+            // starting up" until it is done.
+            cluster.start_no_wait();
+            let _ = cluster.admin();
+            run.server_back();
+            run.note(format!("pg_ctl stop -m immediate at 30%, down {} s, then start without waiting (crash recovery)", down.as_secs()));
+        },
+    );
+}
+
+#[test]
+fn transient_errors_raised_by_the_database_lose_and_double_nothing() {
+    let cluster = PgCluster::start_new();
+    let prepare = |url: &str| {
+        let mut c = PgConnection::establish(url).unwrap();
+        c.batch_execute(
+            "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
+             DECLARE r float := random();
+             BEGIN
+               IF r < 0.01 THEN RAISE EXCEPTION 'could not serialize access due to injected conflict' USING ERRCODE = '40001';
+               ELSIF r < 0.02 THEN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01';
+               ELSIF r < 0.03 THEN RAISE EXCEPTION 'could not obtain lock on row in relation \"readings\"' USING ERRCODE = '55P03';
+               ELSIF r < 0.035 THEN PERFORM pg_terminate_backend(pg_backend_pid());
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER chaos BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION chaos();",
+        )
+        .unwrap();
+    };
+    case(
+        "transient-errors",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        prepare,
+        |_, _, run| {
+            run.wait_for(0.0);
+            run.note("trigger on readings: 1% 40001, 1% 40P01, 1% 55P03, 0.5% the backend terminates itself".into());
+        },
+    );
+}
+
+fn hold_device_locks(url: &str, run: &Run, hold: Duration) {
+    run.wait_for(0.25);
+    let mut c = PgConnection::establish(url).unwrap();
+    c.batch_execute("BEGIN; SELECT id FROM devices FOR UPDATE;")
+        .unwrap();
+    std::thread::sleep(hold);
+    c.batch_execute("COMMIT").unwrap();
+}
+
+#[test]
+fn row_locks_with_a_lock_timeout_lose_and_double_nothing() {
+    let cluster = PgCluster::start_new();
+    let settings = PoolSettings {
+        lock_timeout: Duration::from_millis(200),
+        ..PoolSettings::default()
+    };
+    case(
+        "lock-timeout",
+        &cluster,
+        settings,
+        None,
+        4,
+        |_| {},
+        |_, url, run| {
+            hold_device_locks(url, run, Duration::from_secs(2));
+            run.note(
+                "another session holds FOR UPDATE on every device for 2 s; lock_timeout = 200 ms"
+                    .into(),
+            );
+        },
+    );
+}
+
+#[test]
+fn row_locks_with_a_statement_timeout_lose_and_double_nothing() {
+    let cluster = PgCluster::start_new();
+    let settings = PoolSettings {
+        lock_timeout: Duration::ZERO,
+        statement_timeout: Duration::from_millis(300),
+        ..PoolSettings::default()
+    };
+    case(
+        "statement-timeout",
+        &cluster,
+        settings,
+        None,
+        4,
+        |_| {},
+        |_, url, run| {
+            hold_device_locks(url, run, Duration::from_secs(2));
+            run.note("another session holds FOR UPDATE on every device for 2 s; statement_timeout = 300 ms".into());
+        },
+    );
+}
+
+#[test]
+fn fewer_server_connections_than_the_pool_loses_and_doubles_nothing() {
+    // Normal roles get 5 slots (3 are reserved for superusers, which the
+    // test's own admin connections use); six workers want six.
+    let cluster =
+        PgCluster::start_with(&["max_connections = 8", "superuser_reserved_connections = 3"]);
+    let settings = PoolSettings {
+        max_size: 8,
+        ..PoolSettings::default()
+    };
+    case(
+        "too-many-connections",
+        &cluster,
+        settings,
+        Some("app"),
+        6,
+        |_| {},
+        |cluster, url, run| {
+            // Then no slot at all for 2 s: the role's connection limit drops to
+            // zero and its backends are killed, so it must reconnect into 53300.
+            run.wait_for(0.2);
+            let mut admin = cluster.admin();
+            admin
+                .batch_execute("ALTER ROLE app CONNECTION LIMIT 0")
+                .unwrap();
+            cluster.terminate_normalizer_backends(url);
+            std::thread::sleep(Duration::from_secs(2));
+            admin
+                .batch_execute("ALTER ROLE app CONNECTION LIMIT -1")
+                .unwrap();
+            run.server_back();
+            run.note("max_connections = 8 (5 for normal roles) for 6 workers; then CONNECTION LIMIT 0 and backends killed for 2 s".into());
+        },
+    );
+}
+
+#[test]
+fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
+    let messages = size();
+    let (devices, text) = input(messages);
+    let settings = PoolSettings {
+        busy_timeout: Duration::from_millis(100),
+        ..PoolSettings::default()
+    };
+    let open = |dir: &tempfile::TempDir| {
+        let url = format!("sqlite://{}", dir.path().join("n.db").display());
+        let db = Database::open(
+            DatabaseUrl::parse(&url).unwrap(),
+            settings.clone(),
+            support::policy(),
+        );
+        normalizer::db::migrate::run(&db).unwrap();
+        TestDb {
+            db,
+            url,
+            name: "sqlite",
+            _dir: None,
+        }
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clean = open(&d1);
+    clean.provision(&devices);
+    let clean_summary = ingest_observed(&clean.db, &text, &Run::default(), 2);
+    let faulty = open(&d2);
+    faulty.provision(&devices);
+    let run = Run::default();
+    run.total.store(clean_summary.lines, Ordering::SeqCst);
+    let path = d2.path().join("n.db");
+    let summary = std::thread::scope(|s| {
+        let injector = s.spawn(|| {
+            run.wait_for(0.3);
+            // A second process holding the write lock.
+            let mut holder = std::process::Command::new("python3")
+                .arg("-c")
+                .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(1.5); c.execute('COMMIT')")
+                .arg(&path)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 runs");
+            holder.wait().unwrap();
+        });
+        let summary = ingest_observed(&faulty.db, &text, &run, 2);
+        injector.join().unwrap();
+        summary
+    });
+    let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
+    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
+    let busy = summary.database.retries_of(Cause::Busy);
+    println!(
+        "fault=sqlite-busy messages={messages} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} retries={} [busy={busy}] elapsed={:.1}s how=\"a second process holds BEGIN IMMEDIATE for 1.5 s; busy_timeout = 100 ms\"",
+        summary.database.total_retries(),
+        summary.elapsed_seconds
+    );
+    assert!(run.injected_while_running.load(Ordering::SeqCst));
+    assert_eq!((lost, doubled, wrong), (0, 0, 0));
+    assert_eq!(faulty_snap, clean_snap);
+    assert!(busy > 0, "the lock was felt");
+}
