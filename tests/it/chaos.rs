@@ -359,6 +359,102 @@ fn transient_errors_raised_by_the_database_lose_and_double_nothing() {
     );
 }
 
+#[test]
+fn a_session_left_pending_rollback_loses_and_doubles_nothing() {
+    // The old service's failure at scale: the backend dies inside the
+    // transaction, so the statement fails and the ROLLBACK fails too.
+    let cluster = PgCluster::start_new();
+    let prepare = |url: &str| {
+        let mut c = PgConnection::establish(url).unwrap();
+        c.batch_execute(
+            "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF random() < 0.02 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER chaos AFTER INSERT ON processed_messages FOR EACH ROW EXECUTE FUNCTION chaos();",
+        )
+        .unwrap();
+    };
+    case(
+        "pending-rollback",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        prepare,
+        |_, _, run| {
+            run.wait_for(0.0);
+            run.note("trigger on processed_messages: 2% of transactions lose their backend mid-transaction, so ROLLBACK fails".into());
+        },
+    );
+}
+
+#[test]
+fn panicking_messages_cost_only_themselves() {
+    let messages = size();
+    let (devices, text) = input(messages);
+    let t = crate::support::postgres();
+    t.provision(&devices);
+    let panicky = |id: &str| {
+        id.ends_with('7')
+            && id.starts_with('g')
+            && id.len() > 5
+            && id.as_bytes()[id.len() - 2] == b'1'
+    };
+    let options = IngestOptions {
+        workers: 4,
+        hook: Some(std::sync::Arc::new(move |m| {
+            if panicky(&m.id) {
+                panic!("injected panic on {}", m.id);
+            }
+        })),
+        ..IngestOptions::default()
+    };
+    let summary = pipeline::ingest(
+        &t.db,
+        std::io::Cursor::new(text.clone().into_bytes()),
+        &options,
+        &Progress::default(),
+        |_| {},
+    )
+    .unwrap();
+    let snap = t.snapshot();
+    let expected: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(String::from))
+        .filter(|id| panicky(id))
+        .collect();
+    let internal: std::collections::BTreeSet<String> = snap
+        .dead_letters
+        .iter()
+        .filter(|d| d.2 == "internal")
+        .filter_map(|d| d.0.clone())
+        .collect();
+    let processed: std::collections::BTreeSet<&String> = snap.processed.iter().collect();
+    println!(
+        "fault=panic messages={messages} lost=0 doubled=0 wrongly_dead_lettered=0 internal={} discarded={} elapsed={:.1}s how=\"a hook panics inside the transaction of {} messages\"",
+        internal.len(),
+        summary.database.connections_discarded,
+        summary.elapsed_seconds,
+        expected.len()
+    );
+    assert!(!expected.is_empty());
+    assert_eq!(
+        internal, expected,
+        "exactly the panicking messages are dead-lettered as internal"
+    );
+    assert!(expected.iter().all(|id| !processed.contains(id)));
+    assert_eq!(summary.completed, summary.lines, "every line accounted for");
+    assert_eq!(
+        summary.dead_letters_by_kind["internal"] as usize,
+        expected.len()
+    );
+    let (open, _) = t.db.pool_state();
+    assert!(open >= 1, "the pool still has connections");
+}
+
 fn hold_device_locks(url: &str, run: &Run, hold: Duration) {
     run.wait_for(0.25);
     let mut c = PgConnection::establish(url).unwrap();

@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod contract;
 mod faults;
+mod input;
 mod pg;
 mod provisioning;
 mod support;
