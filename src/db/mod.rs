@@ -6,6 +6,7 @@
 //! - [`repo`]: the SQL of each use case, for both backends.
 //! - [`Database::transaction`]: every transaction goes through it.
 
+pub mod breaker;
 pub mod classify;
 pub mod migrate;
 pub mod pool;
@@ -17,12 +18,13 @@ pub mod types;
 pub mod url;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
 
+use self::breaker::Breaker;
 pub use self::classify::{classify, Classified, DbError, ErrorClass};
 pub use self::pool::{AnyConnection, PoolSettings};
 use self::pool::{Manager, PooledConn, QuietErrors};
@@ -48,14 +50,7 @@ pub struct Database {
     pool: r2d2::Pool<Manager>,
     policy: RetryPolicy,
     metrics: Arc<DbMetrics>,
-    health: Mutex<Health>,
-}
-
-/// Whether the database is reachable, for logging an outage once.
-#[derive(Debug, Default)]
-struct Health {
-    down_since: Option<(Instant, DateTime<Utc>)>,
-    waited: u64,
+    breaker: Breaker,
 }
 
 impl Database {
@@ -78,7 +73,7 @@ impl Database {
             pool,
             policy,
             metrics,
-            health: Mutex::new(Health::default()),
+            breaker: Breaker::default(),
         }
     }
 
@@ -100,11 +95,7 @@ impl Database {
 
     /// Since when the database has been unreachable, if it is.
     pub fn down_since(&self) -> Option<DateTime<Utc>> {
-        self.health
-            .lock()
-            .expect("health lock")
-            .down_since
-            .map(|(_, at)| at)
+        self.breaker.down_since()
     }
 
     /// Runs `body` in one transaction, retried as the error's class says:
@@ -117,29 +108,62 @@ impl Database {
         &self,
         mut body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
-        let mut observer = TxObserver {
-            db: self,
-            waited: false,
-        };
+        let mut observer = TxObserver { db: self };
+        let mut counted = false;
         retry::run(&self.policy, &mut SystemClock, &mut observer, |_| {
-            self.attempt(&mut body)
+            self.attempt(&mut body, &mut counted)
         })
     }
 
+    /// One attempt, through the circuit breaker: while the database is
+    /// unreachable, this waits for the one probe instead of connecting.
     fn attempt<T>(
         &self,
         body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
+        counted: &mut bool,
     ) -> Result<T, AttemptError> {
-        let mut conn = self.pool.get().map_err(|e| {
-            let error = DbError::Connect(e.to_string());
-            AttemptError::Failed {
-                classified: classify(&error),
-                error,
-                stage: Stage::Checkout,
+        let admission = self
+            .breaker
+            .admit(self.policy.max_outage, counted)
+            .map_err(|open| {
+                let error = DbError::Connect(format!("database unreachable: {}", open.last_error));
+                AttemptError::Failed {
+                    classified: classify(&error),
+                    error,
+                    stage: Stage::Checkout,
+                    outage_since: Some(open.since),
+                }
+            })?;
+        let result = self
+            .pool
+            .get()
+            .map_err(|e| {
+                let error = DbError::Connect(e.to_string());
+                AttemptError::Failed {
+                    classified: classify(&error),
+                    error,
+                    stage: Stage::Checkout,
+                    outage_since: None,
+                }
+            })
+            .and_then(|mut conn| {
+                let result = run_transaction(&mut conn, body);
+                conn.touch();
+                result
+            });
+        match &result {
+            Err(AttemptError::Failed {
+                classified, error, ..
+            }) if classified.class == ErrorClass::Connection => {
+                self.breaker
+                    .failed(admission, &error.to_string(), &self.policy)
             }
-        })?;
-        let result = run_transaction(&mut conn, body);
-        conn.touch();
+            _ => {
+                if let Some(down) = self.breaker.reached() {
+                    self.metrics.outage_ended(down.as_millis() as u64);
+                }
+            }
+        }
         result
     }
 }
@@ -154,13 +178,19 @@ fn run_transaction<T>(
     let failed = |pooled: &mut PooledConn, error: diesel::result::Error, stage: Stage| {
         let error = DbError::Query(error);
         let classified = classify(&error);
-        if classified.class == ErrorClass::Connection {
+        if classified.class == ErrorClass::Connection && !pooled.discard {
             pooled.discard = true;
+            log::info!(
+                "discarding the connection after a {stage:?} error: class {}, sqlstate {}",
+                classified.cause,
+                classified.sqlstate.unwrap_or("-")
+            );
         }
         AttemptError::Failed {
             error,
             classified,
             stage,
+            outage_since: None,
         }
     };
     if let Err(e) = pooled.conn.begin() {
@@ -199,11 +229,10 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Logs and counts what the retry loop does: one line per retry of a
-/// transient error, and one line when the database goes away and one when it
-/// comes back, however many workers wait in between.
+/// transient error. Connection-level retries are the breaker's to report:
+/// one line when the database goes away and one when it is back.
 struct TxObserver<'a> {
     db: &'a Database,
-    waited: bool,
 }
 
 impl Observer for TxObserver<'_> {
@@ -212,60 +241,29 @@ impl Observer for TxObserver<'_> {
             error,
             classified,
             stage,
+            ..
         } = error
         else {
             return;
         };
         self.db.metrics.retried(classified.cause, attempt == 1);
         let sqlstate = classified.sqlstate.unwrap_or("-");
+        let cause = classified.cause;
         if *stage == Stage::Commit && classified.class == ErrorClass::Connection {
             log::warn!(
-                "commit outcome unknown (connection lost during COMMIT), retrying: attempt {attempt}, class {}, sqlstate {sqlstate}: {error}",
-                classified.cause
+                "commit outcome unknown (connection lost during COMMIT), retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}: {error}"
             );
-        }
-        if classified.class == ErrorClass::Connection {
-            let mut health = self.db.health.lock().expect("health lock");
-            if !self.waited {
-                self.waited = true;
-                health.waited += 1;
-            }
-            if health.down_since.is_none() {
-                health.down_since = Some((Instant::now(), Utc::now()));
-                log::warn!(
-                    "database unreachable since {}: class {}, sqlstate {sqlstate}, attempt {attempt}: {error}",
-                    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    classified.cause
-                );
-            } else {
-                log::debug!(
-                    "still unreachable: class {}, sqlstate {sqlstate}, attempt {attempt}, next in {delay:?}: {error}",
-                    classified.cause
-                );
-            }
+        } else if classified.class == ErrorClass::Connection {
+            log::debug!("retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}");
         } else {
             log::warn!(
-                "retrying transaction: class {}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}",
-                classified.cause
+                "retrying transaction: class {cause}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}"
             );
         }
     }
 
     fn succeeded(&mut self, retries: u32) {
         self.db.metrics.transaction_committed(retries);
-        if retries == 0 {
-            return;
-        }
-        let mut health = self.db.health.lock().expect("health lock");
-        if let Some((since, _)) = health.down_since.take() {
-            let down = since.elapsed();
-            self.db.metrics.outage_ended(down.as_millis() as u64);
-            log::info!(
-                "database back after {:.1} s, {} transactions waited",
-                down.as_secs_f64(),
-                std::mem::take(&mut health.waited)
-            );
-        }
     }
 
     fn stopped(&mut self, failure: &Failure, attempts: u32) {

@@ -96,7 +96,7 @@ impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
             max_size: 4,
-            checkout_timeout: Duration::from_secs(2),
+            checkout_timeout: Duration::from_secs(1),
             validate_after_idle: Duration::from_millis(500),
             max_lifetime: Duration::from_secs(30 * 60),
             statement_timeout: Duration::from_secs(30),

@@ -30,7 +30,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             base_delay: Duration::from_millis(5),
-            max_delay: Duration::from_secs(1),
+            max_delay: Duration::from_millis(250),
             max_outage: Duration::from_secs(300),
             unrecognized_attempts: 3,
         }
@@ -80,6 +80,9 @@ pub enum AttemptError {
         classified: Classified,
         /// Where it happened.
         stage: Stage,
+        /// When the outage this error belongs to began, if it began before
+        /// this call's first failure (the circuit breaker knows).
+        outage_since: Option<Instant>,
     },
     /// The transaction's code panicked; the message is the panic's.
     Panicked(String),
@@ -164,7 +167,15 @@ pub fn run<T>(
             Err(e) => e,
         };
         let now = clock.now();
-        let since = *failing_since.get_or_insert(now);
+        let mut since = *failing_since.get_or_insert(now);
+        if let AttemptError::Failed {
+            outage_since: Some(outage),
+            ..
+        } = &error
+        {
+            since = since.min(*outage);
+            failing_since = Some(since);
+        }
         let failing_for = now.saturating_duration_since(since);
         let verdict = match &error {
             AttemptError::Panicked(_) => None,
@@ -249,6 +260,7 @@ mod tests {
             error,
             classified,
             stage: Stage::Checkout,
+            outage_since: None,
         }
     }
 
@@ -287,6 +299,7 @@ mod tests {
             error,
             classified,
             stage: Stage::Body,
+            outage_since: None,
         }
     }
 
@@ -435,6 +448,35 @@ mod tests {
             "never sleeps past the deadline"
         );
         assert!(log.stopped.is_some());
+    }
+
+    #[test]
+    fn an_outage_that_began_before_this_call_counts_from_its_start() {
+        let policy = RetryPolicy {
+            max_outage: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        let mut clock = FakeClock {
+            now: Instant::now() + Duration::from_secs(60),
+            slept: vec![],
+        };
+        let began = clock.now - Duration::from_secs(9);
+        let result: Result<(), Failure> = run(&policy, &mut clock, &mut Log::default(), |_| {
+            let error = DbError::Connect("database unreachable: refused".into());
+            Err(AttemptError::Failed {
+                classified: classify(&error),
+                error,
+                stage: Stage::Checkout,
+                outage_since: Some(began),
+            })
+        });
+        assert!(matches!(result, Err(Failure::GaveUp { .. })));
+        let slept: Duration = clock.slept.iter().sum();
+        assert_eq!(
+            slept,
+            Duration::from_secs(1),
+            "only the outage's last second is waited"
+        );
     }
 
     #[test]

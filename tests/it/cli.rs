@@ -187,3 +187,68 @@ fn a_postgres_url_selects_postgres_and_the_password_never_shows() {
     let err = stderr(&out);
     assert!(err.contains("gave up") && !err.contains("s3cret"), "{err}");
 }
+
+#[test]
+fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
+    let cluster = pg::PgCluster::start_new();
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let devices = dir.path().join("devices.json");
+    let options = normalizer::gen::GenOptions {
+        devices: 20,
+        messages: 2000,
+        seed: 3,
+        ..Default::default()
+    };
+    std::fs::write(
+        &devices,
+        normalizer::gen::provisioning(&options).to_string(),
+    )
+    .unwrap();
+    normalizer::gen::messages(&options, &mut std::fs::File::create(&input).unwrap()).unwrap();
+    let p = normalizer(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "provision",
+            devices.to_str().unwrap(),
+        ],
+    );
+    assert!(p.status.success(), "{}", stderr(&p));
+    cluster.stop("fast");
+    let child = Command::new(env!("CARGO_BIN_EXE_normalizer"))
+        .args([
+            "--database-url",
+            &url,
+            "ingest",
+            "--workers",
+            "4",
+            input.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    cluster.start();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("database unreachable since").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.matches("database back after").count(), 1, "{err}");
+    assert!(
+        err.lines().count() < 30,
+        "no line per failed attempt per worker:\n{err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("dead letter") && text.contains("outage"),
+        "{text}"
+    );
+}

@@ -1,0 +1,234 @@
+//! The circuit breaker: while the database is unreachable, one caller probes
+//! it at a time, with capped, jittered exponential backoff, and the others
+//! wait for the probe's answer instead of hammering the server.
+//!
+//! ```text
+//! closed ──connection error──▶ open ──backoff elapsed──▶ half-open (one probe)
+//!   ▲                           ▲                            │
+//!   └──────── probe reached the database ◀───────────────────┤
+//!                               └──────── probe failed ◀─────┘
+//! ```
+//!
+//! It also keeps the outage's story for the log: one line when the database
+//! goes away, one when it is back, however many workers waited.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::retry::{Clock, RetryPolicy, SystemClock};
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The circuit is closed: go ahead.
+    Closed,
+    /// The circuit is open and this caller is the one probe.
+    Probe,
+}
+
+/// The circuit stayed open too long; carries when it opened.
+#[derive(Debug, Clone)]
+pub struct OpenTooLong {
+    /// When the outage began.
+    pub since: Instant,
+    /// The last connection error, for the caller's error message.
+    pub last_error: String,
+}
+
+#[derive(Debug)]
+struct Open {
+    since: Instant,
+    since_wall: DateTime<Utc>,
+    probing: bool,
+    next_probe: Instant,
+    failed_probes: u32,
+    waited: u64,
+    last_error: String,
+}
+
+/// Shared by every transaction of one [`super::Database`].
+#[derive(Debug, Default)]
+pub struct Breaker {
+    open: Mutex<Option<Open>>,
+    changed: Condvar,
+}
+
+impl Breaker {
+    /// Waits until the circuit is closed or this caller may probe. Gives up
+    /// waiting when the circuit has been open for `limit`.
+    pub fn admit(&self, limit: Duration, counted: &mut bool) -> Result<Admission, OpenTooLong> {
+        let mut open = self.open.lock().expect("breaker lock");
+        loop {
+            let Some(o) = open.as_mut() else {
+                return Ok(Admission::Closed);
+            };
+            if !*counted {
+                *counted = true;
+                o.waited += 1;
+            }
+            let now = Instant::now();
+            if now.saturating_duration_since(o.since) >= limit {
+                return Err(OpenTooLong {
+                    since: o.since,
+                    last_error: o.last_error.clone(),
+                });
+            }
+            if !o.probing && now >= o.next_probe {
+                o.probing = true;
+                return Ok(Admission::Probe);
+            }
+            let until = if o.probing {
+                now + Duration::from_millis(50)
+            } else {
+                o.next_probe
+            };
+            let until = until.min(o.since + limit);
+            open = self
+                .changed
+                .wait_timeout(open, until.saturating_duration_since(now))
+                .expect("breaker lock")
+                .0;
+        }
+    }
+
+    /// A connection-level failure: opens the circuit, or schedules the next
+    /// probe after a failed one.
+    pub fn failed(&self, admission: Admission, error: &str, policy: &RetryPolicy) {
+        let mut open = self.open.lock().expect("breaker lock");
+        let now = Instant::now();
+        match open.as_mut() {
+            None => {
+                let since_wall = Utc::now();
+                log::warn!(
+                    "database unreachable since {}: {error}",
+                    since_wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                );
+                *open = Some(Open {
+                    since: now,
+                    since_wall,
+                    probing: false,
+                    next_probe: now + SystemClock.jitter(policy.ceiling(1)),
+                    failed_probes: 0,
+                    waited: 0,
+                    last_error: error.to_string(),
+                });
+            }
+            Some(o) => {
+                o.last_error = error.to_string();
+                if admission == Admission::Probe {
+                    o.probing = false;
+                    o.failed_probes += 1;
+                    o.next_probe = now + SystemClock.jitter(policy.ceiling(o.failed_probes + 1));
+                    log::debug!("probe {} failed: {error}", o.failed_probes);
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// The database answered (a commit, or any error that is not about the
+    /// connection): closes the circuit. Returns how long it was open.
+    pub fn reached(&self) -> Option<Duration> {
+        let mut open = self.open.lock().expect("breaker lock");
+        let o = open.take()?;
+        let down = o.since.elapsed();
+        log::info!(
+            "database back after {:.1} s (unreachable since {}), {} transactions waited",
+            down.as_secs_f64(),
+            o.since_wall
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            o.waited
+        );
+        self.changed.notify_all();
+        Some(down)
+    }
+
+    /// Since when the database has been unreachable, if it is.
+    pub fn down_since(&self) -> Option<DateTime<Utc>> {
+        self.open
+            .lock()
+            .expect("breaker lock")
+            .as_ref()
+            .map(|o| o.since_wall)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            base_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(40),
+            ..RetryPolicy::default()
+        }
+    }
+
+    #[test]
+    fn a_closed_circuit_admits_everyone() {
+        let b = Breaker::default();
+        assert_eq!(
+            b.admit(Duration::from_secs(1), &mut false).unwrap(),
+            Admission::Closed
+        );
+        assert!(b.reached().is_none());
+    }
+
+    #[test]
+    fn an_open_circuit_lets_one_probe_at_a_time_and_closes_when_it_succeeds() {
+        let b = Breaker::default();
+        let p = policy();
+        b.failed(Admission::Closed, "refused", &p);
+        let probes = AtomicU32::new(0);
+        let concurrent = AtomicU32::new(0);
+        let max_concurrent = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let mut counted = false;
+                    loop {
+                        match b.admit(Duration::from_secs(10), &mut counted).unwrap() {
+                            Admission::Closed => return,
+                            Admission::Probe => {
+                                let now = concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+                                max_concurrent.fetch_max(now, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(5));
+                                concurrent.fetch_sub(1, Ordering::SeqCst);
+                                if probes.fetch_add(1, Ordering::SeqCst) < 3 {
+                                    b.failed(Admission::Probe, "still refused", &p);
+                                } else {
+                                    b.reached();
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            max_concurrent.load(Ordering::SeqCst),
+            1,
+            "never two probes at once"
+        );
+        assert_eq!(probes.load(Ordering::SeqCst), 4);
+        assert!(b.down_since().is_none());
+    }
+
+    #[test]
+    fn waiting_ends_when_the_circuit_stayed_open_for_the_limit() {
+        let b = Breaker::default();
+        b.failed(Admission::Closed, "refused", &policy());
+        let mut counted = false;
+        let _probe = b.admit(Duration::from_secs(5), &mut counted);
+        let started = Instant::now();
+        let err = b
+            .admit(Duration::from_millis(100), &mut counted)
+            .unwrap_err();
+        assert_eq!(err.last_error, "refused");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
