@@ -1,24 +1,24 @@
-//! The ingest pipeline: one reader, a router, a pool of blocking workers.
+//! The worker pool, and the two ways to feed it: `ingest` (a file or stdin)
+//! and the service (`crate::service`, lines from sockets).
 //!
 //! ```text
-//! reader ──parse──> route by device key ──> worker i (bounded channel) ──> results
+//! lines ──parse──> route by device key ──> worker i (bounded channel) ──> reply channel
 //! ```
 //!
-//! The reader parses each line and sends it to the worker that owns its
+//! A line is parsed by whoever reads it and sent to the worker that owns its
 //! device (a hash of the key), so one device's messages apply in arrival
 //! order while other devices go in parallel. Each worker runs each job as one
 //! transaction through [`Database::transaction`], checking a connection out
-//! per job. Channels are bounded: a slow database slows the reader, it never
-//! buffers the input. All threads are scoped and joined.
+//! per job, and sends the outcome to the job's reply channel. Channels are
+//! bounded: a slow database blocks the sender, it never buffers the input.
 
+pub mod ingest;
 pub mod summary;
 
-use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
-use std::io::BufRead;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::Scope;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -26,15 +26,16 @@ use crate::core::message::{parse_line, raw_for_storage};
 use crate::core::{DeadLetterKind, Message, Parsed, Rejection};
 use crate::db::repo::{dead_letters, messages};
 use crate::db::{Database, Failure};
-use crate::input::LineReader;
+use crate::input::Line;
 use crate::outcome::{DeadLetter, Outcome};
+pub use ingest::{ingest, Progress, Stopped, PROGRESS_INTERVAL};
 pub use summary::Summary;
 
 /// A hook run inside each message's transaction, before it is applied: for
 /// injecting faults in tests. `None` in production.
 pub type ApplyHook = Arc<dyn Fn(&Message) + Send + Sync>;
 
-/// How to run the pipeline. Defaults in `impl Default`.
+/// How to run the workers. Defaults in `impl Default`.
 #[derive(Clone)]
 pub struct IngestOptions {
     /// Worker threads.
@@ -55,202 +56,80 @@ impl Default for IngestOptions {
     }
 }
 
-/// Progress that the caller may show while the run goes.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Input bytes consumed.
-    pub bytes_read: AtomicU64,
+enum Work {
+    Apply { message: Message, raw: Vec<u8> },
+    Reject { rejection: Rejection, raw: Vec<u8> },
 }
 
-/// A run that stopped before every line was accounted for.
-#[derive(Debug, thiserror::Error)]
-#[error("stopped at line {line}: {failure}; {} of {} lines read were completed, every line before line {resume_from} is done, and re-running the same input is safe", summary.completed, summary.lines)]
-pub struct Stopped {
-    /// The line whose transaction failed.
-    pub line: u64,
-    /// Why.
-    pub failure: Failure,
-    /// The lowest line number not known to be done.
-    pub resume_from: u64,
-    /// What was done.
-    pub summary: Box<Summary>,
+/// One line on its way to a worker.
+pub struct Job {
+    ticket: u64,
+    work: Work,
+    reply: Sender<Done>,
 }
 
-/// The error of an unreadable input stream.
-#[derive(Debug, thiserror::Error)]
-#[error("reading the input failed after line {line}: {source}")]
-pub struct ReadFailed {
-    line: u64,
-    source: std::io::Error,
+/// The end of one job.
+#[derive(Debug)]
+pub struct Done {
+    /// The caller's number for the line (its line number, or `seq`).
+    pub ticket: u64,
+    /// The message's id, where it was readable.
+    pub id: Option<String>,
+    /// The outcome, or why there is none: the run must stop.
+    pub result: Result<Outcome, Failure>,
 }
 
-enum Job {
-    Apply {
-        line: u64,
-        message: Message,
-        raw: Vec<u8>,
-    },
-    Reject {
-        line: u64,
-        rejection: Rejection,
-        raw: Vec<u8>,
-    },
-}
-
-impl Job {
-    fn line(&self) -> u64 {
-        match self {
-            Job::Apply { line, .. } | Job::Reject { line, .. } => *line,
-        }
-    }
-}
-
-struct Done {
-    line: u64,
-    result: Result<Outcome, Failure>,
-}
-
-/// Runs every line of `input` and returns the tally. Returns [`Stopped`]
-/// when the database stayed unreachable beyond the retry policy's
-/// `max_outage` (or a dead letter could not be written), after the work in
-/// flight has been handed back.
-pub fn ingest(
-    db: &Database,
-    input: impl BufRead + Send,
-    options: &IngestOptions,
-    progress: &Progress,
-    mut on_done: impl FnMut(&Summary),
-) -> anyhow::Result<Summary> {
-    let started = Instant::now();
-    let workers = options.workers.max(1);
-    let stop = AtomicBool::new(false);
-    let in_flight = Mutex::new(BTreeSet::new());
-    let mut summary = Summary::new();
-    let mut stopped: Option<(u64, Failure)> = None;
-    let (done_tx, done_rx) = bounded::<Done>(workers * options.queue_per_worker);
-
-    let read_result = std::thread::scope(|scope| {
-        let mut senders = Vec::with_capacity(workers);
-        for i in 0..workers {
-            let (tx, rx) = bounded::<Job>(options.queue_per_worker);
-            senders.push(tx);
-            let done_tx = done_tx.clone();
-            let (stop, hook) = (&stop, options.hook.clone());
-            std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn_scoped(scope, move || work(db, rx, done_tx, stop, hook))
-                .expect("spawn a worker");
-        }
-        drop(done_tx);
-        let reader = std::thread::Builder::new()
-            .name("reader".into())
-            .spawn_scoped(scope, || read(input, senders, &stop, &in_flight, progress))
-            .expect("spawn the reader");
-
-        for done in done_rx.iter() {
-            in_flight.lock().expect("in-flight lock").remove(&done.line);
-            match done.result {
-                Ok(outcome) => {
-                    summary.record(&outcome);
-                    on_done(&summary);
-                }
-                Err(failure) => {
-                    stop.store(true, Ordering::SeqCst);
-                    if stopped.is_none() {
-                        stopped = Some((done.line, failure));
-                    }
-                }
-            }
-        }
-        reader.join().expect("the reader does not panic")
-    });
-    let lines_read = match read_result {
-        Ok(n) => n,
-        Err(e) => {
-            summary.lines = e.line;
-            summary.finish(db.counters(), started.elapsed());
-            return Err(e.into());
-        }
-    };
-    summary.lines = lines_read.non_blank;
-    summary.finish(db.counters(), started.elapsed());
-    if let Some((line, failure)) = stopped {
-        let resume_from = in_flight
-            .into_inner()
-            .expect("in-flight lock")
-            .first()
-            .copied()
-            .unwrap_or(line)
-            .min(line);
-        return Err(Stopped {
-            line,
-            failure,
-            resume_from,
-            summary: Box::new(summary),
-        }
-        .into());
-    }
-    Ok(summary)
-}
-
-struct LinesRead {
-    non_blank: u64,
-}
-
-fn read(
-    input: impl BufRead,
+/// A pool of worker threads inside a thread scope.
+pub struct Workers {
     senders: Vec<Sender<Job>>,
-    stop: &AtomicBool,
-    in_flight: &Mutex<BTreeSet<u64>>,
-    progress: &Progress,
-) -> Result<LinesRead, ReadFailed> {
-    let mut reader = LineReader::new(input);
-    let mut non_blank = 0u64;
-    let mut next_reject = 0usize;
-    while !stop.load(Ordering::SeqCst) {
-        let line = match reader.next_line() {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(source) => {
-                stop.store(true, Ordering::SeqCst);
-                return Err(ReadFailed {
-                    line: non_blank,
-                    source,
-                });
-            }
-        };
-        progress
-            .bytes_read
-            .store(reader.consumed(), Ordering::Relaxed);
-        let (worker, job) = match parse_line(&line.bytes, line.oversize) {
-            Parsed::Blank => continue,
-            Parsed::Message(message) => (
-                route(&message.device, senders.len()),
-                Job::Apply {
-                    line: line.number,
-                    message,
-                    raw: line.bytes,
-                },
-            ),
-            Parsed::Rejected(rejection) => {
-                next_reject = (next_reject + 1) % senders.len();
-                (
-                    next_reject,
-                    Job::Reject {
-                        line: line.number,
-                        rejection,
-                        raw: line.bytes,
-                    },
-                )
-            }
-        };
-        non_blank += 1;
-        in_flight.lock().expect("in-flight lock").insert(job.line());
-        if senders[worker].send(job).is_err() {
-            break;
-        }
+    next_reject: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    /// Starts `options.workers` threads in `scope`. They stop when every
+    /// clone of the returned pool is dropped (their channels close). While
+    /// `stop` is set they hand jobs back unrun.
+    pub fn spawn<'scope, 'env>(
+        scope: &'scope Scope<'scope, 'env>,
+        db: &'env Database,
+        options: &IngestOptions,
+        stop: &'env AtomicBool,
+    ) -> Workers {
+        let senders = (0..options.workers.max(1))
+            .map(|i| {
+                let (tx, rx) = bounded::<Job>(options.queue_per_worker);
+                let hook = options.hook.clone();
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn_scoped(scope, move || work(db, rx, stop, hook))
+                    .expect("spawn a worker");
+                tx
+            })
+            .collect();
+        Workers { senders, next_reject: Default::default() }
     }
-    Ok(LinesRead { non_blank })
+
+    /// Parses a line and sends it to its worker, blocking while that
+    /// worker's queue is full. Returns `None` for a blank line (no job), or
+    /// `Some(false)` when the workers are gone.
+    pub fn submit(&self, ticket: u64, line: Line, reply: &Sender<Done>) -> Option<bool> {
+        let (worker, work) = match parse_line(&line.bytes, line.oversize) {
+            Parsed::Blank => return None,
+            Parsed::Message(message) => {
+                (route(&message.device, self.senders.len()), Work::Apply { message, raw: line.bytes })
+            }
+            Parsed::Rejected(rejection) => {
+                let i = self.next_reject.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+                (i, Work::Reject { rejection, raw: line.bytes })
+            }
+        };
+        Some(self.senders[worker].send(Job { ticket, work, reply: reply.clone() }).is_ok())
+    }
+
+    /// Jobs waiting in the queues.
+    pub fn queued(&self) -> usize {
+        self.senders.iter().map(Sender::len).sum()
+    }
 }
 
 /// The worker that owns a device: the same key always goes to the same one.
@@ -260,59 +139,48 @@ pub fn route(device: &str, workers: usize) -> usize {
     (hasher.finish() % workers as u64) as usize
 }
 
-fn work(
-    db: &Database,
-    jobs: Receiver<Job>,
-    done: Sender<Done>,
-    stop: &AtomicBool,
-    hook: Option<ApplyHook>,
-) {
+fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, hook: Option<ApplyHook>) {
     for job in jobs.iter() {
         if stop.load(Ordering::SeqCst) {
-            // Handed back: not done, and safe to run again in a later run.
+            // Handed back: not done, and safe to run again later.
             continue;
         }
-        let line = job.line();
-        let result = run_job(db, job, hook.as_deref());
-        if done.send(Done { line, result }).is_err() {
-            return;
-        }
-    }
-}
-
-fn run_job(
-    db: &Database,
-    job: Job,
-    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
-) -> Result<Outcome, Failure> {
-    match job {
-        Job::Reject { rejection, raw, .. } => {
-            let letter = DeadLetter {
-                message_id: rejection.message_id,
-                device_key: rejection.device_key,
-                kind: rejection.kind,
-                error: rejection.error,
-                raw: raw_for_storage(&raw),
-            };
-            file_dead_letter(db, &letter)
-        }
-        Job::Apply { message, raw, line } => apply_message(db, &message, &raw, line, hook),
+        let (id, result) = match job.work {
+            Work::Reject { rejection, raw } => {
+                let id = rejection.message_id.clone();
+                let letter = DeadLetter {
+                    message_id: rejection.message_id,
+                    device_key: rejection.device_key,
+                    kind: rejection.kind,
+                    error: rejection.error,
+                    raw: raw_for_storage(&raw),
+                };
+                (id, file_dead_letter(db, &letter))
+            }
+            Work::Apply { message, raw } => {
+                let result = apply_message(db, &message, &raw, job.ticket, hook.as_deref());
+                (Some(message.id), result)
+            }
+        };
+        // A closed reply channel means its reader went away; the outcome is
+        // durable all the same.
+        let _ = job.reply.send(Done { ticket: job.ticket, id, result });
     }
 }
 
 /// Applies a message. A permanent database error or a panic gets one more
 /// try of the message on its own, then the message is dead-lettered as
 /// `db_rejected` or `internal`. Connection and transient errors never reach
-/// here: the retry loop waits them out or gives up the run.
+/// here: the retry loop waits them out or gives up.
 fn apply_message(
     db: &Database,
     message: &Message,
     raw: &[u8],
-    line: u64,
+    ticket: u64,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
     let token = new_token();
-    let mut first_failure = None;
+    let mut last_failure = None;
     for attempt in 1..=2 {
         let result = db.transaction(|conn| {
             if let Some(hook) = hook {
@@ -325,18 +193,15 @@ fn apply_message(
             Err(failure @ Failure::GaveUp { .. }) => return Err(failure),
             Err(failure) => {
                 log::warn!(
-                    "line {line}, message {:?}: attempt {attempt} on its own failed: {failure}",
+                    "line {ticket}, message {:?}: attempt {attempt} on its own failed: {failure}",
                     message.id
                 );
-                first_failure = Some(failure);
+                last_failure = Some(failure);
             }
         }
     }
-    let (kind, error) = match first_failure.expect("two failed attempts") {
-        Failure::Panicked(m) => (
-            DeadLetterKind::Internal,
-            format!("the normalizer panicked: {m}"),
-        ),
+    let (kind, error) = match last_failure.expect("two failed attempts") {
+        Failure::Panicked(m) => (DeadLetterKind::Internal, format!("the normalizer panicked: {m}")),
         other => (DeadLetterKind::DbRejected, other.to_string()),
     };
     let letter = DeadLetter {
@@ -359,6 +224,3 @@ fn file_dead_letter(db: &Database, letter: &DeadLetter) -> Result<Outcome, Failu
 fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
-
-/// How long the pipeline waits between progress refreshes.
-pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
