@@ -1,19 +1,23 @@
-//! The command line: arguments, set-up, and what each command prints.
+//! The command line: arguments, settings, logging, and what each command
+//! prints. `main` only calls [`main`] here.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use crate::config::{parse_duration, parse_mode, FileSettings, FlagSettings, Settings};
 use crate::core::provisioning::Provisioning;
-use crate::db::repo::{provisioning, status};
-use crate::db::url::DEFAULT_URL;
+use crate::core::DeadLetterKind;
+use crate::db::repo::{dead_letters, provisioning, status};
 use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
 use crate::pipeline::{self, IngestOptions, Progress, Stopped, Summary};
+use crate::service::{self, logfile, ServeOptions};
 
 /// Exit code of a run that gave up on an unreachable database.
 pub const EXIT_GAVE_UP: u8 = 3;
@@ -22,21 +26,38 @@ pub const EXIT_GAVE_UP: u8 = 3;
 #[derive(Debug, Parser)]
 #[command(name = "normalizer", version, about)]
 pub struct Cli {
-    /// Database URL: postgres://…, postgresql://…, sqlite://PATH or a bare path.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_URL, global = true, hide_env_values = true)]
-    pub database_url: String,
+    /// Settings file (TOML; the keys of the flags, with `_` for `-`).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
 
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, default_value = "info", global = true)]
-    pub log_level: String,
+    /// Database URL: postgres://…, postgresql://…, sqlite://PATH or a bare path
+    /// [default: sqlite://normalizer.db].
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
 
-    /// Give up after the database was unreachable this long (e.g. 300s, 5m).
-    #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
-    pub max_outage: Duration,
+    /// Log level (error, warn, info, debug, trace) [default: info]; RUST_LOG wins.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+
+    /// Append the log to this file instead of stderr; SIGHUP reopens it.
+    #[arg(long, global = true)]
+    pub log_file: Option<PathBuf>,
+
+    /// Give up after the database was unreachable this long [default: 5m].
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub max_outage: Option<Duration>,
 
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Worker threads, for the commands that run the pipeline.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Worker threads [default: the number of CPUs].
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 /// The commands.
@@ -59,13 +80,57 @@ pub enum Command {
         /// Load this provisioning file first.
         #[arg(long)]
         provision: Option<PathBuf>,
-        /// Worker threads (default: the number of CPUs).
-        #[arg(long)]
-        workers: Option<usize>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
         /// Print the final summary as one JSON object on stdout.
         #[arg(long)]
         json: bool,
     },
+    /// Run as a service fed through a Unix domain socket.
+    Serve {
+        /// The socket to listen on [default: /run/normalizer/normalizer.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The socket file's mode, octal [default: 0660].
+        #[arg(long, value_parser = parse_mode)]
+        socket_mode: Option<u32>,
+        /// Most producers connected at once [default: 64].
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// How long a shutdown may take [default: 30s].
+        #[arg(long, value_parser = parse_duration)]
+        shutdown_timeout: Option<Duration>,
+        /// How often to log a stats line [default: 60s].
+        #[arg(long, value_parser = parse_duration)]
+        stats_interval: Option<Duration>,
+        /// Write the counters here in Prometheus text format each interval.
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
+    },
+    /// Send a file to the service and wait for every acknowledgement.
+    Send {
+        /// The input file; standard input when absent or `-`.
+        file: Option<PathBuf>,
+        /// The service's socket [default: /run/normalizer/normalizer.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts from the database.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, replay or purge dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Generate a provisioning file and a message stream for benchmarks.
     Gen {
         /// Devices to provision.
@@ -84,36 +149,52 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Counts from the database.
-    Status {
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this kind.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<DeadLetterKind>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Run dead letters through the normal path again: those that now
+    /// succeed disappear, the rest get attempts + 1.
+    Replay {
+        /// Only this kind.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<DeadLetterKind>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters of one kind.
+    Purge {
+        /// The kind to delete.
+        #[arg(long, value_parser = parse_kind)]
+        kind: DeadLetterKind,
+        /// Only those last filed longer ago than this (e.g. 30d).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+    },
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
-    let seconds = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+fn parse_kind(s: &str) -> Result<DeadLetterKind, String> {
+    DeadLetterKind::parse(s).ok_or_else(|| {
+        let kinds: Vec<&str> = DeadLetterKind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("{s:?} is not one of {}", kinds.join(", "))
+    })
 }
 
 /// What `main` turns into an exit code.
@@ -125,24 +206,100 @@ pub enum RunError {
     GaveUp(anyhow::Error),
 }
 
+impl From<anyhow::Error> for RunError {
+    fn from(e: anyhow::Error) -> Self {
+        RunError::Failed(e)
+    }
+}
+
+/// The whole program: parse, set up, run, map to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Failed(e)) => {
+            log::error!("{e:#}");
+            eprintln!("normalizer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(RunError::GaveUp(e)) => {
+            log::error!("gave up: {e:#}");
+            eprintln!("normalizer: gave up: {e:#}");
+            ExitCode::from(EXIT_GAVE_UP)
+        }
+    }
+}
+
+fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    let file = match &cli.config {
+        Some(path) => FileSettings::load(path).map_err(|e| anyhow!(e))?,
+        None => FileSettings::default(),
+    };
+    let mut flags = FlagSettings {
+        database_url: cli.database_url.clone(),
+        log_level: cli.log_level.clone(),
+        log_file: cli.log_file.clone(),
+        max_outage: cli.max_outage,
+        ..FlagSettings::default()
+    };
+    match &cli.command {
+        Command::Ingest { workers, .. }
+        | Command::DeadLetters(DeadLetterCommand::Replay { workers, .. }) => {
+            flags.workers = workers.workers;
+        }
+        Command::Serve {
+            socket,
+            socket_mode,
+            max_connections,
+            shutdown_timeout,
+            stats_interval,
+            metrics_file,
+            workers,
+        } => {
+            flags.workers = workers.workers;
+            flags.socket = socket.clone();
+            flags.socket_mode = *socket_mode;
+            flags.max_connections = *max_connections;
+            flags.shutdown_timeout = *shutdown_timeout;
+            flags.stats_interval = *stats_interval;
+            flags.metrics_file = metrics_file.clone();
+        }
+        Command::Send { socket, .. } => flags.socket = socket.clone(),
+        _ => {}
+    }
+    let settings = Settings::resolve(flags, file).map_err(|e| anyhow!(e))?;
+    if settings.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if settings.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    Ok(settings)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), RunError> {
-    let url = DatabaseUrl::parse(&cli.database_url).map_err(|e| RunError::Failed(anyhow!(e)))?;
+    let settings = settings(&cli)?;
+    let log_file = logfile::init(&settings.log_level, settings.log_file.as_deref())
+        .with_context(|| format!("cannot open the log file {:?}", settings.log_file))?;
+    let url = DatabaseUrl::parse(&settings.database_url).map_err(|e| anyhow!(e))?;
     let policy = RetryPolicy {
-        max_outage: cli.max_outage,
+        max_outage: settings.max_outage,
         ..RetryPolicy::default()
+    };
+    let pipeline_options = IngestOptions {
+        workers: settings.workers,
+        ..IngestOptions::default()
     };
     match cli.command {
         Command::Migrate => {
             let db = open(url, 1, policy);
             let applied = migrate::run(&db).map_err(db_error)?;
             println!("{} migrations applied to {}", applied.len(), db.url());
-            Ok(())
         }
         Command::Provision { file, json } => {
-            let provisioning = read_provisioning(&file).map_err(RunError::Failed)?;
-            let db = open(url, 1, policy);
-            migrate::run(&db).map_err(db_error)?;
+            let provisioning = read_provisioning(&file)?;
+            let db = open_migrated(url, 1, policy)?;
             let loaded = load_provisioning(&db, &provisioning, &file)?;
             if json {
                 println!("{}", serde_json::to_string(&loaded).expect("serializable"));
@@ -156,29 +313,19 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     file.display()
                 );
             }
-            Ok(())
         }
         Command::Ingest {
             file,
             provision,
-            workers,
             json,
+            ..
         } => {
-            let (input, size) = open_input(file.as_deref()).map_err(RunError::Failed)?;
+            let (input, size) = open_input(file.as_deref())?;
             let provisioning = provision
                 .as_deref()
                 .map(|p| read_provisioning(p).map(|file| (file, p)))
-                .transpose()
-                .map_err(RunError::Failed)?;
-            if workers == Some(0) {
-                return Err(RunError::Failed(anyhow!("--workers must be at least 1")));
-            }
-            let options = IngestOptions {
-                workers: workers.unwrap_or(IngestOptions::default().workers),
-                ..IngestOptions::default()
-            };
-            let db = open(url, options.workers as u32 + 1, policy);
-            migrate::run(&db).map_err(db_error)?;
+                .transpose()?;
+            let db = open_migrated(url, settings.workers as u32 + 1, policy)?;
             if let Some((file, path)) = &provisioning {
                 let loaded = load_provisioning(&db, file, path)?;
                 log::info!(
@@ -189,51 +336,62 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     loaded.alarms
                 );
             }
-            let summary = ingest_with_progress(&db, input, size, &options)?;
-            if json {
-                println!("{}", serde_json::to_string(&summary).expect("serializable"));
-            } else {
-                println!("{}", summary.to_text());
-            }
-            Ok(())
+            let summary = ingest_with_progress(&db, input, size, &pipeline_options)?;
+            print_summary(&summary, json);
         }
-        Command::Gen {
-            devices,
-            messages,
-            seed,
-            provisioning,
-            out,
-        } => {
-            let options = crate::gen::GenOptions {
-                devices,
-                messages,
-                seed,
-                ..Default::default()
+        Command::Serve { .. } => {
+            let db = open_migrated(url, settings.workers as u32 + 1, policy)?;
+            let options = ServeOptions {
+                socket: settings.socket.clone(),
+                mode: settings.socket_mode,
+                max_connections: settings.max_connections,
+                shutdown_timeout: settings.shutdown_timeout,
+                stats_interval: settings.stats_interval,
+                metrics_file: settings.metrics_file.clone(),
+                workers: pipeline_options,
             };
-            if let Some(path) = provisioning {
-                let text = serde_json::to_string_pretty(&crate::gen::provisioning(&options))
-                    .expect("serializable");
-                std::fs::write(&path, text + "\n")
-                    .with_context(|| format!("cannot write {}", path.display()))
-                    .map_err(RunError::Failed)?;
-            }
-            let written = match out {
-                Some(path) => File::create(&path)
-                    .with_context(|| format!("cannot write {}", path.display()))
-                    .and_then(|f| {
-                        crate::gen::messages(&options, &mut io::BufWriter::new(f))
-                            .with_context(|| format!("cannot write {}", path.display()))
-                    }),
-                None => {
-                    crate::gen::messages(&options, &mut io::BufWriter::new(io::stdout().lock()))
-                        .context("cannot write the messages")
+            match service::serve(&db, &options, log_file)? {
+                service::Exit::Clean => {}
+                service::Exit::GaveUp => {
+                    return Err(RunError::GaveUp(anyhow!(
+                        "the database stayed unreachable for {:?}; unacknowledged lines may be sent again",
+                        settings.max_outage
+                    )))
                 }
-            };
-            written.map_err(RunError::Failed)
+            }
+        }
+        Command::Send { file, json, .. } => {
+            let (input, _) = open_input(file.as_deref())?;
+            let sent = service::client::send(&settings.socket, input)?;
+            if json {
+                println!("{}", serde_json::to_string(&sent).expect("serializable"));
+            } else {
+                let outcomes: Vec<String> = sent
+                    .outcomes
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!(
+                    "sent {}, acknowledged {}: {}",
+                    sent.sent,
+                    sent.acknowledged,
+                    outcomes.join(", ")
+                );
+            }
+            if let Some(error) = &sent.error {
+                return Err(RunError::Failed(anyhow!("the service said: {error}")));
+            }
+            if !sent.complete() {
+                return Err(RunError::Failed(anyhow!(
+                    "{} of {} lines were not acknowledged (first: line {}); sending them again is safe",
+                    sent.sent - sent.acknowledged,
+                    sent.sent,
+                    sent.unacknowledged.first().copied().unwrap_or_default()
+                )));
+            }
         }
         Command::Status { json } => {
-            let db = open(url, 1, policy);
-            migrate::run(&db).map_err(db_error)?;
+            let db = open_migrated(url, 1, policy)?;
             let s = db.transaction(status::read).map_err(db_error)?;
             if json {
                 println!("{}", serde_json::to_string(&s).expect("serializable"));
@@ -260,8 +418,127 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     s.last_message_at.as_deref().unwrap_or("never")
                 );
             }
-            Ok(())
         }
+        Command::DeadLetters(command) => {
+            dead_letter_command(command, url, policy, &pipeline_options)?
+        }
+        Command::Gen {
+            devices,
+            messages,
+            seed,
+            provisioning,
+            out,
+        } => {
+            let options = crate::gen::GenOptions {
+                devices,
+                messages,
+                seed,
+                ..Default::default()
+            };
+            if let Some(path) = provisioning {
+                let text = serde_json::to_string_pretty(&crate::gen::provisioning(&options))
+                    .expect("serializable");
+                std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            match out {
+                Some(path) => {
+                    let f = File::create(&path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    crate::gen::messages(&options, &mut io::BufWriter::new(f))
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                None => {
+                    crate::gen::messages(&options, &mut io::BufWriter::new(io::stdout().lock()))
+                        .context("cannot write the messages")?
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dead_letter_command(
+    command: DeadLetterCommand,
+    url: DatabaseUrl,
+    policy: RetryPolicy,
+    options: &IngestOptions,
+) -> Result<(), RunError> {
+    match command {
+        DeadLetterCommand::List { kind, limit, json } => {
+            let db = open_migrated(url, 1, policy)?;
+            let rows = db
+                .transaction(|c| dead_letters::list(c, kind.map(|k| k.as_str()), limit))
+                .map_err(db_error)?;
+            if json {
+                println!("{}", serde_json::to_string(&rows).expect("serializable"));
+            } else {
+                println!(
+                    "{:>6}  {:<14}  {:>8}  {:<20}  {:<16}  error",
+                    "id", "kind", "attempts", "message", "device"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>6}  {:<14}  {:>8}  {:<20}  {:<16}  {}",
+                        r.id,
+                        r.kind,
+                        r.attempts,
+                        r.message_id.as_deref().unwrap_or("-"),
+                        r.device_key.as_deref().unwrap_or("-"),
+                        r.error
+                    );
+                }
+                println!("{} dead letters", rows.len());
+            }
+        }
+        DeadLetterCommand::Replay { kind, json, .. } => {
+            let db = open_migrated(url, options.workers as u32 + 1, policy)?;
+            let rows = db
+                .transaction(|c| dead_letters::list(c, kind.map(|k| k.as_str()), i64::MAX))
+                .map_err(db_error)?;
+            let (with_id, without): (Vec<_>, Vec<_>) =
+                rows.into_iter().partition(|r| r.message_id.is_some());
+            let mut text = String::new();
+            for r in &with_id {
+                text.push_str(&r.raw);
+                text.push('\n');
+            }
+            let summary = pipeline::ingest(
+                &db,
+                io::Cursor::new(text.into_bytes()),
+                options,
+                &Progress::default(),
+                |_| {},
+            )
+            .map_err(stopped_error)?;
+            if !without.is_empty() {
+                log::info!(
+                    "{} dead letters have no readable id and cannot succeed; left as they are (purge them with `dead-letters purge`)",
+                    without.len()
+                );
+            }
+            print_summary(&summary, json);
+        }
+        DeadLetterCommand::Purge { kind, older_than } => {
+            let db = open_migrated(url, 1, policy)?;
+            let before = older_than
+                .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() - d))
+                .transpose()
+                .map_err(|e| anyhow!("--older-than is too large: {e}"))?;
+            let n = db
+                .transaction(|c| dead_letters::purge(c, kind.as_str(), before))
+                .map_err(db_error)?;
+            println!("purged {n} dead letters of kind {kind}");
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(summary: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(summary).expect("serializable"));
+    } else {
+        println!("{}", summary.to_text());
     }
 }
 
@@ -275,6 +552,16 @@ fn open(url: DatabaseUrl, pool_size: u32, policy: RetryPolicy) -> Database {
         },
         policy,
     )
+}
+
+fn open_migrated(
+    url: DatabaseUrl,
+    pool_size: u32,
+    policy: RetryPolicy,
+) -> Result<Database, RunError> {
+    let db = open(url, pool_size, policy);
+    migrate::run(&db).map_err(db_error)?;
+    Ok(db)
 }
 
 fn db_error(failure: Failure) -> RunError {
@@ -327,6 +614,19 @@ fn open_input(file: Option<&Path>) -> anyhow::Result<(Box<dyn BufRead + Send>, O
     }
 }
 
+fn stopped_error(e: anyhow::Error) -> RunError {
+    match e.downcast::<Stopped>() {
+        Ok(stopped) => {
+            eprintln!("{}", stopped.summary.to_text());
+            match stopped.failure {
+                Failure::GaveUp { .. } => RunError::GaveUp(anyhow!(stopped)),
+                _ => RunError::Failed(anyhow!(stopped)),
+            }
+        }
+        Err(other) => RunError::Failed(other),
+    }
+}
+
 fn ingest_with_progress(
     db: &Database,
     input: Box<dyn BufRead + Send>,
@@ -362,16 +662,7 @@ fn ingest_with_progress(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    result.map_err(|e| match e.downcast::<Stopped>() {
-        Ok(stopped) => {
-            eprintln!("{}", stopped.summary.to_text());
-            match stopped.failure {
-                Failure::GaveUp { .. } => RunError::GaveUp(anyhow!(stopped)),
-                _ => RunError::Failed(anyhow!(stopped)),
-            }
-        }
-        Err(other) => RunError::Failed(other),
-    })
+    result.map_err(stopped_error)
 }
 
 #[cfg(test)]
@@ -379,19 +670,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_take_common_units() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("5 fortnights").is_err());
-        assert!(parse_duration("x").is_err());
-    }
-
-    #[test]
     fn the_command_line_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dead_letter_kinds_parse_by_their_contract_names() {
+        assert_eq!(
+            parse_kind("unknown_device").unwrap(),
+            DeadLetterKind::UnknownDevice
+        );
+        assert!(parse_kind("unknown")
+            .unwrap_err()
+            .contains("malformed, invalid"));
     }
 }

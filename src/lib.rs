@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod config;
 pub mod core;
 pub mod db;
 pub mod gen;
@@ -16,3 +17,4 @@ pub mod input;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
+pub mod service;

@@ -111,10 +111,15 @@ pub fn is_valid_key(s: &str) -> bool {
     n > 0
 }
 
+/// Whether a line is only white space: skipped silently, never an outcome.
+pub fn is_blank(line: &[u8], oversize: bool) -> bool {
+    !oversize && line.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Parses one line, without its `\n`. `oversize` says the line was longer than
 /// [`MAX_LINE_BYTES`] (the reader keeps only its head).
 pub fn parse_line(line: &[u8], oversize: bool) -> Parsed {
-    if line.iter().all(u8::is_ascii_whitespace) && !oversize {
+    if is_blank(line, oversize) {
         return Parsed::Blank;
     }
     let malformed = |error: String| {

@@ -18,6 +18,7 @@ pub mod types;
 pub mod url;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,7 @@ pub struct Database {
     policy: RetryPolicy,
     metrics: Arc<DbMetrics>,
     breaker: Breaker,
+    cancelled: AtomicBool,
 }
 
 impl Database {
@@ -74,6 +76,7 @@ impl Database {
             policy,
             metrics,
             breaker: Breaker::default(),
+            cancelled: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +94,13 @@ impl Database {
     pub fn pool_state(&self) -> (u32, u32) {
         let state = self.pool.state();
         (state.connections, state.idle_connections)
+    }
+
+    /// From now on, failed transactions are not retried but end as
+    /// [`Failure::Cancelled`]: for a shutdown that must not wait out an
+    /// outage.
+    pub fn cancel_retries(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
     }
 
     /// Since when the database has been unreachable, if it is.
@@ -266,6 +276,10 @@ impl Observer for TxObserver<'_> {
         self.db.metrics.transaction_committed(retries);
     }
 
+    fn cancelled(&self) -> bool {
+        self.db.cancelled.load(Ordering::SeqCst)
+    }
+
     fn stopped(&mut self, failure: &Failure, attempts: u32) {
         match failure {
             Failure::GaveUp { .. } => log::error!("giving up after {attempts} attempts: {failure}"),
@@ -276,6 +290,9 @@ impl Observer for TxObserver<'_> {
                     c.cause,
                     c.sqlstate.unwrap_or("-")
                 )
+            }
+            Failure::Cancelled { error } => {
+                log::warn!("transaction cancelled by shutdown after {attempts} attempts: {error}")
             }
             Failure::Panicked(message) => {
                 log::error!("transaction panicked on attempt {attempts}: {message}")

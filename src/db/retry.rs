@@ -100,6 +100,12 @@ pub enum Failure {
     /// The transaction's code panicked.
     #[error("the transaction panicked: {0}")]
     Panicked(String),
+    /// The caller is shutting down: the transaction was not retried again.
+    #[error("cancelled by shutdown after: {error}")]
+    Cancelled {
+        /// The last error.
+        error: DbError,
+    },
     /// Connection or transient errors lasted longer than `max_outage`.
     #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]
     GaveUp {
@@ -145,6 +151,10 @@ pub trait Observer {
     fn succeeded(&mut self, retries: u32);
     /// The loop stops without success.
     fn stopped(&mut self, failure: &Failure, attempts: u32);
+    /// Whether to stop retrying because the program is shutting down.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Runs `attempt` until it succeeds or the policy says stop. Never sleeps
@@ -197,6 +207,13 @@ pub fn run<T>(
             };
             observer.stopped(&failure, attempts);
             return Err(failure);
+        }
+        if observer.cancelled() {
+            if let AttemptError::Failed { error, .. } = error {
+                let failure = Failure::Cancelled { error };
+                observer.stopped(&failure, attempts);
+                return Err(failure);
+            }
         }
         let left = policy.max_outage.saturating_sub(failing_for);
         let delay = clock.jitter(policy.ceiling(attempts)).min(left);

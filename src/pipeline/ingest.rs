@@ -66,10 +66,15 @@ pub fn ingest(
         let workers = Workers::spawn(scope, db, options, &stop);
         let reader = std::thread::Builder::new()
             .name("reader".into())
-            .spawn_scoped(scope, || read(input, workers, done_tx, &stop, &in_flight, progress))
+            .spawn_scoped(scope, || {
+                read(input, workers, done_tx, &stop, &in_flight, progress)
+            })
             .expect("spawn the reader");
         for done in done_rx.iter() {
-            in_flight.lock().expect("in-flight lock").remove(&done.ticket);
+            in_flight
+                .lock()
+                .expect("in-flight lock")
+                .remove(&done.ticket);
             match done.result {
                 Ok(outcome) => {
                     summary.record(&outcome);
@@ -95,9 +100,19 @@ pub fn ingest(
     }
     summary.finish(db.counters(), started.elapsed());
     if let Some((line, failure)) = stopped {
-        let first_open = in_flight.into_inner().expect("in-flight lock").first().copied();
+        let first_open = in_flight
+            .into_inner()
+            .expect("in-flight lock")
+            .first()
+            .copied();
         let resume_from = first_open.unwrap_or(line).min(line);
-        return Err(Stopped { line, failure, resume_from, summary: Box::new(summary) }.into());
+        return Err(Stopped {
+            line,
+            failure,
+            resume_from,
+            summary: Box::new(summary),
+        }
+        .into());
     }
     Ok(summary)
 }
@@ -121,10 +136,15 @@ fn read(
             Ok(None) => break,
             Err(source) => {
                 stop.store(true, Ordering::SeqCst);
-                return Err(ReadFailed { line: non_blank, source });
+                return Err(ReadFailed {
+                    line: non_blank,
+                    source,
+                });
             }
         };
-        progress.bytes_read.store(reader.consumed(), Ordering::Relaxed);
+        progress
+            .bytes_read
+            .store(reader.consumed(), Ordering::Relaxed);
         let number = line.number;
         // Marked in flight before it can complete.
         in_flight.lock().expect("in-flight lock").insert(number);

@@ -75,6 +75,8 @@ pub struct Done {
     pub ticket: u64,
     /// The message's id, where it was readable.
     pub id: Option<String>,
+    /// Why a line was rejected before it reached the database.
+    pub detail: Option<String>,
     /// The outcome, or why there is none: the run must stop.
     pub result: Result<Outcome, Failure>,
 }
@@ -106,7 +108,10 @@ impl Workers {
                 tx
             })
             .collect();
-        Workers { senders, next_reject: Default::default() }
+        Workers {
+            senders,
+            next_reject: Default::default(),
+        }
     }
 
     /// Parses a line and sends it to its worker, blocking while that
@@ -115,15 +120,33 @@ impl Workers {
     pub fn submit(&self, ticket: u64, line: Line, reply: &Sender<Done>) -> Option<bool> {
         let (worker, work) = match parse_line(&line.bytes, line.oversize) {
             Parsed::Blank => return None,
-            Parsed::Message(message) => {
-                (route(&message.device, self.senders.len()), Work::Apply { message, raw: line.bytes })
-            }
+            Parsed::Message(message) => (
+                route(&message.device, self.senders.len()),
+                Work::Apply {
+                    message,
+                    raw: line.bytes,
+                },
+            ),
             Parsed::Rejected(rejection) => {
                 let i = self.next_reject.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-                (i, Work::Reject { rejection, raw: line.bytes })
+                (
+                    i,
+                    Work::Reject {
+                        rejection,
+                        raw: line.bytes,
+                    },
+                )
             }
         };
-        Some(self.senders[worker].send(Job { ticket, work, reply: reply.clone() }).is_ok())
+        Some(
+            self.senders[worker]
+                .send(Job {
+                    ticket,
+                    work,
+                    reply: reply.clone(),
+                })
+                .is_ok(),
+        )
     }
 
     /// Jobs waiting in the queues.
@@ -145,9 +168,10 @@ fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, hook: Option<Appl
             // Handed back: not done, and safe to run again later.
             continue;
         }
-        let (id, result) = match job.work {
+        let (id, detail, result) = match job.work {
             Work::Reject { rejection, raw } => {
                 let id = rejection.message_id.clone();
+                let detail = Some(rejection.error.clone());
                 let letter = DeadLetter {
                     message_id: rejection.message_id,
                     device_key: rejection.device_key,
@@ -155,16 +179,21 @@ fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, hook: Option<Appl
                     error: rejection.error,
                     raw: raw_for_storage(&raw),
                 };
-                (id, file_dead_letter(db, &letter))
+                (id, detail, file_dead_letter(db, &letter))
             }
             Work::Apply { message, raw } => {
                 let result = apply_message(db, &message, &raw, job.ticket, hook.as_deref());
-                (Some(message.id), result)
+                (Some(message.id), None, result)
             }
         };
         // A closed reply channel means its reader went away; the outcome is
         // durable all the same.
-        let _ = job.reply.send(Done { ticket: job.ticket, id, result });
+        let _ = job.reply.send(Done {
+            ticket: job.ticket,
+            id,
+            detail,
+            result,
+        });
     }
 }
 
@@ -190,7 +219,9 @@ fn apply_message(
         });
         match result {
             Ok(outcome) => return Ok(outcome),
-            Err(failure @ Failure::GaveUp { .. }) => return Err(failure),
+            Err(failure @ (Failure::GaveUp { .. } | Failure::Cancelled { .. })) => {
+                return Err(failure)
+            }
             Err(failure) => {
                 log::warn!(
                     "line {ticket}, message {:?}: attempt {attempt} on its own failed: {failure}",
@@ -201,7 +232,10 @@ fn apply_message(
         }
     }
     let (kind, error) = match last_failure.expect("two failed attempts") {
-        Failure::Panicked(m) => (DeadLetterKind::Internal, format!("the normalizer panicked: {m}")),
+        Failure::Panicked(m) => (
+            DeadLetterKind::Internal,
+            format!("the normalizer panicked: {m}"),
+        ),
         other => (DeadLetterKind::DbRejected, other.to_string()),
     };
     let letter = DeadLetter {

@@ -58,3 +58,86 @@ pub fn record(conn: &mut AnyConnection, letter: &DeadLetter, token: &str) -> Que
 pub fn remove(conn: &mut AnyConnection, message_id: &str) -> QueryResult<usize> {
     dispatch!(conn, c => diesel::delete(dl::dead_letters.filter(dl::message_id.eq(message_id))).execute(c))
 }
+
+/// A stored dead letter, for operators.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Stored {
+    /// Row id.
+    pub id: i64,
+    /// The message id, where it was valid.
+    pub message_id: Option<String>,
+    /// The device key, where it was valid.
+    pub device_key: Option<String>,
+    /// The kind.
+    pub kind: String,
+    /// What went wrong.
+    pub error: String,
+    /// How often this message was dead-lettered.
+    pub attempts: i32,
+    /// First filed, RFC 3339.
+    pub created_at: String,
+    /// Last filed, RFC 3339.
+    pub updated_at: String,
+    /// The line (its first 64 KiB).
+    pub raw: String,
+}
+
+type Row = (
+    i64,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    i32,
+    Instant,
+    Instant,
+    String,
+);
+
+/// Dead letters, oldest first, of one kind or all.
+pub fn list(conn: &mut AnyConnection, kind: Option<&str>, limit: i64) -> QueryResult<Vec<Stored>> {
+    let rows: Vec<Row> = dispatch!(conn, c => {
+        let mut q = dl::dead_letters
+            .select((dl::id, dl::message_id, dl::device_key, dl::kind, dl::error, dl::attempts, dl::created_at, dl::updated_at, dl::raw))
+            .order(dl::id)
+            .limit(limit)
+            .into_boxed();
+        if let Some(kind) = kind {
+            q = q.filter(dl::kind.eq(kind));
+        }
+        q.load(c)
+    })?;
+    let text = |i: Instant| i.0.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, message_id, device_key, kind, error, attempts, created, updated, raw)| Stored {
+                id,
+                message_id,
+                device_key,
+                kind,
+                error,
+                attempts,
+                created_at: text(created),
+                updated_at: text(updated),
+                raw,
+            },
+        )
+        .collect())
+}
+
+/// Deletes the dead letters of one kind, optionally only those last filed
+/// before `before`. Returns how many.
+pub fn purge(
+    conn: &mut AnyConnection,
+    kind: &str,
+    before: Option<chrono::DateTime<Utc>>,
+) -> QueryResult<usize> {
+    dispatch!(conn, c => match before {
+        Some(before) => diesel::delete(
+            dl::dead_letters.filter(dl::kind.eq(kind)).filter(dl::updated_at.lt(Instant(before))),
+        )
+        .execute(c),
+        None => diesel::delete(dl::dead_letters.filter(dl::kind.eq(kind))).execute(c),
+    })
+}

@@ -1,0 +1,274 @@
+//! Settings from flags, the environment, a TOML file and defaults, in that
+//! order of precedence. Defaults live in `impl Default for Settings`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::db::url::DEFAULT_URL;
+
+/// Every setting that a config file may hold (the same keys as the flags,
+/// with `_` for `-`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    /// `--database-url`
+    pub database_url: Option<String>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+    /// `--log-file`
+    pub log_file: Option<PathBuf>,
+    /// `--max-outage`, e.g. "5m"
+    pub max_outage: Option<String>,
+    /// `--workers`
+    pub workers: Option<usize>,
+    /// `--socket`
+    pub socket: Option<PathBuf>,
+    /// `--socket-mode`, octal text such as "0660"
+    pub socket_mode: Option<String>,
+    /// `--max-connections`
+    pub max_connections: Option<usize>,
+    /// `--shutdown-timeout`, e.g. "30s"
+    pub shutdown_timeout: Option<String>,
+    /// `--stats-interval`, e.g. "60s"
+    pub stats_interval: Option<String>,
+    /// `--metrics-file`
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl FileSettings {
+    /// Reads a TOML config file. Errors name the file and line, never the
+    /// line's text (it may hold a password).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            format!(
+                "the config file {} is invalid{}: {}",
+                path.display(),
+                line.map_or(String::new(), |l| format!(" at line {l}")),
+                e.message()
+            )
+        })
+    }
+}
+
+/// The settings a command runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Database URL.
+    pub database_url: String,
+    /// Log filter (RUST_LOG syntax).
+    pub log_level: String,
+    /// Log file (append); stderr when absent.
+    pub log_file: Option<PathBuf>,
+    /// Give up after the database was unreachable this long.
+    pub max_outage: Duration,
+    /// Worker threads.
+    pub workers: usize,
+    /// The service's socket.
+    pub socket: PathBuf,
+    /// The socket file's mode.
+    pub socket_mode: u32,
+    /// Most producers connected at once.
+    pub max_connections: usize,
+    /// How long a shutdown may take.
+    pub shutdown_timeout: Duration,
+    /// How often the service logs its stats line (and writes the metrics).
+    pub stats_interval: Duration,
+    /// Prometheus text file, rewritten each interval.
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: DEFAULT_URL.to_string(),
+            log_level: "info".to_string(),
+            log_file: None,
+            max_outage: Duration::from_secs(300),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            socket: PathBuf::from("/run/normalizer/normalizer.sock"),
+            socket_mode: 0o660,
+            max_connections: 64,
+            shutdown_timeout: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(60),
+            metrics_file: None,
+        }
+    }
+}
+
+/// Parses "0660" or "660" as an octal file mode.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal file mode like 0660"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?} is not a file mode (at most 0777)"));
+    }
+    Ok(mode)
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let seconds = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The flags' side of the settings: `None` where the flag (or its
+/// environment variable) was not given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlagSettings {
+    /// `--database-url` or `DATABASE_URL`
+    pub database_url: Option<String>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+    /// `--log-file`
+    pub log_file: Option<PathBuf>,
+    /// `--max-outage`
+    pub max_outage: Option<Duration>,
+    /// `--workers`
+    pub workers: Option<usize>,
+    /// `--socket`
+    pub socket: Option<PathBuf>,
+    /// `--socket-mode`
+    pub socket_mode: Option<u32>,
+    /// `--max-connections`
+    pub max_connections: Option<usize>,
+    /// `--shutdown-timeout`
+    pub shutdown_timeout: Option<Duration>,
+    /// `--stats-interval`
+    pub stats_interval: Option<Duration>,
+    /// `--metrics-file`
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Flags (and their environment variables) first, then the file, then
+    /// the defaults.
+    pub fn resolve(flags: FlagSettings, file: FileSettings) -> Result<Settings, String> {
+        let d = Settings::default();
+        let duration = |v: Option<String>, key: &str| {
+            v.map(|s| parse_duration(&s).map_err(|e| format!("config `{key}`: {e}")))
+                .transpose()
+        };
+        Ok(Settings {
+            database_url: flags
+                .database_url
+                .or(file.database_url)
+                .unwrap_or(d.database_url),
+            log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
+            log_file: flags.log_file.or(file.log_file),
+            max_outage: flags
+                .max_outage
+                .or(duration(file.max_outage, "max_outage")?)
+                .unwrap_or(d.max_outage),
+            workers: flags.workers.or(file.workers).unwrap_or(d.workers),
+            socket: flags.socket.or(file.socket).unwrap_or(d.socket),
+            socket_mode: match (flags.socket_mode, file.socket_mode) {
+                (Some(m), _) => m,
+                (None, Some(s)) => {
+                    parse_mode(&s).map_err(|e| format!("config `socket_mode`: {e}"))?
+                }
+                (None, None) => d.socket_mode,
+            },
+            max_connections: flags
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            shutdown_timeout: flags
+                .shutdown_timeout
+                .or(duration(file.shutdown_timeout, "shutdown_timeout")?)
+                .unwrap_or(d.shutdown_timeout),
+            stats_interval: flags
+                .stats_interval
+                .or(duration(file.stats_interval, "stats_interval")?)
+                .unwrap_or(d.stats_interval),
+            metrics_file: flags.metrics_file.or(file.metrics_file),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: FileSettings = toml::from_str(
+            "database_url = \"postgres://app:pw@db/n\"\nworkers = 3\nstats_interval = \"10s\"\nsocket_mode = \"0600\"\n",
+        )
+        .unwrap();
+        let flags = FlagSettings {
+            workers: Some(7),
+            ..FlagSettings::default()
+        };
+        let s = Settings::resolve(flags, file).unwrap();
+        assert_eq!(s.workers, 7);
+        assert_eq!(s.database_url, "postgres://app:pw@db/n");
+        assert_eq!(s.stats_interval, Duration::from_secs(10));
+        assert_eq!(s.socket_mode, 0o600);
+        assert_eq!(s.shutdown_timeout, Settings::default().shutdown_timeout);
+    }
+
+    #[test]
+    fn a_bad_config_file_is_named_without_echoing_its_text() {
+        let dir = tempfile_dir();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://app:s3cret@db/n\"\nworkers = \"many\"\n",
+        )
+        .unwrap();
+        let e = FileSettings::load(&path).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::write(&path, "databse_url = \"x\"\n").unwrap();
+        assert!(FileSettings::load(&path)
+            .unwrap_err()
+            .contains("unknown field"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("normalizer-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn modes_and_durations_parse() {
+        assert_eq!(parse_mode("0660").unwrap(), 0o660);
+        assert_eq!(parse_mode("600").unwrap(), 0o600);
+        assert!(parse_mode("0999").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+}
