@@ -8,4 +8,5 @@ mod faults;
 mod input;
 mod pg;
 mod provisioning;
+mod service;
 mod support;

@@ -1,0 +1,534 @@
+//! `serve` as a real process on a temporary socket and database: concurrent
+//! producers, SIGTERM mid-stream and a resend, SIGHUP log rotation, the
+//! metrics file, the socket's mode, and the limits.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use normalizer::gen::{self, GenOptions};
+
+use crate::support;
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_normalizer"));
+    c.env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    c
+}
+
+impl Server {
+    fn start(dir: &Path, db: &str, extra: &[&str]) -> Server {
+        let socket = dir.join("n.sock");
+        let child = bin()
+            .args(["--database-url", db, "--log-file"])
+            .arg(dir.join("normalizer.log"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut server = Server { child, socket };
+        // Ready when it says so in its log (a probe connection would count
+        // against --max-connections).
+        let log = dir.join("normalizer.log");
+        let starts = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("serving on")
+            .count();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("serving on")
+            .count()
+            == starts
+        {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                let out = server.child.wait_with_output().unwrap();
+                panic!(
+                    "serve exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    fn wait(self) -> Output {
+        self.child.wait_with_output().unwrap()
+    }
+}
+
+/// A producer on a raw socket: sends its lines, collects acks by seq.
+fn produce(
+    socket: &Path,
+    lines: &[String],
+    stop_after_acks: Option<(&std::sync::Barrier, usize)>,
+) -> BTreeMap<u64, serde_json::Value> {
+    let stream = UnixStream::connect(socket).unwrap();
+    let reader = stream.try_clone().unwrap();
+    let mut acks = BTreeMap::new();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut w = std::io::BufWriter::new(&stream);
+            for line in lines {
+                if writeln!(w, "{line}").is_err() {
+                    return;
+                }
+            }
+            let _ = w.flush();
+            drop(w);
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        });
+        let mut barrier = stop_after_acks;
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            acks.insert(v["seq"].as_u64().unwrap(), v);
+            if let Some((b, n)) = barrier {
+                if acks.len() >= n {
+                    b.wait();
+                    barrier = None;
+                }
+            }
+        }
+        if let Some((b, _)) = barrier {
+            b.wait();
+        }
+        writer.join().unwrap();
+    });
+    acks
+}
+
+fn input(messages: usize) -> (String, Vec<String>) {
+    let options = GenOptions {
+        devices: 30,
+        messages,
+        seed: 11,
+        ..GenOptions::default()
+    };
+    let mut out = Vec::new();
+    gen::messages(&options, &mut out).unwrap();
+    let lines = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    (gen::provisioning(&options).to_string(), lines)
+}
+
+/// Splits lines among producers by device, so each device's messages keep
+/// their order (one producer each); unparseable lines go to producer 0.
+fn split(lines: &[String], producers: usize) -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new(); producers];
+    for line in lines {
+        let device = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                v["device"]
+                    .as_str()
+                    .map(|d| d.bytes().map(usize::from).sum::<usize>())
+            })
+            .unwrap_or(0);
+        out[device % producers].push(line.clone());
+    }
+    out
+}
+
+#[test]
+fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (devices, lines) = input(6000);
+    let devices_path = dir.path().join("devices.json");
+    std::fs::write(&devices_path, &devices).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("served.db").display());
+    let p = bin()
+        .args(["--database-url", &db, "provision"])
+        .arg(&devices_path)
+        .output()
+        .unwrap();
+    assert!(p.status.success());
+
+    let metrics = dir.path().join("metrics.prom");
+    let server = Server::start(
+        dir.path(),
+        &db,
+        &[
+            "--stats-interval",
+            "200ms",
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+            "--workers",
+            "3",
+        ],
+    );
+    assert_eq!(
+        std::fs::metadata(&server.socket)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o660
+    );
+    let parts = split(&lines, 3);
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let barrier = std::sync::Barrier::new(parts.len() + 1);
+    let first: Vec<BTreeMap<u64, serde_json::Value>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|part| {
+                let (socket, barrier) = (&server.socket, &barrier);
+                s.spawn(move || produce(socket, part, Some((barrier, part.len() / 4))))
+            })
+            .collect();
+        barrier.wait();
+        // Rotate the log, as logrotate would, then SIGTERM mid-stream.
+        std::fs::rename(
+            dir.path().join("normalizer.log"),
+            dir.path().join("normalizer.log.1"),
+        )
+        .unwrap();
+        server.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(300));
+        server.signal(libc::SIGTERM);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let out = server.wait();
+    assert!(
+        out.status.success(),
+        "serve exits 0 on SIGTERM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acked: usize = first.iter().map(BTreeMap::len).sum();
+    assert!(
+        acked > 0 && acked < total,
+        "the SIGTERM landed mid-stream: {acked} of {total}"
+    );
+    let rotated = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
+    assert!(rotated.contains("SIGHUP: log file reopened"), "{rotated}");
+    assert!(rotated.contains("shutting down"), "{rotated}");
+    assert!(std::fs::read_to_string(dir.path().join("normalizer.log.1"))
+        .unwrap()
+        .contains("serving on"));
+    let metrics_text = std::fs::read_to_string(&metrics).unwrap();
+    check_prometheus(&metrics_text);
+
+    // Restart and resend what was not acknowledged, in order.
+    let server = Server::start(dir.path(), &db, &["--workers", "2"]);
+    let resent: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .zip(&first)
+            .map(|(part, acks)| {
+                let rest: Vec<String> = part
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, l)| !acks.contains_key(&(*i as u64 + 1)) && !l.trim().is_empty())
+                    .map(|(_, l)| l.clone())
+                    .collect();
+                let socket = &server.socket;
+                s.spawn(move || {
+                    let acks = produce(socket, &rest, None);
+                    assert_eq!(acks.len(), rest.len(), "every resent line is acknowledged");
+                    rest.len()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().status.success());
+    assert_eq!(acked + resent, total);
+
+    // The same input in one clean ingest, in each producer's order.
+    let clean = support::sqlite();
+    clean.provision(&devices);
+    let ordered: Vec<String> = parts.concat();
+    clean.ingest(&ordered.join("\n"));
+    let served = support::open(&db, 2);
+    let served_snapshot = served
+        .transaction(normalizer::db::repo::snapshot::read)
+        .unwrap();
+    assert_eq!(
+        served_snapshot,
+        clean.snapshot(),
+        "end state equals a clean run"
+    );
+}
+
+fn check_prometheus(text: &str) {
+    let mut types = BTreeMap::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            types.insert(name.to_string(), kind.to_string());
+        } else if line.starts_with("# HELP ") {
+            continue;
+        } else {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+            assert!(types.contains_key(name), "sample before its TYPE: {line}");
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                    for pair in labels[1..labels.len() - 1].split(',') {
+                        let (k, v) = pair.split_once('=').unwrap();
+                        assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                        assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                    }
+                }
+            }
+            samples += 1;
+        }
+    }
+    assert!(samples > 10, "{text}");
+    assert!(text.contains("normalizer_lines_total{outcome=\"processed\"}"));
+}
+
+#[test]
+fn oversize_lines_and_too_many_connections_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let server = Server::start(dir.path(), &db, &["--max-connections", "1"]);
+    let holder = UnixStream::connect(&server.socket).unwrap();
+    // The first connection is served: an oversize line is a malformed dead letter.
+    let mut w = holder.try_clone().unwrap();
+    w.write_all(&vec![b'x'; 2 * 1024 * 1024]).unwrap();
+    w.write_all(b"\n").unwrap();
+    let mut ack = String::new();
+    BufReader::new(&holder).read_line(&mut ack).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ack).unwrap();
+    assert_eq!(
+        (v["seq"].as_u64(), v["outcome"].as_str(), v["kind"].as_str()),
+        (Some(1), Some("dead_letter"), Some("malformed"))
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 1048576 bytes"),
+        "{ack}"
+    );
+    assert!(v["id"].is_null());
+    // A second producer is refused with a sentence.
+    let second = UnixStream::connect(&server.socket).unwrap();
+    let mut line = String::new();
+    BufReader::new(&second).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("too many connections: the limit is 1"),
+        "{line}"
+    );
+    // And `send` says so and exits non-zero.
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"id\":\"a\"}\n").unwrap();
+    let out = bin()
+        .arg("send")
+        .arg(&input)
+        .arg("--socket")
+        .arg(&server.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too many connections"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(holder);
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().status.success());
+}
+
+#[test]
+fn send_streams_a_file_and_waits_for_every_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let p = bin()
+        .args([
+            "--database-url",
+            &db,
+            "provision",
+            &format!("{examples}/devices.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(p.status.success());
+    let server = Server::start(dir.path(), &db, &[]);
+    let out = bin()
+        .args([
+            "send",
+            &format!("{examples}/messages.jsonl"),
+            "--json",
+            "--socket",
+        ])
+        .arg(&server.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["sent"].as_u64(), v["acknowledged"].as_u64()),
+        (Some(586), Some(586))
+    );
+    assert_eq!(v["outcomes"]["processed"], 579);
+    assert_eq!(v["outcomes"]["dead_letter:malformed"], 2);
+    server.signal(libc::SIGINT);
+    assert!(server.wait().status.success());
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_is_not_stolen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let socket = dir.path().join("n.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists(), "a stale socket file, as after a crash");
+    let server = Server::start(dir.path(), &db, &["--socket-mode", "0600"]);
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let second = bin()
+        .args(["--database-url", &db, "serve", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another process is listening"));
+    assert!(
+        UnixStream::connect(&socket).is_ok(),
+        "the live socket still works"
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().status.success());
+    assert!(!socket.exists(), "removed on a clean exit");
+}
+
+#[test]
+fn the_socket_mode_keeps_other_users_out() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root can run a client as another user; the mode bits are
+        // checked by the other tests.
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let server = Server::start(dir.path(), &db, &[]);
+    let probe = |user: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--", "python3", "-c"])
+            .arg("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')")
+            .arg(&server.socket)
+            .output()
+            .unwrap()
+    };
+    let nobody = probe("nobody");
+    assert!(!nobody.status.success());
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("Permission denied"),
+        "{nobody:?}"
+    );
+    let root = probe("root");
+    assert!(root.status.success(), "{root:?}");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().status.success());
+}
+
+#[test]
+fn replay_after_provisioning_turns_unknown_device_dead_letters_into_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let run = |args: &[&str]| {
+        let out = bin()
+            .args(["--database-url", &db])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"id":"r{i}","device":"dev-new","ts":"2026-11-29T10:0{i}:00Z","payload":{{"t":2{i}}}}}"#))
+        .chain(["garbage".to_string()])
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    run(&["ingest", input.to_str().unwrap()]);
+    let listed: serde_json::Value = serde_json::from_str(&run(&[
+        "dead-letters",
+        "list",
+        "--kind",
+        "unknown_device",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 5);
+    // Replay before provisioning: still unknown, attempts + 1.
+    run(&["dead-letters", "replay", "--kind", "unknown_device"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["dead-letters", "list", "--json"])).unwrap();
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "unknown_device")
+        .all(|r| r["attempts"] == 2));
+    let devices = dir.path().join("devices.json");
+    std::fs::write(&devices, r#"{"profiles":{"p":{"fields":{"t":{"metric":"temperature"}}}},"devices":[{"key":"dev-new","profile":"p","sensors":[{"metric":"temperature"}]}]}"#).unwrap();
+    run(&["provision", devices.to_str().unwrap()]);
+    let summary: serde_json::Value = serde_json::from_str(&run(&[
+        "dead-letters",
+        "replay",
+        "--kind",
+        "unknown_device",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(summary["processed"], 5);
+    let status: serde_json::Value = serde_json::from_str(&run(&["status", "--json"])).unwrap();
+    assert_eq!(status["readings"], 5);
+    assert_eq!(
+        status["dead_letters"],
+        serde_json::json!([["malformed", 1]])
+    );
+    // Purge the rest.
+    assert!(run(&["dead-letters", "purge", "--kind", "malformed"]).contains("purged 1"));
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["dead-letters", "list", "--json"])).unwrap();
+    assert!(listed.as_array().unwrap().is_empty());
+}
