@@ -147,7 +147,7 @@ pub fn serve(
     let active = AtomicUsize::new(0);
     let (stats_stop, stats_stopped) = bounded::<()>(1);
     log::info!(
-        "serving on {} (mode {:o}) with {} workers, database {}",
+        "serving on {} (mode {:04o}) with {} workers, database {}",
         options.socket.display(),
         options.mode,
         options.workers.workers,
