@@ -19,11 +19,17 @@ pub enum DbError {
     Connect(String),
 }
 
+/// libpq's messages span lines ("...failed: Connection refused\n\tIs the
+/// server running..."); a log has one event per line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 impl std::fmt::Display for DbError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DbError::Query(e) => write!(f, "{e}"),
-            DbError::Connect(e) => write!(f, "cannot get a connection: {e}"),
+            DbError::Query(e) => f.write_str(&one_line(&e.to_string())),
+            DbError::Connect(e) => write!(f, "cannot get a connection: {}", one_line(e)),
         }
     }
 }
@@ -412,6 +418,12 @@ mod tests {
 
     fn db(kind: DatabaseErrorKind, message: &'static str) -> DbError {
         DbError::Query(Error::DatabaseError(kind, Box::new(Info(message))))
+    }
+
+    #[test]
+    fn errors_print_on_one_line() {
+        let e = DbError::Connect("failed: Connection refused\n\tIs the server running?\n".into());
+        assert_eq!(e.to_string(), "cannot get a connection: failed: Connection refused Is the server running?");
     }
 
     /// Real error values, as diesel 2.3 reports them from PostgreSQL 15,
