@@ -52,12 +52,18 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Worker threads, for the commands that run the pipeline.
+/// Worker threads and batching, for the commands that run the pipeline.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Worker threads [default: the number of CPUs].
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Most messages per transaction; 1 is one message per transaction [default: 500].
+    #[arg(long, env = "NORMALIZER_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// How long a worker waits for more messages to fill a batch [default: 2ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub batch_wait: Option<Duration>,
 }
 
 /// The commands.
@@ -257,6 +263,8 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             workers,
         } => {
             flags.workers = workers.workers;
+            flags.batch_size = workers.batch_size;
+            flags.batch_wait = workers.batch_wait;
             flags.socket = socket.clone();
             flags.socket_mode = *socket_mode;
             flags.max_connections = *max_connections;
@@ -270,6 +278,9 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     let settings = Settings::resolve(flags, file).map_err(|e| anyhow!(e))?;
     if settings.workers == 0 {
         bail!("--workers must be at least 1");
+    }
+    if settings.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
     }
     if settings.max_connections == 0 {
         bail!("--max-connections must be at least 1");

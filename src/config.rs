@@ -23,6 +23,10 @@ pub struct FileSettings {
     pub max_outage: Option<String>,
     /// `--workers`
     pub workers: Option<usize>,
+    /// `--batch-size`
+    pub batch_size: Option<usize>,
+    /// `--batch-wait`, e.g. "2ms"
+    pub batch_wait: Option<String>,
     /// `--socket`
     pub socket: Option<PathBuf>,
     /// `--socket-mode`, octal text such as "0660"
@@ -68,6 +72,10 @@ pub struct Settings {
     pub max_outage: Duration,
     /// Worker threads.
     pub workers: usize,
+    /// Most messages per transaction.
+    pub batch_size: usize,
+    /// How long a worker waits to fill a batch.
+    pub batch_wait: Duration,
     /// The service's socket.
     pub socket: PathBuf,
     /// The socket file's mode.
@@ -90,6 +98,8 @@ impl Default for Settings {
             log_file: None,
             max_outage: Duration::from_secs(300),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            batch_size: 500,
+            batch_wait: Duration::from_millis(2),
             socket: PathBuf::from("/run/normalizer/normalizer.sock"),
             socket_mode: 0o660,
             max_connections: 64,
@@ -149,6 +159,10 @@ pub struct FlagSettings {
     pub max_outage: Option<Duration>,
     /// `--workers`
     pub workers: Option<usize>,
+    /// `--batch-size` or `NORMALIZER_BATCH_SIZE`
+    pub batch_size: Option<usize>,
+    /// `--batch-wait`
+    pub batch_wait: Option<Duration>,
     /// `--socket`
     pub socket: Option<PathBuf>,
     /// `--socket-mode`
@@ -184,6 +198,11 @@ impl Settings {
                 .or(duration(file.max_outage, "max_outage")?)
                 .unwrap_or(d.max_outage),
             workers: flags.workers.or(file.workers).unwrap_or(d.workers),
+            batch_size: flags.batch_size.or(file.batch_size).unwrap_or(d.batch_size),
+            batch_wait: flags
+                .batch_wait
+                .or(duration(file.batch_wait, "batch_wait")?)
+                .unwrap_or(d.batch_wait),
             socket: flags.socket.or(file.socket).unwrap_or(d.socket),
             socket_mode: match (flags.socket_mode, file.socket_mode) {
                 (Some(m), _) => m,

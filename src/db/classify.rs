@@ -423,7 +423,10 @@ mod tests {
     #[test]
     fn errors_print_on_one_line() {
         let e = DbError::Connect("failed: Connection refused\n\tIs the server running?\n".into());
-        assert_eq!(e.to_string(), "cannot get a connection: failed: Connection refused Is the server running?");
+        assert_eq!(
+            e.to_string(),
+            "cannot get a connection: failed: Connection refused Is the server running?"
+        );
     }
 
     /// Real error values, as diesel 2.3 reports them from PostgreSQL 15,

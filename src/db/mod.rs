@@ -116,11 +116,34 @@ impl Database {
     /// checks its own idempotency key first (see docs/ARCHITECTURE.md).
     pub fn transaction<T>(
         &self,
+        body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
+    ) -> Result<T, Failure> {
+        self.run(&self.policy, body)
+    }
+
+    /// Like [`Database::transaction`], but transient errors end the call as
+    /// [`Failure::Rejected`] after `attempts` attempts: for a batch, which
+    /// then splits itself instead of colliding again at full size.
+    pub fn transaction_splittable<T>(
+        &self,
+        attempts: u32,
+        body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
+    ) -> Result<T, Failure> {
+        let policy = RetryPolicy {
+            transient_attempts: Some(attempts),
+            ..self.policy.clone()
+        };
+        self.run(&policy, body)
+    }
+
+    fn run<T>(
+        &self,
+        policy: &RetryPolicy,
         mut body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
         let mut observer = TxObserver { db: self };
         let mut counted = false;
-        retry::run(&self.policy, &mut SystemClock, &mut observer, |_| {
+        retry::run(policy, &mut SystemClock, &mut observer, |_| {
             self.attempt(&mut body, &mut counted)
         })
     }

@@ -24,6 +24,13 @@ pub struct RetryPolicy {
     pub max_outage: Duration,
     /// Attempts in all for an error the classifier does not recognize.
     pub unrecognized_attempts: u32,
+    /// When set, the call ends as [`Failure::Rejected`] after this many
+    /// failures inside a transaction: transient errors, or the connection
+    /// lost after it was made (not a refused connection: that is an outage,
+    /// waited out). A batch uses it to split itself rather than retry a large
+    /// transaction that keeps failing (`None`: until `max_outage`, as single
+    /// messages are).
+    pub transient_attempts: Option<u32>,
 }
 
 impl Default for RetryPolicy {
@@ -33,6 +40,7 @@ impl Default for RetryPolicy {
             max_delay: Duration::from_millis(250),
             max_outage: Duration::from_secs(300),
             unrecognized_attempts: 3,
+            transient_attempts: None,
         }
     }
 }
@@ -167,6 +175,7 @@ pub fn run<T>(
 ) -> Result<T, Failure> {
     let mut failing_since: Option<Instant> = None;
     let mut attempts = 0u32;
+    let mut in_transaction_failures = 0u32;
     loop {
         attempts += 1;
         let error = match attempt(attempts) {
@@ -187,8 +196,23 @@ pub fn run<T>(
             failing_since = Some(since);
         }
         let failing_for = now.saturating_duration_since(since);
+        let mut limit_reached = false;
+        if let AttemptError::Failed {
+            classified, stage, ..
+        } = &error
+        {
+            let in_transaction = classified.class == ErrorClass::Transient
+                || (classified.class == ErrorClass::Connection && *stage != Stage::Checkout);
+            if in_transaction {
+                in_transaction_failures += 1;
+                limit_reached = policy
+                    .transient_attempts
+                    .is_some_and(|n| in_transaction_failures >= n);
+            }
+        }
         let verdict = match &error {
             AttemptError::Panicked(_) => None,
+            AttemptError::Failed { .. } if limit_reached => None,
             AttemptError::Failed { classified, .. } => policy
                 .should_retry(classified.class, attempts, failing_for)
                 .then_some(classified.class),
@@ -200,6 +224,8 @@ pub fn run<T>(
                     error, classified, ..
                 } => match classified.class {
                     ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
+                    // Stopped by the attempt limit, not by the outage clock.
+                    _ if limit_reached => Failure::Rejected { error },
                     ErrorClass::Connection | ErrorClass::Transient => {
                         Failure::GaveUp { error, failing_for }
                     }
@@ -493,6 +519,33 @@ mod tests {
             slept,
             Duration::from_secs(1),
             "only the outage's last second is waited"
+        );
+    }
+
+    #[test]
+    fn a_transient_attempt_limit_ends_in_rejected_but_connection_errors_go_on() {
+        let policy = RetryPolicy {
+            transient_attempts: Some(4),
+            ..RetryPolicy::default()
+        };
+        let (result, clock, _) = scripted(100, || query_error("deadlock detected"), &policy);
+        assert!(matches!(result, Err(Failure::Rejected { .. })));
+        assert_eq!(clock.slept.len(), 3);
+        let (result, _, _) = scripted(30, || fail_with("Connection refused"), &policy);
+        assert_eq!(result.unwrap(), 31, "an outage is waited out, not split");
+        let lost_inside = || {
+            let error = DbError::Connect("server closed the connection unexpectedly".into());
+            AttemptError::Failed {
+                classified: classify(&error),
+                error,
+                stage: Stage::Body,
+                outage_since: None,
+            }
+        };
+        let (result, _, _) = scripted(100, lost_inside, &policy);
+        assert!(
+            matches!(result, Err(Failure::Rejected { .. })),
+            "a transaction that keeps losing its connection is split"
         );
     }
 

@@ -24,7 +24,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::core::message::{parse_line, raw_for_storage};
 use crate::core::{DeadLetterKind, Message, Parsed, Rejection};
-use crate::db::repo::{dead_letters, messages};
+use crate::db::repo::{batch, dead_letters, messages};
 use crate::db::{Database, Failure};
 use crate::input::Line;
 use crate::outcome::{DeadLetter, Outcome};
@@ -42,6 +42,11 @@ pub struct IngestOptions {
     pub workers: usize,
     /// Jobs queued per worker.
     pub queue_per_worker: usize,
+    /// Most messages applied in one transaction; 1 is one message per
+    /// transaction.
+    pub batch_size: usize,
+    /// How long a worker waits for more jobs to fill a batch.
+    pub batch_wait: std::time::Duration,
     /// See [`ApplyHook`].
     pub hook: Option<ApplyHook>,
 }
@@ -50,7 +55,9 @@ impl Default for IngestOptions {
     fn default() -> Self {
         IngestOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            queue_per_worker: 64,
+            queue_per_worker: 1024,
+            batch_size: 500,
+            batch_wait: std::time::Duration::from_millis(2),
             hook: None,
         }
     }
@@ -100,10 +107,10 @@ impl Workers {
         let senders = (0..options.workers.max(1))
             .map(|i| {
                 let (tx, rx) = bounded::<Job>(options.queue_per_worker);
-                let hook = options.hook.clone();
+                let options = options.clone();
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn_scoped(scope, move || work(db, rx, stop, hook))
+                    .spawn_scoped(scope, move || work(db, rx, stop, &options))
                     .expect("spawn a worker");
                 tx
             })
@@ -162,38 +169,193 @@ pub fn route(device: &str, workers: usize) -> usize {
     (hasher.finish() % workers as u64) as usize
 }
 
-fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, hook: Option<ApplyHook>) {
-    for job in jobs.iter() {
+fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, options: &IngestOptions) {
+    let hook = options.hook.as_deref();
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        let deadline = std::time::Instant::now() + options.batch_wait;
+        while batch.len() < options.batch_size {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                Err(crossbeam_channel::TryRecvError::Empty) => match jobs.recv_deadline(deadline) {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                },
+            }
+        }
         if stop.load(Ordering::SeqCst) {
             // Handed back: not done, and safe to run again later.
             continue;
         }
-        let (id, detail, result) = match job.work {
-            Work::Reject { rejection, raw } => {
-                let id = rejection.message_id.clone();
-                let detail = Some(rejection.error.clone());
-                let letter = DeadLetter {
+        let prepared: Vec<Prepared> = batch.into_iter().map(Prepared::from).collect();
+        if options.batch_size == 1 {
+            for job in prepared {
+                let result = run_alone(db, &job, hook);
+                job.reply(result);
+            }
+        } else {
+            run_batch(db, prepared, hook);
+        }
+    }
+}
+
+/// A job with its dead letter built and its write token drawn: both stay
+/// the same however often its transaction is retried or its batch split.
+struct Prepared {
+    job_ticket: u64,
+    reply: Sender<Done>,
+    token: String,
+    kind: PreparedKind,
+}
+
+enum PreparedKind {
+    Apply { message: Message, raw: Vec<u8> },
+    Letter { letter: DeadLetter, detail: String },
+}
+
+impl From<Job> for Prepared {
+    fn from(job: Job) -> Self {
+        let kind = match job.work {
+            Work::Apply { message, raw } => PreparedKind::Apply { message, raw },
+            Work::Reject { rejection, raw } => PreparedKind::Letter {
+                detail: rejection.error.clone(),
+                letter: DeadLetter {
                     message_id: rejection.message_id,
                     device_key: rejection.device_key,
                     kind: rejection.kind,
                     error: rejection.error,
                     raw: raw_for_storage(&raw),
-                };
-                (id, detail, file_dead_letter(db, &letter))
-            }
-            Work::Apply { message, raw } => {
-                let result = apply_message(db, &message, &raw, job.ticket, hook.as_deref());
-                (Some(message.id), None, result)
-            }
+                },
+            },
         };
-        // A closed reply channel means its reader went away; the outcome is
-        // durable all the same.
-        let _ = job.reply.send(Done {
-            ticket: job.ticket,
-            id,
+        Prepared {
+            job_ticket: job.ticket,
+            reply: job.reply,
+            token: new_token(),
+            kind,
+        }
+    }
+}
+
+impl Prepared {
+    fn id(&self) -> Option<String> {
+        match &self.kind {
+            PreparedKind::Apply { message, .. } => Some(message.id.clone()),
+            PreparedKind::Letter { letter, .. } => letter.message_id.clone(),
+        }
+    }
+
+    /// Sends the outcome. A closed reply channel means its reader went
+    /// away; the outcome is durable all the same.
+    fn reply(&self, result: Result<Outcome, Failure>) {
+        let detail = match &self.kind {
+            PreparedKind::Letter { detail, .. } => Some(detail.clone()),
+            PreparedKind::Apply { .. } => None,
+        };
+        let _ = self.reply.send(Done {
+            ticket: self.job_ticket,
+            id: self.id(),
             detail,
             result,
         });
+    }
+}
+
+/// The same give-up or cancellation for another job of a batch.
+fn copy_of_stop(failure: &Failure) -> Failure {
+    let error = |e: &crate::db::DbError| crate::db::DbError::Connect(e.to_string());
+    match failure {
+        Failure::GaveUp {
+            error: e,
+            failing_for,
+        } => Failure::GaveUp {
+            error: error(e),
+            failing_for: *failing_for,
+        },
+        Failure::Cancelled { error: e } => Failure::Cancelled { error: error(e) },
+        other => Failure::Cancelled {
+            error: crate::db::DbError::Connect(other.to_string()),
+        },
+    }
+}
+
+/// One job in its own transaction(s): the one-message-per-transaction mode,
+/// and the end of a batch's bisection.
+fn run_alone(
+    db: &Database,
+    job: &Prepared,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> Result<Outcome, Failure> {
+    match &job.kind {
+        PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token),
+        PreparedKind::Apply { message, raw } => {
+            apply_message(db, message, raw, &job.token, job.job_ticket, hook)
+        }
+    }
+}
+
+/// Transient failures of one batch before it is split.
+const BATCH_TRANSIENT_ATTEMPTS: u32 = 4;
+
+/// Applies jobs in one transaction. A permanent error or a panic does not
+/// dead-letter the batch: it is split in halves, each retried, until the
+/// failing message is alone; only it is dead-lettered. A batch that keeps
+/// hitting transient errors (deadlocks, timeouts) is split the same way,
+/// down to single messages, which retry until `max_outage`.
+fn run_batch(db: &Database, jobs: Vec<Prepared>, hook: Option<&(dyn Fn(&Message) + Send + Sync)>) {
+    if jobs.len() == 1 {
+        let job = &jobs[0];
+        job.reply(run_alone(db, job, hook));
+        return;
+    }
+    let items: Vec<batch::Item<'_>> = jobs
+        .iter()
+        .map(|j| match &j.kind {
+            PreparedKind::Apply { message, raw } => batch::Item::Message {
+                message,
+                raw,
+                token: &j.token,
+            },
+            PreparedKind::Letter { letter, .. } => batch::Item::Letter {
+                letter,
+                token: &j.token,
+            },
+        })
+        .collect();
+    let result = db.transaction_splittable(BATCH_TRANSIENT_ATTEMPTS, |conn| {
+        if let Some(hook) = hook {
+            for item in &items {
+                if let batch::Item::Message { message, .. } = item {
+                    hook(message);
+                }
+            }
+        }
+        batch::apply(conn, &items)
+    });
+    drop(items);
+    match result {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.iter().zip(outcomes) {
+                job.reply(Ok(outcome));
+            }
+        }
+        Err(failure @ (Failure::GaveUp { .. } | Failure::Cancelled { .. })) => {
+            // Not done: every job of the batch stops the same way.
+            for job in &jobs {
+                job.reply(Err(copy_of_stop(&failure)));
+            }
+        }
+        Err(failure) => {
+            log::warn!(
+                "a batch of {} failed ({failure}); splitting it to find the message",
+                jobs.len()
+            );
+            let mut jobs = jobs;
+            let second = jobs.split_off(jobs.len() / 2);
+            run_batch(db, jobs, hook);
+            run_batch(db, second, hook);
+        }
     }
 }
 
@@ -205,17 +367,17 @@ fn apply_message(
     db: &Database,
     message: &Message,
     raw: &[u8],
+    token: &str,
     ticket: u64,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
-    let token = new_token();
     let mut last_failure = None;
     for attempt in 1..=2 {
         let result = db.transaction(|conn| {
             if let Some(hook) = hook {
                 hook(message);
             }
-            messages::apply(conn, message, raw, &token)
+            messages::apply(conn, message, raw, token)
         });
         match result {
             Ok(outcome) => return Ok(outcome),
@@ -245,12 +407,13 @@ fn apply_message(
         error,
         raw: raw_for_storage(raw),
     };
-    file_dead_letter(db, &letter)
+    // A new write, so a new token: the message's own token may already
+    // name a landed dead letter of it (an earlier line with the same id).
+    file_dead_letter(db, &letter, &new_token())
 }
 
-fn file_dead_letter(db: &Database, letter: &DeadLetter) -> Result<Outcome, Failure> {
-    let token = new_token();
-    db.transaction(|conn| dead_letters::record(conn, letter, &token))?;
+fn file_dead_letter(db: &Database, letter: &DeadLetter, token: &str) -> Result<Outcome, Failure> {
+    db.transaction(|conn| dead_letters::record(conn, letter, token))?;
     Ok(Outcome::DeadLetter(letter.kind))
 }
 

@@ -3,7 +3,7 @@
 //! fault is injected, and checks that the two end states are identical table
 //! by table: nothing lost, nothing doubled, no valid message dead-lettered.
 //!
-//! `CHAOS_MESSAGES` sets the size (default 3,000; `scripts/chaos` runs
+//! `CHAOS_MESSAGES` sets the size (default 10,000; `scripts/chaos` runs
 //! 50,000). Each case prints one line of figures.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +25,7 @@ fn size() -> usize {
     std::env::var("CHAOS_MESSAGES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3000)
+        .unwrap_or(10_000)
 }
 
 fn input(messages: usize) -> (String, String) {
@@ -150,7 +150,7 @@ fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usize) -> Summ
         std::io::Cursor::new(text.as_bytes().to_vec()),
         &IngestOptions {
             workers,
-            ..IngestOptions::default()
+            ..crate::support::options()
         },
         &Progress::default(),
         |s| {
@@ -385,7 +385,7 @@ fn a_session_left_pending_rollback_loses_and_doubles_nothing() {
         prepare,
         |_, _, run| {
             run.wait_for(0.0);
-            run.note("trigger on processed_messages: 2% of transactions lose their backend mid-transaction, so ROLLBACK fails".into());
+            run.note("trigger on processed_messages: each insert kills its own backend with probability 2%, mid-transaction, so ROLLBACK fails".into());
         },
     );
 }
@@ -409,7 +409,7 @@ fn panicking_messages_cost_only_themselves() {
                 panic!("injected panic on {}", m.id);
             }
         })),
-        ..IngestOptions::default()
+        ..crate::support::options()
     };
     let summary = pipeline::ingest(
         &t.db,

@@ -257,7 +257,7 @@ fn alerts_open_and_close_on_the_latest_good_reading_only() {
                 &input,
                 &normalizer::pipeline::IngestOptions {
                     workers: 1,
-                    ..Default::default()
+                    ..crate::support::options()
                 },
             )
             .unwrap();
@@ -296,7 +296,7 @@ fn a_late_reading_is_stored_but_changes_no_alarm() {
                 &input,
                 &normalizer::pipeline::IngestOptions {
                     workers: 1,
-                    ..Default::default()
+                    ..crate::support::options()
                 },
             )
             .unwrap();
@@ -428,7 +428,7 @@ fn one_devices_messages_apply_in_arrival_order_across_many_workers() {
                 &lines.join("\n"),
                 &normalizer::pipeline::IngestOptions {
                     workers: 4,
-                    ..Default::default()
+                    ..crate::support::options()
                 },
             )
             .unwrap();

@@ -191,7 +191,7 @@ fn a_panicking_message_is_dead_lettered_as_internal_and_nothing_else_is_affected
                     panic!("injected panic for {}", m.id);
                 }
             })),
-            ..IngestOptions::default()
+            ..crate::support::options()
         };
         let mut lines: Vec<String> = messages(30, "g").lines().map(String::from).collect();
         lines.insert(
@@ -347,7 +347,7 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
         let options = IngestOptions {
             workers: 2,
             hook: Some(Arc::new(|_| std::thread::sleep(Duration::from_millis(5)))),
-            ..IngestOptions::default()
+            ..crate::support::options()
         };
         let result = t.ingest_with(&input, &options);
         killer.join().unwrap();

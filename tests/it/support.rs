@@ -19,6 +19,19 @@ pub struct TestDb {
     pub _dir: Option<tempfile::TempDir>,
 }
 
+/// The pipeline's options for tests: `NORMALIZER_BATCH_SIZE` picks the
+/// mode (`./scripts/test` runs the suites with the default and with 1).
+pub fn options() -> IngestOptions {
+    let mut options = IngestOptions::default();
+    if let Some(n) = std::env::var("NORMALIZER_BATCH_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        options.batch_size = n;
+    }
+    options
+}
+
 pub fn policy() -> RetryPolicy {
     RetryPolicy {
         max_outage: Duration::from_secs(120),
@@ -91,7 +104,7 @@ impl TestDb {
             input,
             &IngestOptions {
                 workers: 3,
-                ..IngestOptions::default()
+                ..crate::support::options()
             },
         )
         .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
@@ -142,7 +155,7 @@ pub fn ingest_bytes(t: &TestDb, bytes: Vec<u8>) -> Summary {
     pipeline::ingest(
         &t.db,
         Cursor::new(bytes),
-        &IngestOptions::default(),
+        &crate::support::options(),
         &Progress::default(),
         |_| {},
     )

@@ -2,6 +2,7 @@
 //! transaction that [`super::Database::transaction`] opened, and runs the same
 //! diesel code on both backends through `dispatch!`.
 
+pub mod batch;
 pub mod dead_letters;
 pub mod messages;
 pub mod provisioning;

@@ -1,0 +1,604 @@
+//! Many messages in one transaction, with set-based statements, ending in
+//! exactly the state that applying them one at a time, in order, would.
+//!
+//! The transaction reads what the batch needs in a few statements (processed
+//! ids, devices, mappings, sensors, active alarms, open alerts), decides
+//! every message in memory in arrival order (the same pure functions as the
+//! one-message path), and writes with multi-row inserts and, on PostgreSQL,
+//! array updates.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+
+use crate::core::alarm::{evaluates_alarms, transition, Condition, Transition};
+use crate::core::message::raw_for_storage;
+use crate::core::normalize::{normalize, DeviceSpec, FieldMapping, Quality, SensorSpec};
+use crate::core::{DeadLetterKind, Message};
+use crate::db::schema::{
+    alarms, alerts, dead_letters as dl, devices, processed_messages, profile_fields, readings,
+    sensors,
+};
+use crate::db::types::Instant;
+use crate::db::{dispatch, AnyConnection};
+use crate::outcome::{Applied, DeadLetter, Outcome};
+
+use super::dead_letters;
+
+/// One line of a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    /// A message to apply.
+    Message {
+        /// The message.
+        message: &'a Message,
+        /// The line as read, for a dead letter.
+        raw: &'a [u8],
+        /// This write's token (see [`dead_letters::record`]).
+        token: &'a str,
+    },
+    /// A line already known to be a dead letter (malformed or invalid).
+    Letter {
+        /// The dead letter.
+        letter: &'a DeadLetter,
+        /// This write's token.
+        token: &'a str,
+    },
+}
+
+/// Rows per statement: within PostgreSQL's 65,535 and SQLite's 32,766 binds.
+const CHUNK: usize = 1000;
+
+/// Applies `items` in order inside the caller's transaction; returns one
+/// outcome per item.
+pub fn apply(conn: &mut AnyConnection, items: &[Item<'_>]) -> QueryResult<Vec<Outcome>> {
+    let messages: Vec<(usize, &Message, &[u8], &str)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| match item {
+            Item::Message {
+                message,
+                raw,
+                token,
+            } => Some((i, *message, *raw, *token)),
+            Item::Letter { .. } => None,
+        })
+        .collect();
+    let ids: Vec<&str> = messages.iter().map(|(_, m, _, _)| m.id.as_str()).collect();
+    let processed = processed_tokens(conn, &ids)?;
+    let keys: Vec<&str> = {
+        let mut k: Vec<&str> = messages
+            .iter()
+            .map(|(_, m, _, _)| m.device.as_str())
+            .collect();
+        k.sort_unstable();
+        k.dedup();
+        k
+    };
+    let known = lock_devices(conn, &keys)?;
+    let mut state = State::load(conn, &known)?;
+
+    // Pass 1: what each line is, in arrival order, before any reading is
+    // written. Dead letters are written here, in order: a letter for an id
+    // that this batch processes earlier first removes the row that the
+    // processing would have removed, as one at a time would.
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut pending_delete: HashSet<&str> = HashSet::new();
+    let mut candidates: Vec<(usize, i64, Vec<crate::core::normalize::Reading>, u32)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let (m, raw, token) = match item {
+            Item::Letter { letter, token } => {
+                file_letter(conn, letter, token, &mut pending_delete)?;
+                outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
+                continue;
+            }
+            Item::Message {
+                message,
+                raw,
+                token,
+            } => (*message, *raw, *token),
+        };
+        if let Some(stored) = processed.get(m.id.as_str()) {
+            outcomes[i] = Some(if stored == token {
+                Outcome::Processed(Applied::default())
+            } else {
+                Outcome::Duplicate
+            });
+            continue;
+        }
+        if seen.contains(m.id.as_str()) {
+            outcomes[i] = Some(Outcome::Duplicate);
+            continue;
+        }
+        let letter = |kind: DeadLetterKind, error: String| DeadLetter {
+            message_id: Some(m.id.clone()),
+            device_key: Some(m.device.clone()),
+            kind,
+            error,
+            raw: raw_for_storage(raw),
+        };
+        let Some(&(device_id, profile_id)) = known.get(m.device.as_str()) else {
+            let letter = letter(
+                DeadLetterKind::UnknownDevice,
+                format!("no device with key {:?} is provisioned", m.device),
+            );
+            file_letter(conn, &letter, token, &mut pending_delete)?;
+            outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
+            continue;
+        };
+        match normalize(&m.payload, state.spec(device_id, profile_id)) {
+            Ok(n) => {
+                seen.insert(m.id.as_str());
+                pending_delete.insert(m.id.as_str());
+                candidates.push((i, device_id, n.readings, n.unmapped));
+            }
+            Err(error) => {
+                let letter = letter(DeadLetterKind::Invalid, error);
+                file_letter(conn, &letter, token, &mut pending_delete)?;
+                outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
+            }
+        }
+    }
+    let message_of = |i: usize| match items[i] {
+        Item::Message { message, .. } => message,
+        Item::Letter { .. } => unreachable!("candidates are messages"),
+    };
+    let token_of = |i: usize| match items[i] {
+        Item::Message { token, .. } => token,
+        Item::Letter { .. } => unreachable!("candidates are messages"),
+    };
+
+    // Pass 2: readings, the first one of a sensor and instant wins.
+    let mut first_at: HashSet<(i64, DateTime<Utc>)> = HashSet::new();
+    let mut rows = Vec::new();
+    for (i, _, readings, _) in &candidates {
+        let m = message_of(*i);
+        for r in readings {
+            if first_at.insert((r.sensor_id, m.ts)) {
+                rows.push((
+                    r.sensor_id,
+                    Instant(m.ts),
+                    r.value,
+                    r.quality.as_str(),
+                    m.id.as_str(),
+                ));
+            }
+        }
+    }
+    let stored = insert_readings(conn, &rows)?;
+
+    // Pass 3: alarms and last-seen, in arrival order.
+    let mut last_seen: HashMap<i64, DateTime<Utc>> = HashMap::new();
+    for (i, device_id, readings, unmapped) in &candidates {
+        let m = message_of(*i);
+        let mut applied = Applied {
+            unmapped: *unmapped,
+            ..Applied::default()
+        };
+        for r in readings {
+            if !stored.contains(&(r.sensor_id, m.ts, m.id.as_str())) {
+                applied.duplicate_readings += 1;
+                continue;
+            }
+            applied.readings += 1;
+            if r.quality == Quality::Good && evaluates_alarms(m.ts, state.latest_good(r.sensor_id))
+            {
+                state.set_latest_good(r.sensor_id, m.ts);
+                state.evaluate(r.sensor_id, m.ts, r.value, &mut applied);
+            }
+        }
+        let seen_at = last_seen.entry(*device_id).or_insert(m.ts);
+        *seen_at = (*seen_at).max(m.ts);
+        outcomes[*i] = Some(Outcome::Processed(applied));
+    }
+    state.write(conn)?;
+    touch_devices(conn, &last_seen)?;
+    let done: Vec<(&str, &str)> = candidates
+        .iter()
+        .map(|(i, ..)| (message_of(*i).id.as_str(), token_of(*i)))
+        .collect();
+    mark_processed(conn, &done)?;
+    let deletes: Vec<&str> = pending_delete.into_iter().collect();
+    for chunk in deletes.chunks(CHUNK) {
+        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every item decided"))
+        .collect())
+}
+
+/// Files a dead letter at its place in the batch. If this batch processed
+/// the same id before, the row that processing removes goes first.
+fn file_letter(
+    conn: &mut AnyConnection,
+    letter: &DeadLetter,
+    token: &str,
+    pending_delete: &mut HashSet<&str>,
+) -> QueryResult<()> {
+    if let Some(id) = letter.message_id.as_deref() {
+        if pending_delete.remove(id) {
+            dead_letters::remove(conn, id)?;
+        }
+    }
+    dead_letters::record(conn, letter, token)
+}
+
+fn processed_tokens(
+    conn: &mut AnyConnection,
+    ids: &[&str],
+) -> QueryResult<HashMap<String, String>> {
+    use processed_messages::dsl as p;
+    let mut out = HashMap::new();
+    for chunk in ids.chunks(CHUNK) {
+        let rows: Vec<(String, String)> = dispatch!(conn, c => p::processed_messages
+            .filter(p::message_id.eq_any(chunk))
+            .select((p::message_id, p::write_token))
+            .load(c))?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// The batch's devices by key, locked on PostgreSQL in id order (so that
+/// batches never deadlock each other).
+fn lock_devices(
+    conn: &mut AnyConnection,
+    keys: &[&str],
+) -> QueryResult<HashMap<String, (i64, i64)>> {
+    use devices::dsl as d;
+    let mut out = HashMap::new();
+    for chunk in keys.chunks(CHUNK) {
+        let query = d::devices
+            .filter(d::key.eq_any(chunk))
+            .select((d::id, d::key, d::profile_id))
+            .order(d::id);
+        let rows: Vec<(i64, String, i64)> = match conn {
+            AnyConnection::Pg(c) => query.for_update().load(c)?,
+            AnyConnection::Sqlite(c) => query.load(c)?,
+        };
+        out.extend(
+            rows.into_iter()
+                .map(|(id, key, profile)| (key, (id, profile))),
+        );
+    }
+    Ok(out)
+}
+
+struct AlarmDef {
+    id: i64,
+    condition: Condition,
+    threshold: f64,
+}
+
+enum OpenAlert {
+    Stored(i64),
+    New(usize),
+}
+
+struct NewAlert {
+    alarm_id: i64,
+    opened_at: DateTime<Utc>,
+    open_value: f64,
+    closed: Option<(DateTime<Utc>, f64)>,
+}
+
+/// What the batch reads, and what it will write, of its devices.
+struct State {
+    specs: HashMap<i64, DeviceSpec>,
+    latest_good: HashMap<i64, Option<DateTime<Utc>>>,
+    latest_changed: HashSet<i64>,
+    alarms: HashMap<i64, Vec<AlarmDef>>,
+    open: HashMap<i64, OpenAlert>,
+    new_alerts: Vec<NewAlert>,
+    closed: Vec<(i64, DateTime<Utc>, f64)>,
+}
+
+type SensorRow = (
+    i64,
+    i64,
+    String,
+    f64,
+    f64,
+    Option<f64>,
+    Option<f64>,
+    Option<Instant>,
+);
+
+impl State {
+    fn load(conn: &mut AnyConnection, known: &HashMap<String, (i64, i64)>) -> QueryResult<State> {
+        let device_ids: Vec<i64> = known.values().map(|(d, _)| *d).collect();
+        let mut profile_ids: Vec<i64> = known.values().map(|(_, p)| *p).collect();
+        profile_ids.sort_unstable();
+        profile_ids.dedup();
+        let mut fields: HashMap<i64, HashMap<String, FieldMapping>> = HashMap::new();
+        for chunk in profile_ids.chunks(CHUNK) {
+            use profile_fields::dsl as f;
+            let rows: Vec<(i64, String, String, f64, f64)> = dispatch!(conn, c => f::profile_fields
+                .filter(f::profile_id.eq_any(chunk))
+                .select((f::profile_id, f::field, f::metric, f::scale, f::offset_value))
+                .load(c))?;
+            for (profile, field, metric, scale, offset) in rows {
+                fields.entry(profile).or_default().insert(
+                    field,
+                    FieldMapping {
+                        metric,
+                        scale,
+                        offset,
+                    },
+                );
+            }
+        }
+        let mut specs: HashMap<i64, DeviceSpec> = HashMap::new();
+        let mut latest_good = HashMap::new();
+        let mut sensor_ids = Vec::new();
+        for chunk in device_ids.chunks(CHUNK) {
+            use sensors::dsl as s;
+            let rows: Vec<SensorRow> = dispatch!(conn, c => s::sensors
+                .filter(s::device_id.eq_any(chunk))
+                .select((s::id, s::device_id, s::metric, s::scale, s::offset_value, s::min_value, s::max_value, s::last_good_at))
+                .load(c))?;
+            for (id, device, metric, scale, offset, min, max, last_good) in rows {
+                specs.entry(device).or_default().sensors.insert(
+                    metric,
+                    SensorSpec {
+                        id,
+                        scale,
+                        offset,
+                        min,
+                        max,
+                    },
+                );
+                latest_good.insert(id, last_good.map(|i| i.0));
+                sensor_ids.push(id);
+            }
+        }
+        for (device, profile) in known.values() {
+            specs.entry(*device).or_default().fields =
+                fields.get(profile).cloned().unwrap_or_default();
+        }
+        let mut alarms: HashMap<i64, Vec<AlarmDef>> = HashMap::new();
+        let mut alarm_ids = Vec::new();
+        for chunk in sensor_ids.chunks(CHUNK) {
+            use alarms::dsl as a;
+            let rows: Vec<(i64, i64, String, f64)> = dispatch!(conn, c => a::alarms
+                .filter(a::sensor_id.eq_any(chunk))
+                .filter(a::active.eq(true))
+                .select((a::id, a::sensor_id, a::condition, a::threshold))
+                .order(a::id)
+                .load(c))?;
+            for (id, sensor, condition, threshold) in rows {
+                let Some(condition) = Condition::parse(&condition) else {
+                    log::warn!("alarm {id} has an unknown condition {condition:?}; skipped");
+                    continue;
+                };
+                alarms.entry(sensor).or_default().push(AlarmDef {
+                    id,
+                    condition,
+                    threshold,
+                });
+                alarm_ids.push(id);
+            }
+        }
+        let mut open = HashMap::new();
+        for chunk in alarm_ids.chunks(CHUNK) {
+            use alerts::dsl as al;
+            let rows: Vec<(i64, i64)> = dispatch!(conn, c => al::alerts
+                .filter(al::alarm_id.eq_any(chunk))
+                .filter(al::closed_at.is_null())
+                .select((al::alarm_id, al::id))
+                .load(c))?;
+            open.extend(
+                rows.into_iter()
+                    .map(|(alarm, alert)| (alarm, OpenAlert::Stored(alert))),
+            );
+        }
+        Ok(State {
+            specs,
+            latest_good,
+            latest_changed: HashSet::new(),
+            alarms,
+            open,
+            new_alerts: Vec::new(),
+            closed: Vec::new(),
+        })
+    }
+
+    fn spec(&mut self, device_id: i64, _profile_id: i64) -> &DeviceSpec {
+        self.specs.entry(device_id).or_default()
+    }
+
+    fn latest_good(&self, sensor: i64) -> Option<DateTime<Utc>> {
+        self.latest_good.get(&sensor).copied().flatten()
+    }
+
+    fn set_latest_good(&mut self, sensor: i64, ts: DateTime<Utc>) {
+        self.latest_good.insert(sensor, Some(ts));
+        self.latest_changed.insert(sensor);
+    }
+
+    fn evaluate(&mut self, sensor: i64, ts: DateTime<Utc>, value: f64, applied: &mut Applied) {
+        let Some(defs) = self.alarms.get(&sensor) else {
+            return;
+        };
+        for alarm in defs {
+            let open = self.open.get(&alarm.id);
+            match transition(alarm.condition, alarm.threshold, value, open.is_some()) {
+                Transition::Open => {
+                    self.new_alerts.push(NewAlert {
+                        alarm_id: alarm.id,
+                        opened_at: ts,
+                        open_value: value,
+                        closed: None,
+                    });
+                    self.open
+                        .insert(alarm.id, OpenAlert::New(self.new_alerts.len() - 1));
+                    applied.alerts_opened += 1;
+                }
+                Transition::Close => {
+                    match self
+                        .open
+                        .remove(&alarm.id)
+                        .expect("close needs an open alert")
+                    {
+                        OpenAlert::Stored(id) => self.closed.push((id, ts, value)),
+                        OpenAlert::New(i) => self.new_alerts[i].closed = Some((ts, value)),
+                    }
+                    applied.alerts_closed += 1;
+                }
+                Transition::Stay => {}
+            }
+        }
+    }
+
+    fn write(&self, conn: &mut AnyConnection) -> QueryResult<()> {
+        use alerts::dsl as al;
+        let mut sensors: Vec<(i64, DateTime<Utc>)> = self
+            .latest_changed
+            .iter()
+            .map(|s| (*s, self.latest_good[s].expect("set when changed")))
+            .collect();
+        sensors.sort_unstable();
+        match conn {
+            AnyConnection::Pg(c) => {
+                for chunk in sensors.chunks(CHUNK * 10) {
+                    let (ids, ts): (Vec<i64>, Vec<DateTime<Utc>>) = chunk.iter().copied().unzip();
+                    diesel::sql_query(
+                        "UPDATE sensors AS s SET last_good_at = v.ts \
+                         FROM unnest($1::bigint[], $2::timestamptz[]) AS v(id, ts) WHERE s.id = v.id",
+                    )
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(ids)
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(ts)
+                    .execute(c)?;
+                }
+            }
+            AnyConnection::Sqlite(c) => {
+                use sensors::dsl as s;
+                for (id, ts) in &sensors {
+                    diesel::update(s::sensors.find(id))
+                        .set(s::last_good_at.eq(Instant(*ts)))
+                        .execute(c)?;
+                }
+            }
+        }
+        for (id, ts, value) in &self.closed {
+            dispatch!(conn, c => diesel::update(al::alerts.find(id))
+                .set((al::closed_at.eq(Some(Instant(*ts))), al::close_value.eq(Some(*value))))
+                .execute(c))?;
+        }
+        let rows: Vec<_> = self
+            .new_alerts
+            .iter()
+            .map(|a| {
+                (
+                    al::alarm_id.eq(a.alarm_id),
+                    al::opened_at.eq(Instant(a.opened_at)),
+                    al::open_value.eq(a.open_value),
+                    al::closed_at.eq(a.closed.map(|(t, _)| Instant(t))),
+                    al::close_value.eq(a.closed.map(|(_, v)| v)),
+                )
+            })
+            .collect();
+        for chunk in rows.chunks(CHUNK) {
+            dispatch!(conn, c => diesel::insert_into(al::alerts).values(chunk).execute(c))?;
+        }
+        Ok(())
+    }
+}
+
+type ReadingRow<'a> = (i64, Instant, f64, &'static str, &'a str);
+
+/// Inserts readings unless their sensor has one at that instant; returns the
+/// (sensor, ts, message id) of those stored.
+fn insert_readings<'a>(
+    conn: &mut AnyConnection,
+    rows: &[ReadingRow<'a>],
+) -> QueryResult<HashSet<(i64, DateTime<Utc>, &'a str)>> {
+    use readings::dsl as rd;
+    let mut stored = HashSet::with_capacity(rows.len());
+    let by_key: HashMap<(i64, DateTime<Utc>), &'a str> =
+        rows.iter().map(|r| ((r.0, r.1 .0), r.4)).collect();
+    for chunk in rows.chunks(CHUNK) {
+        let values: Vec<_> = chunk
+            .iter()
+            .map(|(sensor, ts, value, quality, id)| {
+                (
+                    rd::sensor_id.eq(*sensor),
+                    rd::ts.eq(*ts),
+                    rd::value.eq(*value),
+                    rd::quality.eq(*quality),
+                    rd::message_id.eq(*id),
+                )
+            })
+            .collect();
+        let inserted: Vec<(i64, Instant)> = dispatch!(conn, c => diesel::insert_into(rd::readings)
+            .values(&values)
+            .on_conflict((rd::sensor_id, rd::ts))
+            .do_nothing()
+            .returning((rd::sensor_id, rd::ts))
+            .get_results(c))?;
+        for (sensor, ts) in inserted {
+            stored.insert((sensor, ts.0, by_key[&(sensor, ts.0)]));
+        }
+    }
+    Ok(stored)
+}
+
+fn touch_devices(
+    conn: &mut AnyConnection,
+    last_seen: &HashMap<i64, DateTime<Utc>>,
+) -> QueryResult<()> {
+    let mut rows: Vec<(i64, DateTime<Utc>)> = last_seen.iter().map(|(d, t)| (*d, *t)).collect();
+    rows.sort_unstable();
+    match conn {
+        AnyConnection::Pg(c) => {
+            for chunk in rows.chunks(CHUNK * 10) {
+                let (ids, ts): (Vec<i64>, Vec<DateTime<Utc>>) = chunk.iter().copied().unzip();
+                diesel::sql_query(
+                    "UPDATE devices AS d SET last_seen_at = v.ts \
+                     FROM unnest($1::bigint[], $2::timestamptz[]) AS v(id, ts) \
+                     WHERE d.id = v.id AND (d.last_seen_at IS NULL OR d.last_seen_at < v.ts)",
+                )
+                .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(ids)
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(ts)
+                .execute(c)?;
+            }
+        }
+        AnyConnection::Sqlite(c) => {
+            use devices::dsl as d;
+            for (id, ts) in rows {
+                diesel::update(
+                    d::devices.filter(d::id.eq(id)).filter(
+                        d::last_seen_at
+                            .is_null()
+                            .or(d::last_seen_at.lt(Instant(ts))),
+                    ),
+                )
+                .set(d::last_seen_at.eq(Instant(ts)))
+                .execute(c)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResult<()> {
+    use processed_messages::dsl as p;
+    let now = Instant(Utc::now());
+    for chunk in done.chunks(CHUNK) {
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(id, token)| {
+                (
+                    p::message_id.eq(*id),
+                    p::processed_at.eq(now),
+                    p::write_token.eq(*token),
+                )
+            })
+            .collect();
+        dispatch!(conn, c => diesel::insert_into(p::processed_messages).values(&rows).execute(c))?;
+    }
+    Ok(())
+}
