@@ -252,6 +252,8 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         Command::Ingest { workers, .. }
         | Command::DeadLetters(DeadLetterCommand::Replay { workers, .. }) => {
             flags.workers = workers.workers;
+            flags.batch_size = workers.batch_size;
+            flags.batch_wait = workers.batch_wait;
         }
         Command::Serve {
             socket,
@@ -300,6 +302,8 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
     };
     let pipeline_options = IngestOptions {
         workers: settings.workers,
+        batch_size: settings.batch_size,
+        batch_wait: settings.batch_wait,
         ..IngestOptions::default()
     };
     match cli.command {

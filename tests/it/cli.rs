@@ -252,3 +252,30 @@ fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
         "{text}"
     );
 }
+
+#[test]
+fn batch_size_one_runs_one_transaction_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], db: &str| {
+        let mut args = vec!["--database-url", db, "ingest", "--json", "--provision"];
+        let devices = examples("devices.json");
+        let messages = examples("messages.jsonl");
+        args.push(&devices);
+        args.extend_from_slice(extra);
+        args.push(&messages);
+        let out = normalizer(dir.path(), &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["database"]["transactions"].as_u64().unwrap()
+    };
+    let one = run(
+        &["--batch-size", "1"],
+        &format!("sqlite://{}/a.db", dir.path().display()),
+    );
+    let batched = run(
+        &["--batch-size", "500"],
+        &format!("sqlite://{}/b.db", dir.path().display()),
+    );
+    assert!(one > 580, "one transaction per line: {one}");
+    assert!(batched < 50, "a few batches: {batched}");
+}
