@@ -98,7 +98,7 @@ impl Default for Settings {
             log_file: None,
             max_outage: Duration::from_secs(300),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            batch_size: 500,
+            batch_size: 1000,
             batch_wait: Duration::from_millis(2),
             socket: PathBuf::from("/run/normalizer/normalizer.sock"),
             socket_mode: 0o660,

@@ -55,8 +55,8 @@ impl Default for IngestOptions {
     fn default() -> Self {
         IngestOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            queue_per_worker: 1024,
-            batch_size: 500,
+            queue_per_worker: 2048,
+            batch_size: 1000,
             batch_wait: std::time::Duration::from_millis(2),
             hook: None,
         }
