@@ -32,10 +32,14 @@ fn bench(c: &mut Criterion) {
     let url = format!("sqlite://{}", path.display());
     let db = Database::open(
         DatabaseUrl::parse(&url).unwrap(),
-        PoolSettings { max_size: 1, ..PoolSettings::default() },
+        PoolSettings {
+            max_size: 1,
+            ..PoolSettings::default()
+        },
         RetryPolicy::default(),
     );
-    db.transaction(|c| c.batch_execute("CREATE TABLE IF NOT EXISTS bench (v INTEGER)")).unwrap();
+    db.transaction(|c| c.batch_execute("CREATE TABLE IF NOT EXISTS bench (v INTEGER)"))
+        .unwrap();
     let plain: Pool<ConnectionManager<SqliteConnection>> = Pool::builder()
         .max_size(1)
         .test_on_check_out(false)
@@ -48,7 +52,8 @@ fn bench(c: &mut Criterion) {
     group.bench_function("plain", |b| {
         b.iter(|| {
             let mut conn = plain.get().unwrap();
-            conn.immediate_transaction(|c| diesel::sql_query(INSERT).execute(c)).unwrap();
+            conn.immediate_transaction(|c| diesel::sql_query(INSERT).execute(c))
+                .unwrap();
         })
     });
     group.bench_function("wrapper", |b| {

@@ -22,7 +22,7 @@ use std::thread::Scope;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::core::message::{parse_line, raw_for_storage};
+use crate::core::message::{parse_line, raw_for_storage, MAX_RAW_BYTES};
 use crate::core::{DeadLetterKind, Message, Parsed, Rejection};
 use crate::db::repo::{batch, dead_letters, messages};
 use crate::db::{Database, Failure};
@@ -42,6 +42,8 @@ pub struct IngestOptions {
     pub workers: usize,
     /// Jobs queued per worker.
     pub queue_per_worker: usize,
+    /// Bytes queued for all workers together; the reader waits beyond it.
+    pub queue_bytes: usize,
     /// Most messages applied in one transaction; 1 is one message per
     /// transaction.
     pub batch_size: usize,
@@ -56,6 +58,7 @@ impl Default for IngestOptions {
         IngestOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             queue_per_worker: 2048,
+            queue_bytes: 64 * 1024 * 1024,
             batch_size: 1000,
             batch_wait: std::time::Duration::from_millis(2),
             hook: None,
@@ -73,6 +76,69 @@ pub struct Job {
     ticket: u64,
     work: Work,
     reply: Sender<Done>,
+    cost: Cost,
+}
+
+/// A job's share of the queue budget, given back when the job is dropped.
+struct Cost {
+    bytes: usize,
+    budget: Arc<Budget>,
+}
+
+impl Drop for Cost {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+impl Work {
+    /// Roughly the bytes a queued job holds: its line twice (raw, parsed).
+    fn cost(&self) -> usize {
+        match self {
+            Work::Apply { raw, .. } | Work::Reject { raw, .. } => 256 + 2 * raw.len(),
+        }
+    }
+}
+
+/// A bound on the bytes queued for the workers, so that memory stays flat
+/// whatever the lines hold: the reader waits while the budget is spent.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `cost` fits (a job larger than the whole budget goes
+    /// through alone).
+    fn acquire(&self, cost: usize) {
+        let mut used = self.used.lock().expect("budget lock");
+        while *used > 0 && *used + cost > self.limit {
+            used = self.freed.wait(used).expect("budget lock");
+        }
+        *used += cost;
+    }
+
+    fn release(&self, cost: usize) {
+        let mut used = self.used.lock().expect("budget lock");
+        *used = used.saturating_sub(cost);
+        self.freed.notify_all();
+    }
+
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        *self.used.lock().expect("budget lock")
+    }
 }
 
 /// The end of one job.
@@ -92,6 +158,7 @@ pub struct Done {
 pub struct Workers {
     senders: Vec<Sender<Job>>,
     next_reject: std::sync::atomic::AtomicUsize,
+    budget: Arc<Budget>,
 }
 
 impl Workers {
@@ -118,42 +185,47 @@ impl Workers {
         Workers {
             senders,
             next_reject: Default::default(),
+            budget: Arc::new(Budget::new(options.queue_bytes)),
         }
     }
 
     /// Parses a line and sends it to its worker, blocking while that
-    /// worker's queue is full. Returns `None` for a blank line (no job), or
+    /// worker's queue is full or the queues' byte budget is spent. Returns `None` for a blank line (no job), or
     /// `Some(false)` when the workers are gone.
     pub fn submit(&self, ticket: u64, line: Line, reply: &Sender<Done>) -> Option<bool> {
-        let (worker, work) = match parse_line(&line.bytes, line.oversize) {
+        let parsed = parse_line(&line.bytes, line.oversize);
+        // Only a dead letter needs the line, and only its first 64 KiB.
+        let mut raw = line.bytes;
+        raw.truncate(MAX_RAW_BYTES);
+        let (worker, work) = match parsed {
             Parsed::Blank => return None,
             Parsed::Message(message) => (
                 route(&message.device, self.senders.len()),
-                Work::Apply {
-                    message,
-                    raw: line.bytes,
-                },
+                Work::Apply { message, raw },
             ),
             Parsed::Rejected(rejection) => {
-                let i = self.next_reject.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-                (
-                    i,
-                    Work::Reject {
-                        rejection,
-                        raw: line.bytes,
-                    },
-                )
+                // With a readable device key it keeps its place among that
+                // device's messages.
+                let i = match &rejection.device_key {
+                    Some(key) => route(key, self.senders.len()),
+                    None => self.next_reject.fetch_add(1, Ordering::Relaxed) % self.senders.len(),
+                };
+                (i, Work::Reject { rejection, raw })
             }
         };
-        Some(
-            self.senders[worker]
-                .send(Job {
-                    ticket,
-                    work,
-                    reply: reply.clone(),
-                })
-                .is_ok(),
-        )
+        let cost = work.cost();
+        self.budget.acquire(cost);
+        let cost = Cost {
+            bytes: cost,
+            budget: self.budget.clone(),
+        };
+        let job = Job {
+            ticket,
+            work,
+            reply: reply.clone(),
+            cost,
+        };
+        Some(self.senders[worker].send(job).is_ok())
     }
 
     /// Jobs waiting in the queues.
@@ -171,10 +243,14 @@ pub fn route(device: &str, workers: usize) -> usize {
 
 fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, options: &IngestOptions) {
     let hook = options.hook.as_deref();
+    // The batch size adapts: halved after a batch had to be split, doubled
+    // back (up to --batch-size) after one that committed whole, so a
+    // persistent fault rate does not make every full-size batch fail first.
+    let mut limit = options.batch_size;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         let deadline = std::time::Instant::now() + options.batch_wait;
-        while batch.len() < options.batch_size {
+        while batch.len() < limit {
             match jobs.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(crossbeam_channel::TryRecvError::Disconnected) => break,
@@ -195,7 +271,12 @@ fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, options: &IngestO
                 job.reply(result);
             }
         } else {
-            run_batch(db, prepared, hook);
+            let size = prepared.len();
+            limit = if run_batch(db, prepared, hook) {
+                (size / 2).max(1)
+            } else {
+                (limit * 2).min(options.batch_size)
+            };
         }
     }
 }
@@ -207,6 +288,7 @@ struct Prepared {
     reply: Sender<Done>,
     token: String,
     kind: PreparedKind,
+    _cost: Cost,
 }
 
 enum PreparedKind {
@@ -234,6 +316,7 @@ impl From<Job> for Prepared {
             reply: job.reply,
             token: new_token(),
             kind,
+            _cost: job.cost,
         }
     }
 }
@@ -303,11 +386,16 @@ const BATCH_TRANSIENT_ATTEMPTS: u32 = 4;
 /// failing message is alone; only it is dead-lettered. A batch that keeps
 /// hitting transient errors (deadlocks, timeouts) is split the same way,
 /// down to single messages, which retry until `max_outage`.
-fn run_batch(db: &Database, jobs: Vec<Prepared>, hook: Option<&(dyn Fn(&Message) + Send + Sync)>) {
+/// Returns whether the batch had to be split.
+fn run_batch(
+    db: &Database,
+    jobs: Vec<Prepared>,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> bool {
     if jobs.len() == 1 {
         let job = &jobs[0];
         job.reply(run_alone(db, job, hook));
-        return;
+        return false;
     }
     let items: Vec<batch::Item<'_>> = jobs
         .iter()
@@ -339,12 +427,14 @@ fn run_batch(db: &Database, jobs: Vec<Prepared>, hook: Option<&(dyn Fn(&Message)
             for (job, outcome) in jobs.iter().zip(outcomes) {
                 job.reply(Ok(outcome));
             }
+            false
         }
         Err(failure @ (Failure::GaveUp { .. } | Failure::Cancelled { .. })) => {
             // Not done: every job of the batch stops the same way.
             for job in &jobs {
                 job.reply(Err(copy_of_stop(&failure)));
             }
+            false
         }
         Err(failure) => {
             log::warn!(
@@ -355,6 +445,7 @@ fn run_batch(db: &Database, jobs: Vec<Prepared>, hook: Option<&(dyn Fn(&Message)
             let second = jobs.split_off(jobs.len() / 2);
             run_batch(db, jobs, hook);
             run_batch(db, second, hook);
+            true
         }
     }
 }
@@ -420,4 +511,32 @@ fn file_dead_letter(db: &Database, letter: &DeadLetter, token: &str) -> Result<O
 /// A random name for one write, stable across its retries.
 fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_budget_blocks_until_jobs_are_done_and_lets_a_huge_job_through_alone() {
+        let budget = Arc::new(Budget::new(100));
+        budget.acquire(500); // larger than the whole budget: goes through alone
+        assert_eq!(budget.used(), 500);
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                budget.acquire(30);
+                tx.send(()).unwrap();
+            });
+            assert!(
+                rx.recv_timeout(std::time::Duration::from_millis(100))
+                    .is_err(),
+                "blocked while spent"
+            );
+            budget.release(500);
+            rx.recv_timeout(std::time::Duration::from_secs(5))
+                .expect("released");
+        });
+        assert_eq!(budget.used(), 30);
+    }
 }

@@ -387,3 +387,40 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
         "no valid message dead-lettered"
     );
 }
+
+#[test]
+fn a_poison_message_in_a_batch_of_1000_costs_only_itself() {
+    for t in both() {
+        t.provision(DEVICES);
+        let trigger = match t.name {
+            "postgres" => "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.message_id = 'poison' THEN RAISE EXCEPTION 'poisoned reading' USING ERRCODE = '23514'; END IF; \
+                 RETURN NEW; END $$; \
+                 CREATE TRIGGER poison BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION poison();",
+            _ => "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.message_id = 'poison' \
+                  BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END;",
+        };
+        t.db.transaction(|c| c.batch_execute(trigger)).unwrap();
+        let mut lines: Vec<String> = messages(1000, "k").lines().map(String::from).collect();
+        lines.insert(
+            500,
+            msg("poison", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
+        );
+        // One worker and a batch that holds every line: the poison is in a
+        // batch with all 1,000 others.
+        let options = IngestOptions {
+            workers: 1,
+            batch_size: 2000,
+            batch_wait: Duration::from_millis(500),
+            ..crate::support::options()
+        };
+        let s = t.ingest_with(&lines.join("\n"), &options).unwrap();
+        assert_eq!((s.processed, s.dead_letters), (1000, 1), "{}", t.name);
+        assert_eq!(s.dead_letters_by_kind["db_rejected"], 1);
+        let snap = t.snapshot();
+        assert_eq!(snap.processed.len(), 1000);
+        assert_eq!(snap.dead_letters[0].0.as_deref(), Some("poison"));
+        // The split: about log2(1001) levels of halves, not 1,001 transactions.
+        assert!(s.database.transactions < 100, "{:?}", s.database);
+    }
+}

@@ -532,3 +532,41 @@ fn replay_after_provisioning_turns_unknown_device_dead_letters_into_readings() {
         serde_json::from_str(&run(&["dead-letters", "list", "--json"])).unwrap();
     assert!(listed.as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
+    let cluster = crate::pg::PgCluster::start_new();
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &url, &["--shutdown-timeout", "1s"]);
+    cluster.stop("fast");
+    let stream = UnixStream::connect(&server.socket).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    for i in 0..20 {
+        writeln!(
+            w,
+            r#"{{"id":"o{i}","device":"d","ts":"2026-11-29T10:00:00Z","payload":{{}}}}"#
+        )
+        .unwrap();
+    }
+    w.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let out = server.wait();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(8), "the shutdown took {took:?}");
+    let mut acks = String::new();
+    let _ = std::io::Read::read_to_string(&mut &stream, &mut acks);
+    assert!(
+        acks.is_empty(),
+        "nothing was committed, so nothing is acknowledged: {acks}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
+    assert!(log.contains("shutdown timeout: handing back"), "{log}");
+}
