@@ -155,7 +155,7 @@ fn split(lines: &[String], producers: usize) -> Vec<Vec<String>> {
 #[test]
 fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_run() {
     let dir = tempfile::tempdir().unwrap();
-    let (devices, lines) = input(6000);
+    let (devices, lines) = input(30_000);
     let devices_path = dir.path().join("devices.json");
     std::fs::write(&devices_path, &devices).unwrap();
     let db = format!("sqlite://{}", dir.path().join("served.db").display());
@@ -195,7 +195,7 @@ fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_
             .iter()
             .map(|part| {
                 let (socket, barrier) = (&server.socket, &barrier);
-                s.spawn(move || produce(socket, part, Some((barrier, part.len() / 4))))
+                s.spawn(move || produce(socket, part, Some((barrier, part.len() / 10))))
             })
             .collect();
         barrier.wait();
@@ -205,8 +205,8 @@ fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_
             dir.path().join("normalizer.log.1"),
         )
         .unwrap();
+        // Handled in order by the signal thread: reopen, then shut down.
         server.signal(libc::SIGHUP);
-        std::thread::sleep(Duration::from_millis(300));
         server.signal(libc::SIGTERM);
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
