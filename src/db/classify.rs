@@ -386,9 +386,10 @@ fn classify_query(error: &Error) -> Classified {
     }
 }
 
+/// Real-looking diesel errors for tests of the classifier and the retry loop.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use super::{DatabaseErrorKind, DbError, Error};
 
     #[derive(Debug)]
     struct Info(&'static str);
@@ -416,9 +417,17 @@ mod tests {
         }
     }
 
-    fn db(kind: DatabaseErrorKind, message: &'static str) -> DbError {
+    /// A database error of `kind` with PostgreSQL's or SQLite's `message`.
+    pub(crate) fn db(kind: DatabaseErrorKind, message: &'static str) -> DbError {
         DbError::Query(Error::DatabaseError(kind, Box::new(Info(message))))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::test_support::db;
 
     #[test]
     fn errors_print_on_one_line() {

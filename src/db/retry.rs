@@ -308,35 +308,10 @@ mod tests {
     }
 
     fn query_error(message: &'static str) -> AttemptError {
-        #[derive(Debug)]
-        struct Info(&'static str);
-        impl diesel::result::DatabaseErrorInformation for Info {
-            fn message(&self) -> &str {
-                self.0
-            }
-            fn details(&self) -> Option<&str> {
-                None
-            }
-            fn hint(&self) -> Option<&str> {
-                None
-            }
-            fn table_name(&self) -> Option<&str> {
-                None
-            }
-            fn column_name(&self) -> Option<&str> {
-                None
-            }
-            fn constraint_name(&self) -> Option<&str> {
-                None
-            }
-            fn statement_position(&self) -> Option<i32> {
-                None
-            }
-        }
-        let error = DbError::Query(diesel::result::Error::DatabaseError(
+        let error = crate::db::classify::test_support::db(
             diesel::result::DatabaseErrorKind::Unknown,
-            Box::new(Info(message)),
-        ));
+            message,
+        );
         let classified = classify(&error);
         AttemptError::Failed {
             error,

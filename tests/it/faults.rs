@@ -37,6 +37,21 @@ fn messages(n: usize, prefix: &str) -> String {
         .join("\n")
 }
 
+/// A trigger that makes the database reject the readings of the message
+/// with id `poison`, permanently (a check violation on PostgreSQL, an
+/// ABORT on SQLite).
+fn install_poison(t: &TestDb) {
+    let trigger = match t.name {
+        "postgres" => "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.message_id = 'poison' THEN RAISE EXCEPTION 'poisoned reading' USING ERRCODE = '23514'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER poison BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION poison();",
+        _ => "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.message_id = 'poison' \
+              BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END;",
+    };
+    t.db.transaction(|c| c.batch_execute(trigger)).unwrap();
+}
+
 fn backend_pid(conn: &mut AnyConnection) -> QueryResult<i32> {
     #[derive(QueryableByName)]
     struct Pid {
@@ -157,15 +172,7 @@ fn a_failed_rollback_discards_the_connection_and_the_next_attempt_succeeds() {
 fn a_poison_message_is_dead_lettered_as_db_rejected_and_the_rest_commit() {
     for t in both() {
         t.provision(DEVICES);
-        let trigger = match t.name {
-            "postgres" => "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.message_id = 'poison' THEN RAISE EXCEPTION 'poisoned reading' USING ERRCODE = '23514'; END IF; \
-                 RETURN NEW; END $$; \
-                 CREATE TRIGGER poison BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION poison();",
-            _ => "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.message_id = 'poison' \
-                  BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END;",
-        };
-        t.db.transaction(|c| c.batch_execute(trigger)).unwrap();
+        install_poison(&t);
         let mut lines: Vec<String> = messages(40, "g").lines().map(String::from).collect();
         lines.insert(
             20,
@@ -392,15 +399,7 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
 fn a_poison_message_in_a_batch_of_1000_costs_only_itself() {
     for t in both() {
         t.provision(DEVICES);
-        let trigger = match t.name {
-            "postgres" => "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.message_id = 'poison' THEN RAISE EXCEPTION 'poisoned reading' USING ERRCODE = '23514'; END IF; \
-                 RETURN NEW; END $$; \
-                 CREATE TRIGGER poison BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION poison();",
-            _ => "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.message_id = 'poison' \
-                  BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END;",
-        };
-        t.db.transaction(|c| c.batch_execute(trigger)).unwrap();
+        install_poison(&t);
         let mut lines: Vec<String> = messages(1000, "k").lines().map(String::from).collect();
         lines.insert(
             500,
