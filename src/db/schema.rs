@@ -141,4 +141,14 @@ diesel::allow_tables_to_appear_in_same_query!(
     readings,
     dead_letters,
     processed_messages,
+    reference_version,
 );
+
+diesel::table! {
+    use diesel::sql_types::*;
+
+    reference_version (id) {
+        id -> Integer,
+        version -> BigInt,
+    }
+}

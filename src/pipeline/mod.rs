@@ -24,6 +24,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::core::message::{parse_line, raw_for_storage, MAX_RAW_BYTES};
 use crate::core::{DeadLetterKind, Message, Parsed, Rejection};
+use crate::db::repo::reference::ReferenceCache;
 use crate::db::repo::{batch, dead_letters, messages};
 use crate::db::{Database, Failure};
 use crate::input::Line;
@@ -171,13 +172,16 @@ impl Workers {
         options: &IngestOptions,
         stop: &'env AtomicBool,
     ) -> Workers {
+        // One cache of reference data for all the pool's workers.
+        let cache = Arc::new(ReferenceCache::default());
         let senders = (0..options.workers.max(1))
             .map(|i| {
                 let (tx, rx) = bounded::<Job>(options.queue_per_worker);
                 let options = options.clone();
+                let cache = cache.clone();
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn_scoped(scope, move || work(db, rx, stop, &options))
+                    .spawn_scoped(scope, move || work(db, rx, stop, &options, &cache))
                     .expect("spawn a worker");
                 tx
             })
@@ -241,7 +245,13 @@ pub fn route(device: &str, workers: usize) -> usize {
     (hasher.finish() % workers as u64) as usize
 }
 
-fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, options: &IngestOptions) {
+fn work(
+    db: &Database,
+    jobs: Receiver<Job>,
+    stop: &AtomicBool,
+    options: &IngestOptions,
+    cache: &ReferenceCache,
+) {
     let hook = options.hook.as_deref();
     // The batch size adapts: halved after a batch had to be split, doubled
     // back (up to --batch-size) after one that committed whole, so a
@@ -272,7 +282,7 @@ fn work(db: &Database, jobs: Receiver<Job>, stop: &AtomicBool, options: &IngestO
             }
         } else {
             let size = prepared.len();
-            limit = if run_batch(db, prepared, hook) {
+            limit = if run_batch(db, cache, prepared, hook) {
                 (size / 2).max(1)
             } else {
                 (limit * 2).min(options.batch_size)
@@ -389,6 +399,7 @@ const BATCH_TRANSIENT_ATTEMPTS: u32 = 4;
 /// Returns whether the batch had to be split.
 fn run_batch(
     db: &Database,
+    cache: &ReferenceCache,
     jobs: Vec<Prepared>,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> bool {
@@ -419,7 +430,7 @@ fn run_batch(
                 }
             }
         }
-        batch::apply(conn, &items)
+        batch::apply(conn, &items, cache)
     });
     drop(items);
     match result {
@@ -443,8 +454,8 @@ fn run_batch(
             );
             let mut jobs = jobs;
             let second = jobs.split_off(jobs.len() / 2);
-            run_batch(db, jobs, hook);
-            run_batch(db, second, hook);
+            run_batch(db, cache, jobs, hook);
+            run_batch(db, cache, second, hook);
             true
         }
     }

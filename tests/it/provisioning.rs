@@ -99,3 +99,62 @@ fn a_profile_loaded_again_replaces_its_field_map() {
         assert_eq!((s.readings_stored, s.unmapped_fields), (1, 1), "{}", t.name);
     }
 }
+
+#[test]
+fn a_running_normalizer_sees_provisioning_done_by_another_process() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for t in both() {
+        t.provision(DEVICES);
+        // Another process: its own pool on the same database.
+        let other = crate::support::open(&t.url, 1);
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let completed = AtomicU64::new(0);
+        let wait_for = |n: u64| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while completed.load(Ordering::SeqCst) < n {
+                assert!(std::time::Instant::now() < deadline, "waited for {n} lines");
+                std::thread::yield_now();
+            }
+        };
+        let summary = std::thread::scope(|s| {
+            let feeder = s.spawn(|| {
+                // A device nobody provisioned yet, and a field its profile
+                // does not map yet.
+                writeln!(writer, "{}", msg("x1", "dev-late", "2026-11-29T10:00:00Z", r#"{"t":1}"#)).unwrap();
+                writeln!(writer, "{}", msg("y1", "dev-0042", "2026-11-29T10:00:00Z", r#"{"temp":21}"#)).unwrap();
+                writer.flush().unwrap();
+                wait_for(2);
+                let file = Provisioning::parse(
+                    r#"{"profiles":{"th-v1":{"fields":{"temp":{"metric":"temperature"}}}},
+                        "devices":[{"key":"dev-late","profile":"th-v1","sensors":[{"metric":"temperature"}]}]}"#,
+                )
+                .unwrap();
+                other.transaction(|c| provisioning::load(c, &file)).unwrap().unwrap();
+                writeln!(writer, "{}", msg("x2", "dev-late", "2026-11-29T10:01:00Z", r#"{"temp":2}"#)).unwrap();
+                writeln!(writer, "{}", msg("y2", "dev-0042", "2026-11-29T10:01:00Z", r#"{"temp":22}"#)).unwrap();
+                drop(writer);
+            });
+            let summary = normalizer::pipeline::ingest(
+                &t.db,
+                std::io::BufReader::new(reader),
+                &crate::support::options(),
+                &normalizer::pipeline::Progress::default(),
+                |s| completed.store(s.completed, Ordering::SeqCst),
+            )
+            .unwrap();
+            feeder.join().unwrap();
+            summary
+        });
+        assert_eq!(
+            summary.dead_letters_by_kind["unknown_device"], 1,
+            "{}",
+            t.name
+        );
+        assert_eq!(summary.processed, 3, "{}", t.name);
+        let readings: Vec<String> = t.snapshot().readings.into_iter().map(|r| r.5).collect();
+        // By device key: dev-0042's y2, then dev-late's x2. y1 stored
+        // nothing (`temp` was not mapped yet), x1 was an unknown device.
+        assert_eq!(readings, ["y2", "x2"], "{}", t.name);
+    }
+}

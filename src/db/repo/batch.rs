@@ -8,23 +8,24 @@
 //! array updates.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
-use crate::core::alarm::{evaluates_alarms, transition, Condition, Transition};
+use crate::core::alarm::{evaluates_alarms, transition, Transition};
 use crate::core::message::raw_for_storage;
-use crate::core::normalize::{normalize, DeviceSpec, FieldMapping, Quality, SensorSpec};
+use crate::core::normalize::{normalize, DeviceSpec, Quality};
 use crate::core::{DeadLetterKind, Message};
 use crate::db::schema::{
-    alarms, alerts, dead_letters as dl, devices, processed_messages, profile_fields, readings,
-    sensors,
+    alerts, dead_letters as dl, devices, processed_messages, readings, sensors,
 };
 use crate::db::types::Instant;
 use crate::db::{dispatch, AnyConnection};
 use crate::outcome::{Applied, DeadLetter, Outcome};
 
 use super::dead_letters;
+use super::reference::{Reference, ReferenceCache};
 
 /// One line of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +52,12 @@ pub enum Item<'a> {
 const CHUNK: usize = 1000;
 
 /// Applies `items` in order inside the caller's transaction; returns one
-/// outcome per item.
-pub fn apply(conn: &mut AnyConnection, items: &[Item<'_>]) -> QueryResult<Vec<Outcome>> {
+/// outcome per item. Mappings, sensors and alarms come from `cache`.
+pub fn apply(
+    conn: &mut AnyConnection,
+    items: &[Item<'_>],
+    cache: &ReferenceCache,
+) -> QueryResult<Vec<Outcome>> {
     let messages: Vec<(usize, &Message, &[u8], &str)> = items
         .iter()
         .enumerate()
@@ -77,7 +82,9 @@ pub fn apply(conn: &mut AnyConnection, items: &[Item<'_>]) -> QueryResult<Vec<Ou
         k
     };
     let known = lock_devices(conn, &keys)?;
-    let mut state = State::load(conn, &known)?;
+    let device_ids: Vec<i64> = known.values().map(|(d, _)| *d).collect();
+    let reference = cache.current(conn, &device_ids)?;
+    let mut state = State::load(conn, &known, reference)?;
 
     // Pass 1: what each line is, in arrival order, before any reading is
     // written. Dead letters are written here, in order: a letter for an id
@@ -119,7 +126,7 @@ pub fn apply(conn: &mut AnyConnection, items: &[Item<'_>]) -> QueryResult<Vec<Ou
             error,
             raw: raw_for_storage(raw),
         };
-        let Some(&(device_id, profile_id)) = known.get(m.device.as_str()) else {
+        let Some(&(device_id, _)) = known.get(m.device.as_str()) else {
             let letter = letter(
                 DeadLetterKind::UnknownDevice,
                 format!("no device with key {:?} is provisioned", m.device),
@@ -128,7 +135,7 @@ pub fn apply(conn: &mut AnyConnection, items: &[Item<'_>]) -> QueryResult<Vec<Ou
             outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
             continue;
         };
-        match normalize(&m.payload, state.spec(device_id, profile_id)) {
+        match normalize(&m.payload, state.spec(device_id)) {
             Ok(n) => {
                 seen.insert(m.id.as_str());
                 pending_delete.insert(m.id.as_str());
@@ -267,12 +274,6 @@ fn lock_devices(
     Ok(out)
 }
 
-struct AlarmDef {
-    id: i64,
-    condition: Condition,
-    threshold: f64,
-}
-
 enum OpenAlert {
     Stored(i64),
     New(usize),
@@ -287,101 +288,42 @@ struct NewAlert {
 
 /// What the batch reads, and what it will write, of its devices.
 struct State {
-    specs: HashMap<i64, DeviceSpec>,
+    reference: Arc<Reference>,
+    no_sensors: DeviceSpec,
     latest_good: HashMap<i64, Option<DateTime<Utc>>>,
     latest_changed: HashSet<i64>,
-    alarms: HashMap<i64, Vec<AlarmDef>>,
     open: HashMap<i64, OpenAlert>,
     new_alerts: Vec<NewAlert>,
     closed: Vec<(i64, DateTime<Utc>, f64)>,
 }
 
-type SensorRow = (
-    i64,
-    i64,
-    String,
-    f64,
-    f64,
-    Option<f64>,
-    Option<f64>,
-    Option<Instant>,
-);
-
 impl State {
-    fn load(conn: &mut AnyConnection, known: &HashMap<String, (i64, i64)>) -> QueryResult<State> {
-        let device_ids: Vec<i64> = known.values().map(|(d, _)| *d).collect();
-        let mut profile_ids: Vec<i64> = known.values().map(|(_, p)| *p).collect();
-        profile_ids.sort_unstable();
-        profile_ids.dedup();
-        let mut fields: HashMap<i64, HashMap<String, FieldMapping>> = HashMap::new();
-        for chunk in profile_ids.chunks(CHUNK) {
-            use profile_fields::dsl as f;
-            let rows: Vec<(i64, String, String, f64, f64)> = dispatch!(conn, c => f::profile_fields
-                .filter(f::profile_id.eq_any(chunk))
-                .select((f::profile_id, f::field, f::metric, f::scale, f::offset_value))
-                .load(c))?;
-            for (profile, field, metric, scale, offset) in rows {
-                fields.entry(profile).or_default().insert(
-                    field,
-                    FieldMapping {
-                        metric,
-                        scale,
-                        offset,
-                    },
-                );
-            }
-        }
-        let mut specs: HashMap<i64, DeviceSpec> = HashMap::new();
-        let mut latest_good = HashMap::new();
+    fn load(
+        conn: &mut AnyConnection,
+        known: &HashMap<String, (i64, i64)>,
+        reference: Arc<Reference>,
+    ) -> QueryResult<State> {
         let mut sensor_ids = Vec::new();
-        for chunk in device_ids.chunks(CHUNK) {
-            use sensors::dsl as s;
-            let rows: Vec<SensorRow> = dispatch!(conn, c => s::sensors
-                .filter(s::device_id.eq_any(chunk))
-                .select((s::id, s::device_id, s::metric, s::scale, s::offset_value, s::min_value, s::max_value, s::last_good_at))
-                .load(c))?;
-            for (id, device, metric, scale, offset, min, max, last_good) in rows {
-                specs.entry(device).or_default().sensors.insert(
-                    metric,
-                    SensorSpec {
-                        id,
-                        scale,
-                        offset,
-                        min,
-                        max,
-                    },
-                );
-                latest_good.insert(id, last_good.map(|i| i.0));
-                sensor_ids.push(id);
+        for (device, _) in known.values() {
+            if let Some(spec) = reference.specs.get(device) {
+                sensor_ids.extend(spec.sensors.values().map(|s| s.id));
             }
         }
-        for (device, profile) in known.values() {
-            specs.entry(*device).or_default().fields =
-                fields.get(profile).cloned().unwrap_or_default();
-        }
-        let mut alarms: HashMap<i64, Vec<AlarmDef>> = HashMap::new();
-        let mut alarm_ids = Vec::new();
+        let mut latest_good = HashMap::new();
         for chunk in sensor_ids.chunks(CHUNK) {
-            use alarms::dsl as a;
-            let rows: Vec<(i64, i64, String, f64)> = dispatch!(conn, c => a::alarms
-                .filter(a::sensor_id.eq_any(chunk))
-                .filter(a::active.eq(true))
-                .select((a::id, a::sensor_id, a::condition, a::threshold))
-                .order(a::id)
+            use sensors::dsl as s;
+            let rows: Vec<(i64, Option<Instant>)> = dispatch!(conn, c => s::sensors
+                .filter(s::id.eq_any(chunk))
+                .select((s::id, s::last_good_at))
                 .load(c))?;
-            for (id, sensor, condition, threshold) in rows {
-                let Some(condition) = Condition::parse(&condition) else {
-                    log::warn!("alarm {id} has an unknown condition {condition:?}; skipped");
-                    continue;
-                };
-                alarms.entry(sensor).or_default().push(AlarmDef {
-                    id,
-                    condition,
-                    threshold,
-                });
-                alarm_ids.push(id);
-            }
+            latest_good.extend(rows.into_iter().map(|(id, t)| (id, t.map(|i| i.0))));
         }
+        let alarm_ids: Vec<i64> = sensor_ids
+            .iter()
+            .filter_map(|s| reference.alarms.get(s))
+            .flatten()
+            .map(|a| a.id)
+            .collect();
         let mut open = HashMap::new();
         for chunk in alarm_ids.chunks(CHUNK) {
             use alerts::dsl as al;
@@ -396,18 +338,21 @@ impl State {
             );
         }
         Ok(State {
-            specs,
+            reference,
+            no_sensors: DeviceSpec::default(),
             latest_good,
             latest_changed: HashSet::new(),
-            alarms,
             open,
             new_alerts: Vec::new(),
             closed: Vec::new(),
         })
     }
 
-    fn spec(&mut self, device_id: i64, _profile_id: i64) -> &DeviceSpec {
-        self.specs.entry(device_id).or_default()
+    fn spec(&self, device_id: i64) -> &DeviceSpec {
+        self.reference
+            .specs
+            .get(&device_id)
+            .unwrap_or(&self.no_sensors)
     }
 
     fn latest_good(&self, sensor: i64) -> Option<DateTime<Utc>> {
@@ -420,7 +365,8 @@ impl State {
     }
 
     fn evaluate(&mut self, sensor: i64, ts: DateTime<Utc>, value: f64, applied: &mut Applied) {
-        let Some(defs) = self.alarms.get(&sensor) else {
+        let reference = self.reference.clone();
+        let Some(defs) = reference.alarms.get(&sensor) else {
             return;
         };
         for alarm in defs {

@@ -6,5 +6,6 @@ pub mod batch;
 pub mod dead_letters;
 pub mod messages;
 pub mod provisioning;
+pub mod reference;
 pub mod snapshot;
 pub mod status;

@@ -118,6 +118,7 @@ pub fn load(conn: &mut AnyConnection, file: &Provisioning) -> QueryResult<Result
             }
         }
     }
+    super::reference::bump(conn)?;
     Ok(Ok(loaded))
 }
 
