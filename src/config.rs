@@ -276,6 +276,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_default_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/normalizer.toml"
+        ));
+        let file = FileSettings::load(path).unwrap();
+        let s = Settings::resolve(FlagSettings::default(), file).unwrap();
+        assert_eq!(s.socket, PathBuf::from("/run/normalizer/normalizer.sock"));
+        assert_eq!(s.socket_mode, 0o660);
+        assert!(s.metrics_file.is_some());
+    }
+
+    #[test]
     fn modes_and_durations_parse() {
         assert_eq!(parse_mode("0660").unwrap(), 0o660);
         assert_eq!(parse_mode("600").unwrap(), 0o600);
