@@ -102,15 +102,19 @@ impl PgCluster {
         Self::start_with(&[])
     }
 
+    /// A server tool, as the postgres user when we are root, run from the
+    /// cluster's own folder (postgres may not enter the checkout).
     fn command(&self, program: &str) -> Command {
         let path = self.bindir.join(program);
-        if is_root() {
+        let mut c = if is_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(path);
             c
         } else {
             Command::new(path)
-        }
+        };
+        c.current_dir(&self.root);
+        c
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
