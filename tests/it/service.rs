@@ -28,9 +28,19 @@ fn bin() -> Command {
 impl Server {
     fn start(dir: &Path, db: &str, extra: &[&str]) -> Server {
         let socket = dir.join("n.sock");
-        let child = bin()
+        // Ready when it says so in its log (a probe connection would count
+        // against --max-connections); counted before it starts.
+        let log = dir.join("normalizer.log");
+        let starts = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("serving on")
+                .count()
+        };
+        let before = starts();
+        let mut child = bin()
             .args(["--database-url", db, "--log-file"])
-            .arg(dir.join("normalizer.log"))
+            .arg(&log)
             .args(["serve", "--socket"])
             .arg(&socket)
             .args(extra)
@@ -38,23 +48,10 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut server = Server { child, socket };
-        // Ready when it says so in its log (a probe connection would count
-        // against --max-connections).
-        let log = dir.join("normalizer.log");
-        let starts = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("serving on")
-            .count();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("serving on")
-            .count()
-            == starts
-        {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                let out = server.child.wait_with_output().unwrap();
+        while starts() == before {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
                 panic!(
                     "serve exited with {status}: {}",
                     String::from_utf8_lossy(&out.stderr)
@@ -63,7 +60,7 @@ impl Server {
             assert!(Instant::now() < deadline, "serve did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        server
+        Server { child, socket }
     }
 
     fn signal(&self, signal: i32) {
@@ -71,8 +68,19 @@ impl Server {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
-    fn wait(self) -> Output {
-        self.child.wait_with_output().unwrap()
+    fn wait(mut self) -> Output {
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Server {
+    /// A test that fails midway must not leave a service running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
