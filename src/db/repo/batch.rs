@@ -82,9 +82,9 @@ pub fn apply(
         k
     };
     let known = lock_devices(conn, &keys)?;
-    let device_ids: Vec<i64> = known.values().map(|(d, _)| *d).collect();
+    let device_ids: Vec<i64> = known.values().copied().collect();
     let reference = cache.current(conn, &device_ids)?;
-    let mut state = State::load(conn, &known, reference)?;
+    let mut state = State::load(conn, &device_ids, reference)?;
 
     // Pass 1: what each line is, in arrival order, before any reading is
     // written. Dead letters are written here, in order: a letter for an id
@@ -126,7 +126,7 @@ pub fn apply(
             error,
             raw: raw_for_storage(raw),
         };
-        let Some(&(device_id, _)) = known.get(m.device.as_str()) else {
+        let Some(&device_id) = known.get(m.device.as_str()) else {
             let letter = letter(
                 DeadLetterKind::UnknownDevice,
                 format!("no device with key {:?} is provisioned", m.device),
@@ -249,27 +249,22 @@ fn processed_tokens(
     Ok(out)
 }
 
-/// The batch's devices by key, locked on PostgreSQL in id order (so that
-/// batches never deadlock each other).
-fn lock_devices(
-    conn: &mut AnyConnection,
-    keys: &[&str],
-) -> QueryResult<HashMap<String, (i64, i64)>> {
+/// The batch's device ids by key, locked on PostgreSQL in id order (so
+/// that batches never deadlock each other). Their profiles come from the
+/// reference cache.
+fn lock_devices(conn: &mut AnyConnection, keys: &[&str]) -> QueryResult<HashMap<String, i64>> {
     use devices::dsl as d;
     let mut out = HashMap::new();
     for chunk in keys.chunks(CHUNK) {
         let query = d::devices
             .filter(d::key.eq_any(chunk))
-            .select((d::id, d::key, d::profile_id))
+            .select((d::id, d::key))
             .order(d::id);
-        let rows: Vec<(i64, String, i64)> = match conn {
+        let rows: Vec<(i64, String)> = match conn {
             AnyConnection::Pg(c) => query.for_update().load(c)?,
             AnyConnection::Sqlite(c) => query.load(c)?,
         };
-        out.extend(
-            rows.into_iter()
-                .map(|(id, key, profile)| (key, (id, profile))),
-        );
+        out.extend(rows.into_iter().map(|(id, key)| (key, id)));
     }
     Ok(out)
 }
@@ -300,11 +295,11 @@ struct State {
 impl State {
     fn load(
         conn: &mut AnyConnection,
-        known: &HashMap<String, (i64, i64)>,
+        device_ids: &[i64],
         reference: Arc<Reference>,
     ) -> QueryResult<State> {
         let mut sensor_ids = Vec::new();
-        for (device, _) in known.values() {
+        for device in device_ids {
             if let Some(spec) = reference.specs.get(device) {
                 sensor_ids.extend(spec.sensors.values().map(|s| s.id));
             }
