@@ -14,6 +14,7 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::{RunQueryDsl, SqliteConnection};
 use normalizer::db::{AnyConnection, Database, DatabaseUrl, PoolSettings, RetryPolicy};
 
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS bench (v INTEGER)";
 const INSERT: &str = "INSERT INTO bench (v) VALUES (1)";
 
 #[derive(Debug)]
@@ -28,45 +29,57 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
     }
 }
 
-fn bench(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bench.db");
-    let url = format!("sqlite://{}", path.display());
+/// The wrapper's side: a `Database` on `path`, its table created.
+fn open_wrapper(path: &std::path::Path) -> Database {
     let db = Database::open(
-        DatabaseUrl::parse(&url).unwrap(),
+        DatabaseUrl::parse(&format!("sqlite://{}", path.display())).unwrap(),
         PoolSettings {
             max_size: 1,
             ..PoolSettings::default()
         },
         RetryPolicy::default(),
     );
-    db.transaction(|c| c.batch_execute("CREATE TABLE IF NOT EXISTS bench (v INTEGER)"))
-        .unwrap();
-    let plain: Pool<ConnectionManager<SqliteConnection>> = Pool::builder()
+    db.transaction(|c| c.batch_execute(CREATE)).unwrap();
+    db
+}
+
+/// The plain side: diesel's own r2d2 manager on `path`, same pragmas, no
+/// ping at checkout.
+fn open_plain(path: &std::path::Path) -> Pool<ConnectionManager<SqliteConnection>> {
+    let pool = Pool::builder()
         .max_size(1)
         .test_on_check_out(false)
         .connection_customizer(Box::new(Pragmas))
         .build(ConnectionManager::new(path.to_str().unwrap()))
         .unwrap();
+    pool.get().unwrap().batch_execute(CREATE).unwrap();
+    pool
+}
+
+fn insert_plain(pool: &Pool<ConnectionManager<SqliteConnection>>) {
+    let mut conn = pool.get().unwrap();
+    conn.immediate_transaction(|c| diesel::sql_query(INSERT).execute(c))
+        .unwrap();
+}
+
+fn insert_wrapper(db: &Database) {
+    db.transaction(|conn| match conn {
+        AnyConnection::Sqlite(c) => diesel::sql_query(INSERT).execute(c),
+        AnyConnection::Pg(c) => diesel::sql_query(INSERT).execute(c),
+    })
+    .unwrap();
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let db = open_wrapper(&path);
+    let plain = open_plain(&path);
 
     let mut group = c.benchmark_group("transaction");
     group.measurement_time(Duration::from_secs(8));
-    group.bench_function("plain", |b| {
-        b.iter(|| {
-            let mut conn = plain.get().unwrap();
-            conn.immediate_transaction(|c| diesel::sql_query(INSERT).execute(c))
-                .unwrap();
-        })
-    });
-    group.bench_function("wrapper", |b| {
-        b.iter(|| {
-            db.transaction(|conn| match conn {
-                AnyConnection::Sqlite(c) => diesel::sql_query(INSERT).execute(c),
-                AnyConnection::Pg(c) => diesel::sql_query(INSERT).execute(c),
-            })
-            .unwrap();
-        })
-    });
+    group.bench_function("plain", |b| b.iter(|| insert_plain(&plain)));
+    group.bench_function("wrapper", |b| b.iter(|| insert_wrapper(&db)));
     group.finish();
 }
 
@@ -78,45 +91,13 @@ fn interleaved(_: &mut Criterion) {
     let full = std::env::args().any(|a| a == "--bench");
     let (rounds, block) = if full { (200, 500) } else { (3, 10) };
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("interleaved.db");
-    let url = format!("sqlite://{}", path.display());
-    let db = Database::open(
-        DatabaseUrl::parse(&url).unwrap(),
-        PoolSettings {
-            max_size: 1,
-            ..PoolSettings::default()
-        },
-        RetryPolicy::default(),
-    );
-    db.transaction(|c| c.batch_execute("CREATE TABLE IF NOT EXISTS bench (v INTEGER)"))
-        .unwrap();
+    let db = open_wrapper(&dir.path().join("interleaved.db"));
     // Its own file: two connections to one file make whichever writes after
     // the other pay for the other's WAL (measured: a 30% skew between two
     // identical sides).
-    let plain_path = dir.path().join("interleaved-plain.db");
-    let plain: Pool<ConnectionManager<SqliteConnection>> = Pool::builder()
-        .max_size(1)
-        .test_on_check_out(false)
-        .connection_customizer(Box::new(Pragmas))
-        .build(ConnectionManager::new(plain_path.to_str().unwrap()))
-        .unwrap();
-    plain
-        .get()
-        .unwrap()
-        .batch_execute("CREATE TABLE IF NOT EXISTS bench (v INTEGER)")
-        .unwrap();
-    let run_plain = || {
-        let mut conn = plain.get().unwrap();
-        conn.immediate_transaction(|c| diesel::sql_query(INSERT).execute(c))
-            .unwrap();
-    };
-    let run_wrapper = || {
-        db.transaction(|conn| match conn {
-            AnyConnection::Sqlite(c) => diesel::sql_query(INSERT).execute(c),
-            AnyConnection::Pg(c) => diesel::sql_query(INSERT).execute(c),
-        })
-        .unwrap();
-    };
+    let plain = open_plain(&dir.path().join("interleaved-plain.db"));
+    let run_plain = || insert_plain(&plain);
+    let run_wrapper = || insert_wrapper(&db);
     let mut ratios = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let time = |f: &dyn Fn()| {

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use normalizer::db::repo::snapshot::Snapshot;
-use normalizer::db::{Database, DatabaseUrl, PoolSettings};
+use normalizer::db::{Database, PoolSettings};
 use normalizer::gen::{self, GenOptions};
 use normalizer::metrics::Cause;
 use normalizer::pipeline::{self, IngestOptions, Progress, Summary};
 
 use crate::pg::PgCluster;
-use crate::support::{self, TestDb};
+use crate::support::TestDb;
 
 fn size() -> usize {
     std::env::var("CHAOS_MESSAGES")
@@ -185,20 +185,7 @@ fn case(
 ) {
     let messages = size();
     let (devices, text) = input(messages);
-    let open = |url: &str| {
-        let db = Database::open(
-            DatabaseUrl::parse(url).unwrap(),
-            settings.clone(),
-            support::policy(),
-        );
-        normalizer::db::migrate::run(&db).unwrap();
-        TestDb {
-            db,
-            url: url.to_string(),
-            name: "postgres",
-            _dir: None,
-        }
-    };
+    let open = |url: &str| TestDb::open(url, settings.clone());
     let create = || match role {
         Some(role) => cluster.create_database_for(role),
         None => cluster.create_database(),
@@ -328,10 +315,8 @@ fn an_outage_and_a_slow_start_lose_and_double_nothing() {
 #[test]
 fn transient_errors_raised_by_the_database_lose_and_double_nothing() {
     let cluster = PgCluster::start_new();
-    let prepare = |url: &str| {
-        let mut c = PgConnection::establish(url).unwrap();
-        c.batch_execute(
-            "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
+    let prepare = run_sql(
+        "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
              DECLARE r float := random();
              BEGIN
                IF r < 0.01 THEN RAISE EXCEPTION 'could not serialize access due to injected conflict' USING ERRCODE = '40001';
@@ -342,9 +327,7 @@ fn transient_errors_raised_by_the_database_lose_and_double_nothing() {
                RETURN NEW;
              END $$;
              CREATE TRIGGER chaos BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION chaos();",
-        )
-        .unwrap();
-    };
+    );
     case(
         "transient-errors",
         &cluster,
@@ -364,18 +347,14 @@ fn a_session_left_pending_rollback_loses_and_doubles_nothing() {
     // The old service's failure at scale: the backend dies inside the
     // transaction, so the statement fails and the ROLLBACK fails too.
     let cluster = PgCluster::start_new();
-    let prepare = |url: &str| {
-        let mut c = PgConnection::establish(url).unwrap();
-        c.batch_execute(
-            "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
+    let prepare = run_sql(
+        "CREATE FUNCTION chaos() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                IF random() < 0.02 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
                RETURN NEW;
              END $$;
              CREATE TRIGGER chaos AFTER INSERT ON processed_messages FOR EACH ROW EXECUTE FUNCTION chaos();",
-        )
-        .unwrap();
-    };
+    );
     case(
         "pending-rollback",
         &cluster,
@@ -457,6 +436,16 @@ fn panicking_messages_cost_only_themselves() {
     );
     let (open, _) = t.db.pool_state();
     assert!(open >= 1, "the pool still has connections");
+}
+
+/// Prepares the faulty database by running `sql` in it.
+fn run_sql(sql: &'static str) -> impl FnOnce(&str) {
+    move |url| {
+        PgConnection::establish(url)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap()
+    }
 }
 
 fn hold_device_locks(url: &str, run: &Run, hold: Duration) {
@@ -560,18 +549,7 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
     };
     let open = |dir: &tempfile::TempDir| {
         let url = format!("sqlite://{}", dir.path().join("n.db").display());
-        let db = Database::open(
-            DatabaseUrl::parse(&url).unwrap(),
-            settings.clone(),
-            support::policy(),
-        );
-        normalizer::db::migrate::run(&db).unwrap();
-        TestDb {
-            db,
-            url,
-            name: "sqlite",
-            _dir: None,
-        }
+        TestDb::open(&url, settings.clone())
     };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let clean = open(&d1);

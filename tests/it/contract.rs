@@ -252,15 +252,7 @@ fn alerts_open_and_close_on_the_latest_good_reading_only() {
             ), // reopens; opens too-dry
         ]
         .join("\n");
-        let s = t
-            .ingest_with(
-                &input,
-                &normalizer::pipeline::IngestOptions {
-                    workers: 1,
-                    ..crate::support::options()
-                },
-            )
-            .unwrap();
+        let s = t.ingest_on(1, &input);
         assert_eq!((s.alerts_opened, s.alerts_closed), (3, 1), "{}", t.name);
         let alerts = t.snapshot().alerts;
         let warm: Vec<_> = alerts.iter().filter(|a| a.2 == "too-warm").collect();
@@ -291,15 +283,7 @@ fn a_late_reading_is_stored_but_changes_no_alarm() {
             msg("l2", "dev-0042", "2026-11-29T09:00:00Z", r#"{"t":40}"#),
         ]
         .join("\n");
-        let s = t
-            .ingest_with(
-                &input,
-                &normalizer::pipeline::IngestOptions {
-                    workers: 1,
-                    ..crate::support::options()
-                },
-            )
-            .unwrap();
+        let s = t.ingest_on(1, &input);
         assert_eq!((s.readings_stored, s.alerts_opened), (2, 0), "{}", t.name);
         let snap = t.snapshot();
         assert_eq!(
@@ -423,15 +407,7 @@ fn one_devices_messages_apply_in_arrival_order_across_many_workers() {
                 r#"{"temp_f":60}"#,
             ));
         }
-        let s = t
-            .ingest_with(
-                &lines.join("\n"),
-                &normalizer::pipeline::IngestOptions {
-                    workers: 4,
-                    ..crate::support::options()
-                },
-            )
-            .unwrap();
+        let s = t.ingest_on(4, &lines.join("\n"));
         assert_eq!((s.alerts_opened, s.alerts_closed), (100, 100), "{}", t.name);
     }
 }

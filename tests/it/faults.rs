@@ -67,19 +67,7 @@ fn backend_pid(conn: &mut AnyConnection) -> QueryResult<i32> {
 }
 
 fn postgres_with(settings: PoolSettings) -> TestDb {
-    let url = pg::shared().create_database();
-    let db = Database::open(
-        DatabaseUrl::parse(&url).unwrap(),
-        settings,
-        support::policy(),
-    );
-    normalizer::db::migrate::run(&db).unwrap();
-    TestDb {
-        db,
-        url,
-        name: "postgres",
-        _dir: None,
-    }
+    TestDb::open(&pg::shared().create_database(), settings)
 }
 
 #[test]

@@ -40,14 +40,18 @@ pub fn policy() -> RetryPolicy {
 }
 
 pub fn open(url: &str, pool: u32) -> Database {
-    let db = Database::open(
-        DatabaseUrl::parse(url).unwrap(),
+    open_with(
+        url,
         PoolSettings {
             max_size: pool,
             ..PoolSettings::default()
         },
-        policy(),
-    );
+    )
+}
+
+/// A database with its migrations run, with the tests' retry policy.
+pub fn open_with(url: &str, settings: PoolSettings) -> Database {
+    let db = Database::open(DatabaseUrl::parse(url).unwrap(), settings, policy());
     migrate::run(&db).expect("migrations run");
     db
 }
@@ -81,6 +85,32 @@ pub fn both() -> Vec<TestDb> {
 }
 
 impl TestDb {
+    /// A migrated database at `url` (no folder to keep alive).
+    pub fn open(url: &str, settings: PoolSettings) -> TestDb {
+        let name = if url.starts_with("postgres") {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        TestDb {
+            db: open_with(url, settings),
+            url: url.to_string(),
+            name,
+            _dir: None,
+        }
+    }
+
+    /// Ingests with `workers` workers (one keeps every line in file order).
+    pub fn ingest_on(&self, workers: usize, input: &str) -> Summary {
+        self.ingest_with(
+            input,
+            &IngestOptions {
+                workers,
+                ..options()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
+    }
     pub fn provision(&self, json: &str) {
         let file = Provisioning::parse(json).expect("valid provisioning");
         self.db
@@ -100,14 +130,7 @@ impl TestDb {
     }
 
     pub fn ingest(&self, input: &str) -> Summary {
-        self.ingest_with(
-            input,
-            &IngestOptions {
-                workers: 3,
-                ..crate::support::options()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{}: ingest failed: {e:#}", self.name))
+        self.ingest_on(3, input)
     }
 
     pub fn snapshot(&self) -> Snapshot {
