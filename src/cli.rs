@@ -355,6 +355,12 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             print_summary(&summary, json);
         }
         Command::Serve { .. } => {
+            // A service waits until the database has space again: producers
+            // are held back by the bounded queues meanwhile.
+            let policy = RetryPolicy {
+                resource_wait: None,
+                ..policy
+            };
             let db = open_migrated(url, settings.workers as u32 + 1, policy)?;
             let options = ServeOptions {
                 socket: settings.socket.clone(),
@@ -581,7 +587,9 @@ fn open_migrated(
 
 fn db_error(failure: Failure) -> RunError {
     match failure {
-        Failure::GaveUp { .. } => RunError::GaveUp(anyhow!(failure)),
+        Failure::GaveUp { .. } | Failure::OutOfResources { .. } => {
+            RunError::GaveUp(anyhow!(failure))
+        }
         other => RunError::Failed(anyhow!(other)),
     }
 }
@@ -634,7 +642,9 @@ fn stopped_error(e: anyhow::Error) -> RunError {
         Ok(stopped) => {
             eprintln!("{}", stopped.summary.to_text());
             match stopped.failure {
-                Failure::GaveUp { .. } => RunError::GaveUp(anyhow!(stopped)),
+                Failure::GaveUp { .. } | Failure::OutOfResources { .. } => {
+                    RunError::GaveUp(anyhow!(stopped))
+                }
                 _ => RunError::Failed(anyhow!(stopped)),
             }
         }

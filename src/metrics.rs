@@ -24,13 +24,20 @@ pub enum Cause {
     TooManyConnections,
     /// SQLite BUSY or LOCKED.
     Busy,
+    /// A call had no answer within the client-side deadline; its
+    /// connection was abandoned.
+    NoAnswer,
+    /// 53100, `SQLITE_FULL`: the database's disk is full.
+    DiskFull,
+    /// 53200: the server is out of memory.
+    OutOfMemory,
     /// Anything else that was retried.
     Other,
 }
 
 impl Cause {
     /// Every cause, in the order summaries list them.
-    pub const ALL: [Cause; 9] = [
+    pub const ALL: [Cause; 12] = [
         Cause::Serialization,
         Cause::Deadlock,
         Cause::LockTimeout,
@@ -39,6 +46,9 @@ impl Cause {
         Cause::AdminShutdown,
         Cause::TooManyConnections,
         Cause::Busy,
+        Cause::NoAnswer,
+        Cause::DiskFull,
+        Cause::OutOfMemory,
         Cause::Other,
     ];
 
@@ -53,6 +63,9 @@ impl Cause {
             Cause::AdminShutdown => "admin_shutdown",
             Cause::TooManyConnections => "too_many_connections",
             Cause::Busy => "busy",
+            Cause::NoAnswer => "no_answer",
+            Cause::DiskFull => "disk_full",
+            Cause::OutOfMemory => "out_of_memory",
             Cause::Other => "other",
         }
     }
@@ -72,7 +85,7 @@ impl std::fmt::Display for Cause {
 #[derive(Debug, Default)]
 pub struct DbMetrics {
     transactions: AtomicU64,
-    retries: [AtomicU64; 9],
+    retries: [AtomicU64; Cause::ALL.len()],
     needed_retry: AtomicU64,
     recoveries: AtomicU64,
     connections_opened: AtomicU64,

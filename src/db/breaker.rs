@@ -10,14 +10,65 @@
 //! ```
 //!
 //! It also keeps the outage's story for the log: one line when the database
-//! goes away, one when it is back, however many workers waited.
+//! goes away, one when it is back, however many workers waited. A database
+//! whose disk is full (or that is out of memory) is an outage of its own
+//! kind: the same one probe at a time, its own two lines, and its own limit
+//! ([`RetryPolicy::resource_wait`]).
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use super::classify::{Classified, ErrorClass};
 use super::retry::{Clock, RetryPolicy, SystemClock};
+use crate::metrics::Cause;
+
+/// What kind of outage the circuit is open for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// No connection, or connections that die or stop answering.
+    Unreachable,
+    /// The database's disk is full.
+    DiskFull,
+    /// The server is out of memory.
+    OutOfMemory,
+}
+
+impl Outage {
+    /// The outage an error of this classification opens, if any.
+    pub fn of(classified: &Classified) -> Option<Outage> {
+        match (classified.class, classified.cause) {
+            (ErrorClass::Connection, _) => Some(Outage::Unreachable),
+            (ErrorClass::Resource, Cause::OutOfMemory) => Some(Outage::OutOfMemory),
+            (ErrorClass::Resource, _) => Some(Outage::DiskFull),
+            _ => None,
+        }
+    }
+
+    fn began(self) -> &'static str {
+        match self {
+            Outage::Unreachable => "database unreachable",
+            Outage::DiskFull => "the database's disk is full",
+            Outage::OutOfMemory => "the database is out of memory",
+        }
+    }
+
+    fn ended(self) -> &'static str {
+        match self {
+            Outage::Unreachable => "database back",
+            Outage::DiskFull => "the database's disk has space again",
+            Outage::OutOfMemory => "the database has memory again",
+        }
+    }
+
+    fn limit(self, policy: &RetryPolicy) -> Option<Duration> {
+        match self {
+            Outage::Unreachable => Some(policy.max_outage),
+            Outage::DiskFull | Outage::OutOfMemory => policy.resource_wait,
+        }
+    }
+}
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,12 +84,21 @@ pub enum Admission {
 pub struct OpenTooLong {
     /// When the outage began.
     pub since: Instant,
-    /// The last connection error, for the caller's error message.
+    /// What kind of outage it is.
+    pub outage: Outage,
+    /// The last error, for the caller's error message.
     pub last_error: String,
+}
+
+impl std::fmt::Display for OpenTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.outage.began(), self.last_error)
+    }
 }
 
 #[derive(Debug)]
 struct Open {
+    outage: Outage,
     since: Instant,
     since_wall: DateTime<Utc>,
     probing: bool,
@@ -57,8 +117,13 @@ pub struct Breaker {
 
 impl Breaker {
     /// Waits until the circuit is closed or this caller may probe. Gives up
-    /// waiting when the circuit has been open for `limit`.
-    pub fn admit(&self, limit: Duration, counted: &mut bool) -> Result<Admission, OpenTooLong> {
+    /// waiting when the circuit has been open for as long as the policy
+    /// waits for its kind of outage.
+    pub fn admit(
+        &self,
+        policy: &RetryPolicy,
+        counted: &mut bool,
+    ) -> Result<Admission, OpenTooLong> {
         let mut open = self.open.lock().expect("breaker lock");
         loop {
             let Some(o) = open.as_mut() else {
@@ -69,9 +134,11 @@ impl Breaker {
                 o.waited += 1;
             }
             let now = Instant::now();
-            if now.saturating_duration_since(o.since) >= limit {
+            let limit = o.outage.limit(policy);
+            if limit.is_some_and(|limit| now.saturating_duration_since(o.since) >= limit) {
                 return Err(OpenTooLong {
                     since: o.since,
+                    outage: o.outage,
                     last_error: o.last_error.clone(),
                 });
             }
@@ -84,7 +151,7 @@ impl Breaker {
             } else {
                 o.next_probe
             };
-            let until = until.min(o.since + limit);
+            let until = limit.map_or(until, |limit| until.min(o.since + limit));
             open = self
                 .changed
                 .wait_timeout(open, until.saturating_duration_since(now))
@@ -93,19 +160,21 @@ impl Breaker {
         }
     }
 
-    /// A connection-level failure: opens the circuit, or schedules the next
-    /// probe after a failed one.
-    pub fn failed(&self, admission: Admission, error: &str, policy: &RetryPolicy) {
+    /// A failure that is an outage (see [`Outage::of`]): opens the circuit,
+    /// or schedules the next probe after a failed one.
+    pub fn failed(&self, admission: Admission, outage: Outage, error: &str, policy: &RetryPolicy) {
         let mut open = self.open.lock().expect("breaker lock");
         let now = Instant::now();
         match open.as_mut() {
             None => {
                 let since_wall = Utc::now();
                 log::warn!(
-                    "database unreachable since {}: {error}",
+                    "{} since {}: {error}",
+                    outage.began(),
                     since_wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                 );
                 *open = Some(Open {
+                    outage,
                     since: now,
                     since_wall,
                     probing: false,
@@ -135,7 +204,8 @@ impl Breaker {
         let o = open.take()?;
         let down = o.since.elapsed();
         log::info!(
-            "database back after {:.1} s (unreachable since {}), {} transactions waited",
+            "{} after {:.1} s (since {}), {} transactions waited",
+            o.outage.ended(),
             down.as_secs_f64(),
             o.since_wall
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -164,17 +234,17 @@ mod tests {
         RetryPolicy {
             base_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(40),
+            max_outage: Duration::from_secs(10),
             ..RetryPolicy::default()
         }
     }
 
+    const DOWN: Outage = Outage::Unreachable;
+
     #[test]
     fn a_closed_circuit_admits_everyone() {
         let b = Breaker::default();
-        assert_eq!(
-            b.admit(Duration::from_secs(1), &mut false).unwrap(),
-            Admission::Closed
-        );
+        assert_eq!(b.admit(&policy(), &mut false).unwrap(), Admission::Closed);
         assert!(b.reached().is_none());
     }
 
@@ -182,7 +252,7 @@ mod tests {
     fn an_open_circuit_lets_one_probe_at_a_time_and_closes_when_it_succeeds() {
         let b = Breaker::default();
         let p = policy();
-        b.failed(Admission::Closed, "refused", &p);
+        b.failed(Admission::Closed, DOWN, "refused", &p);
         let probes = AtomicU32::new(0);
         let concurrent = AtomicU32::new(0);
         let max_concurrent = AtomicU32::new(0);
@@ -191,7 +261,7 @@ mod tests {
                 s.spawn(|| {
                     let mut counted = false;
                     loop {
-                        match b.admit(Duration::from_secs(10), &mut counted).unwrap() {
+                        match b.admit(&p, &mut counted).unwrap() {
                             Admission::Closed => return,
                             Admission::Probe => {
                                 let now = concurrent.fetch_add(1, Ordering::SeqCst) + 1;
@@ -199,7 +269,7 @@ mod tests {
                                 std::thread::sleep(Duration::from_millis(5));
                                 concurrent.fetch_sub(1, Ordering::SeqCst);
                                 if probes.fetch_add(1, Ordering::SeqCst) < 3 {
-                                    b.failed(Admission::Probe, "still refused", &p);
+                                    b.failed(Admission::Probe, DOWN, "still refused", &p);
                                 } else {
                                     b.reached();
                                 }
@@ -221,14 +291,40 @@ mod tests {
     #[test]
     fn waiting_ends_when_the_circuit_stayed_open_for_the_limit() {
         let b = Breaker::default();
-        b.failed(Admission::Closed, "refused", &policy());
+        b.failed(Admission::Closed, DOWN, "refused", &policy());
         let mut counted = false;
-        let _probe = b.admit(Duration::from_secs(5), &mut counted);
+        let _probe = b.admit(&policy(), &mut counted);
         let started = Instant::now();
-        let err = b
-            .admit(Duration::from_millis(100), &mut counted)
-            .unwrap_err();
+        let short = RetryPolicy {
+            max_outage: Duration::from_millis(100),
+            ..policy()
+        };
+        let err = b.admit(&short, &mut counted).unwrap_err();
         assert_eq!(err.last_error, "refused");
+        assert_eq!(err.to_string(), "database unreachable: refused");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_full_disk_is_its_own_outage_with_its_own_limit() {
+        let b = Breaker::default();
+        b.failed(
+            Admission::Closed,
+            Outage::DiskFull,
+            "database or disk is full",
+            &policy(),
+        );
+        // ingest: a full disk is not waited for, however long max_outage is.
+        let err = b.admit(&policy(), &mut false).unwrap_err();
+        assert_eq!(err.outage, Outage::DiskFull);
+        assert!(err.to_string().starts_with("the database's disk is full"));
+        // serve: waited for, one probe at a time.
+        let serve = RetryPolicy {
+            resource_wait: None,
+            ..policy()
+        };
+        assert_eq!(b.admit(&serve, &mut false).unwrap(), Admission::Probe);
+        assert!(b.reached().is_some());
+        assert_eq!(b.admit(&policy(), &mut false).unwrap(), Admission::Closed);
     }
 }

@@ -17,6 +17,13 @@ pub enum DbError {
     Query(Error),
     /// No connection could be had: connecting failed, or the pool timed out.
     Connect(String),
+    /// The database has been unavailable (unreachable, or out of space) for
+    /// as long as the caller waits; no call was made. The text says since
+    /// when and the last error.
+    Unavailable(String),
+    /// A call had no answer for this long, beyond the server's own
+    /// `statement_timeout`: its connection was cut and abandoned.
+    NoAnswer(std::time::Duration),
 }
 
 /// libpq's messages span lines ("...failed: Connection refused\n\tIs the
@@ -30,6 +37,12 @@ impl std::fmt::Display for DbError {
         match self {
             DbError::Query(e) => f.write_str(&one_line(&e.to_string())),
             DbError::Connect(e) => write!(f, "cannot get a connection: {}", one_line(e)),
+            DbError::Unavailable(e) => f.write_str(&one_line(e)),
+            DbError::NoAnswer(after) => write!(
+                f,
+                "no answer from the database for {:.1} s; the connection was abandoned",
+                after.as_secs_f64()
+            ),
         }
     }
 }
@@ -53,6 +66,10 @@ pub enum ErrorClass {
     Transient,
     /// The statement is wrong for this data: retrying cannot help.
     Permanent,
+    /// The database is out of disk space or memory: no message is at fault
+    /// and a retry right away cannot help. Never bisected, never
+    /// dead-lettered: `ingest` stops, `serve` waits until it is over.
+    Resource,
     /// Not recognized: retried a bounded number of times, then permanent.
     Unrecognized,
 }
@@ -76,7 +93,7 @@ const fn c(class: ErrorClass, cause: Cause, sqlstate: Option<&'static str>) -> C
     }
 }
 
-use ErrorClass::{Connection, Permanent, Transient, Unrecognized};
+use ErrorClass::{Connection, Permanent, Resource, Transient, Unrecognized};
 
 /// PostgreSQL and SQLite primary messages (lower case, matched as
 /// substrings), in order of precedence.
@@ -218,22 +235,32 @@ const MESSAGES: &[(&str, Classified)] = &[
         "canceling autovacuum task",
         c(Transient, Cause::StatementTimeout, Some("57014")),
     ),
+    // Class 53: the server is out of a resource. Not the message's fault and
+    // not a blip: never bisected, never dead-lettered, waited out (serve) or
+    // stopped at (ingest).
     (
         "out of shared memory",
-        c(Transient, Cause::Other, Some("53200")),
+        c(Resource, Cause::OutOfMemory, Some("53200")),
     ),
-    ("out of memory", c(Transient, Cause::Other, Some("53200"))),
+    (
+        "out of memory",
+        c(Resource, Cause::OutOfMemory, Some("53200")),
+    ),
     (
         "could not extend file",
-        c(Transient, Cause::Other, Some("53100")),
+        c(Resource, Cause::DiskFull, Some("53100")),
     ),
     (
         "no space left on device",
-        c(Transient, Cause::Other, Some("53100")),
+        c(Resource, Cause::DiskFull, Some("53100")),
     ),
     (
         "could not resize shared memory",
-        c(Transient, Cause::Other, Some("53100")),
+        c(Resource, Cause::DiskFull, Some("53100")),
+    ),
+    (
+        "database or disk is full",
+        c(Resource, Cause::DiskFull, Some("SQLITE_FULL")),
     ),
     // SQLite: another writer holds the lock.
     (
@@ -327,8 +354,8 @@ pub fn classify(error: &DbError) -> Classified {
         // The pool could not connect, or every connection stayed busy for the
         // whole checkout timeout; r2d2 adds the last connect error when it
         // has one. Either way the database cannot take work right now.
-        DbError::Connect(text) => match classify_message(text) {
-            Some(found) if found.class == Permanent => found,
+        DbError::Connect(text) | DbError::Unavailable(text) => match classify_message(text) {
+            Some(found) if matches!(found.class, Permanent | Resource) => found,
             Some(found) => Classified {
                 class: Connection,
                 ..found
@@ -336,6 +363,9 @@ pub fn classify(error: &DbError) -> Classified {
             None => c(Connection, Cause::ConnectionLost, Some("08001")),
         },
         DbError::Query(e) => classify_query(e),
+        // The server may be alive but nothing came back through the path
+        // to it (a partition behind a relay): a new connection may get through.
+        DbError::NoAnswer(_) => c(Connection, Cause::NoAnswer, None),
     }
 }
 
@@ -476,6 +506,13 @@ mod tests {
             (DbError::Connect("connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for user \"app\"".into()), Permanent, Cause::Other, Some("28P01")),
             (DbError::Connect("connection to server failed: FATAL:  database \"nope\" does not exist".into()), Permanent, Cause::Other, None),
             (DbError::Connect("unable to open database file: /no/such/dir/n.db".into()), Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+            (db(Unknown, "could not extend file \"base/16384/16385\": No space left on device"), Resource, Cause::DiskFull, Some("53100")),
+            (db(Unknown, "could not write to file \"pg_wal/xlogtemp.123\": No space left on device"), Resource, Cause::DiskFull, Some("53100")),
+            (db(Unknown, "database or disk is full"), Resource, Cause::DiskFull, Some("SQLITE_FULL")),
+            (db(Unknown, "out of memory"), Resource, Cause::OutOfMemory, Some("53200")),
+            (DbError::Unavailable("the database's disk is full since 2026-11-30T04:00:00Z: database or disk is full".into()), Resource, Cause::DiskFull, Some("SQLITE_FULL")),
+            (DbError::Unavailable("database unreachable since 2026-11-30T04:00:00Z: cannot get a connection: Connection refused".into()), Connection, Cause::ConnectionLost, Some("08001")),
+            (DbError::NoAnswer(std::time::Duration::from_secs(35)), Connection, Cause::NoAnswer, None),
         ];
         for (error, class, cause, sqlstate) in table {
             let got = classify(&error);

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod classify;
+pub mod deadline;
 pub mod migrate;
 pub mod pool;
 pub mod repo;
@@ -25,8 +26,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
 
-use self::breaker::Breaker;
+use self::breaker::{Breaker, Outage};
 pub use self::classify::{classify, Classified, DbError, ErrorClass};
+use self::deadline::Watchdog;
 pub use self::pool::{AnyConnection, PoolSettings};
 use self::pool::{Manager, PooledConn, QuietErrors};
 use self::retry::{AttemptError, Observer, Stage, SystemClock};
@@ -53,6 +55,8 @@ pub struct Database {
     metrics: Arc<DbMetrics>,
     breaker: Breaker,
     cancelled: AtomicBool,
+    /// Cuts PostgreSQL calls that go unanswered (see [`deadline`]).
+    _watchdog: Option<Watchdog>,
 }
 
 impl Database {
@@ -61,6 +65,11 @@ impl Database {
     /// still starting is waited for.
     pub fn open(url: DatabaseUrl, settings: PoolSettings, policy: RetryPolicy) -> Database {
         let metrics = Arc::new(DbMetrics::default());
+        let watchdog = match (&url, settings.call_deadline()) {
+            (DatabaseUrl::Postgres(_), Some(limit)) => Some(Watchdog::start(limit)),
+            _ => None,
+        };
+        let registry = watchdog.as_ref().map(Watchdog::registry);
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(0))
@@ -69,7 +78,12 @@ impl Database {
             .idle_timeout(Some(Duration::from_secs(600)))
             .test_on_check_out(true)
             .error_handler(Box::new(QuietErrors))
-            .build_unchecked(Manager::new(url.clone(), settings, metrics.clone()));
+            .build_unchecked(Manager::new(
+                url.clone(),
+                settings,
+                metrics.clone(),
+                registry,
+            ));
         Database {
             url,
             pool,
@@ -77,6 +91,7 @@ impl Database {
             metrics,
             breaker: Breaker::default(),
             cancelled: AtomicBool::new(false),
+            _watchdog: watchdog,
         }
     }
 
@@ -155,18 +170,15 @@ impl Database {
         body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
         counted: &mut bool,
     ) -> Result<T, AttemptError> {
-        let admission = self
-            .breaker
-            .admit(self.policy.max_outage, counted)
-            .map_err(|open| {
-                let error = DbError::Connect(format!("database unreachable: {}", open.last_error));
-                AttemptError::Failed {
-                    classified: classify(&error),
-                    error,
-                    stage: Stage::Checkout,
-                    outage_since: Some(open.since),
-                }
-            })?;
+        let admission = self.breaker.admit(&self.policy, counted).map_err(|open| {
+            let error = DbError::Unavailable(open.to_string());
+            AttemptError::Failed {
+                classified: classify(&error),
+                error,
+                stage: Stage::Checkout,
+                outage_since: Some(open.since),
+            }
+        })?;
         let result = self
             .pool
             .get()
@@ -184,14 +196,18 @@ impl Database {
                 conn.touch();
                 result
             });
-        match &result {
+        let outage = match &result {
             Err(AttemptError::Failed {
                 classified, error, ..
-            }) if classified.class == ErrorClass::Connection => {
+            }) => Outage::of(classified).map(|outage| (outage, error)),
+            _ => None,
+        };
+        match outage {
+            Some((outage, error)) => {
                 self.breaker
-                    .failed(admission, &error.to_string(), &self.policy)
+                    .failed(admission, outage, &error.to_string(), &self.policy)
             }
-            _ => {
+            None => {
                 if let Some(down) = self.breaker.reached() {
                     self.metrics.outage_ended(down.as_millis() as u64);
                 }
@@ -209,7 +225,11 @@ fn run_transaction<T>(
     body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
 ) -> Result<T, AttemptError> {
     let failed = |pooled: &mut PooledConn, error: diesel::result::Error, stage: Stage| {
-        let error = DbError::Query(error);
+        // A call cut by the deadline fails as a closed connection; say why.
+        let error = match pooled.cut_after() {
+            Some(waited) => DbError::NoAnswer(waited),
+            None => DbError::Query(error),
+        };
         let classified = classify(&error);
         if classified.class == ErrorClass::Connection && !pooled.discard {
             pooled.discard = true;
@@ -316,6 +336,11 @@ impl Observer for TxObserver<'_> {
             }
             Failure::Cancelled { error } => {
                 log::warn!("transaction cancelled by shutdown after {attempts} attempts: {error}")
+            }
+            // The breaker said it once when it began; the caller says how
+            // the run ends.
+            Failure::OutOfResources { .. } => {
+                log::debug!("stopping after {attempts} attempts: {failure}")
             }
             Failure::Panicked(message) => {
                 log::error!("transaction panicked on attempt {attempts}: {message}")

@@ -8,6 +8,7 @@
 //! connections are validated at checkout only when they sat idle for a while,
 //! as HikariCP and pgxpool do, not with a round trip before every job.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use diesel::r2d2::R2D2Connection;
 use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, ConnectionError, QueryResult};
 
+use super::deadline::{self, Registry, Watch};
 use super::url::DatabaseUrl;
 use crate::metrics::DbMetrics;
 
@@ -92,6 +94,16 @@ pub struct PoolSettings {
     pub busy_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// How long a PostgreSQL call may go without an answer before its
+    /// connection is cut: `statement_timeout` plus [`deadline::MARGIN`]
+    /// (none when `statement_timeout` is off: a call may then legitimately
+    /// take any time).
+    pub fn call_deadline(&self) -> Option<Duration> {
+        (!self.statement_timeout.is_zero()).then(|| self.statement_timeout + deadline::MARGIN)
+    }
+}
+
 impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
@@ -111,11 +123,18 @@ pub struct PooledConn {
     pub(crate) conn: AnyConnection,
     pub(crate) discard: bool,
     last_used: Instant,
+    watch: Option<Arc<Watch>>,
 }
 
 impl PooledConn {
     pub(crate) fn touch(&mut self) {
         self.last_used = Instant::now();
+    }
+
+    /// Whether the deadline watchdog cut this connection, and after how
+    /// long a wait for an answer.
+    pub(crate) fn cut_after(&self) -> Option<Duration> {
+        self.watch.as_ref().and_then(|w| w.cut_after())
     }
 }
 
@@ -124,15 +143,49 @@ pub struct Manager {
     url: DatabaseUrl,
     settings: PoolSettings,
     metrics: Arc<DbMetrics>,
+    /// Where new PostgreSQL connections register with the deadline
+    /// watchdog, when there is one.
+    deadline: Option<Registry>,
 }
 
 impl Manager {
-    pub(crate) fn new(url: DatabaseUrl, settings: PoolSettings, metrics: Arc<DbMetrics>) -> Self {
+    pub(crate) fn new(
+        url: DatabaseUrl,
+        settings: PoolSettings,
+        metrics: Arc<DbMetrics>,
+        deadline: Option<Registry>,
+    ) -> Self {
         Manager {
             url,
             settings,
             metrics,
+            deadline,
         }
+    }
+
+    /// A PostgreSQL connection with client-side timeouts, its calls
+    /// watched by the deadline watchdog.
+    fn connect_pg(&self, url: &str) -> Result<(PgConnection, Option<Arc<Watch>>), ConnectionError> {
+        // Process-wide, so that connections being made at the same time
+        // by several pools never share a marker.
+        static NONCE: AtomicU32 = AtomicU32::new(0);
+        let (libpq_url, marker) =
+            DatabaseUrl::libpq_url(url, NONCE.fetch_add(1, Ordering::Relaxed));
+        let Some(registry) = &self.deadline else {
+            return Ok((PgConnection::establish(&libpq_url)?, None));
+        };
+        let before = deadline::sockets();
+        let mut conn = PgConnection::establish(&libpq_url)?;
+        let watch = Watch::new(deadline::find_socket(&before, marker));
+        if !watch.has_socket() {
+            log::info!("cannot tell this connection's socket apart: its calls have no client-side deadline");
+        }
+        conn.set_instrumentation(watch.clock());
+        registry
+            .lock()
+            .expect("deadline registry lock")
+            .push(Arc::downgrade(&watch));
+        Ok((conn, Some(watch)))
     }
 
     fn setup_sql(&self) -> String {
@@ -160,13 +213,19 @@ impl r2d2::ManageConnection for Manager {
     type Error = ConnectionError;
 
     fn connect(&self) -> Result<PooledConn, ConnectionError> {
-        let mut conn = match &self.url {
-            DatabaseUrl::Postgres(url) => AnyConnection::Pg(PgConnection::establish(url)?),
+        let (mut conn, watch) = match &self.url {
+            DatabaseUrl::Postgres(url) => {
+                let (conn, watch) = self.connect_pg(url)?;
+                (AnyConnection::Pg(conn), watch)
+            }
             DatabaseUrl::Sqlite(path) => {
                 let path = path.to_str().ok_or_else(|| {
                     ConnectionError::InvalidConnectionUrl("the SQLite path is not UTF-8".into())
                 })?;
-                AnyConnection::Sqlite(SqliteConnection::establish(path)?)
+                (
+                    AnyConnection::Sqlite(SqliteConnection::establish(path)?),
+                    None,
+                )
             }
         };
         conn.batch_execute(&self.setup_sql())
@@ -177,6 +236,7 @@ impl r2d2::ManageConnection for Manager {
             conn,
             discard: false,
             last_used: Instant::now(),
+            watch,
         })
     }
 
@@ -198,7 +258,10 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut PooledConn) -> bool {
-        let broken = conn.discard || std::thread::panicking() || conn.conn.is_broken();
+        let broken = conn.discard
+            || std::thread::panicking()
+            || conn.cut_after().is_some()
+            || conn.conn.is_broken();
         if broken {
             self.metrics.connection_discarded();
         }

@@ -31,6 +31,10 @@ pub struct RetryPolicy {
     /// transaction that keeps failing (`None`: until `max_outage`, as single
     /// messages are).
     pub transient_attempts: Option<u32>,
+    /// How long a shortage of disk space or memory on the database's side is
+    /// waited out: `Some(ZERO)` stops at once (`ingest`: the operator must
+    /// free space), `None` waits until it is over (`serve`).
+    pub resource_wait: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -41,6 +45,7 @@ impl Default for RetryPolicy {
             max_outage: Duration::from_secs(300),
             unrecognized_attempts: 3,
             transient_attempts: None,
+            resource_wait: Some(Duration::ZERO),
         }
     }
 }
@@ -60,6 +65,15 @@ impl RetryPolicy {
             ErrorClass::Permanent => false,
             ErrorClass::Unrecognized => attempts < self.unrecognized_attempts,
             ErrorClass::Connection | ErrorClass::Transient => failing_for < self.max_outage,
+            ErrorClass::Resource => self.resource_wait.is_none_or(|wait| failing_for < wait),
+        }
+    }
+
+    /// How long an outage of this class is waited out (`None`: for ever).
+    pub fn wait_limit(&self, class: ErrorClass) -> Option<Duration> {
+        match class {
+            ErrorClass::Resource => self.resource_wait,
+            _ => Some(self.max_outage),
         }
     }
 }
@@ -114,6 +128,13 @@ pub enum Failure {
         /// The last error.
         error: DbError,
     },
+    /// The database is out of disk space or memory, and the policy does
+    /// not wait for it (or waited as long as it does).
+    #[error("{}: {error}", shortage_of(error).0)]
+    OutOfResources {
+        /// The last error.
+        error: DbError,
+    },
     /// Connection or transient errors lasted longer than `max_outage`.
     #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]
     GaveUp {
@@ -122,6 +143,28 @@ pub enum Failure {
         /// How long the errors lasted.
         failing_for: Duration,
     },
+}
+
+impl Failure {
+    /// Whether this failure stops the run instead of dead-lettering a
+    /// message: the database, not the message, is the problem (an outage
+    /// waited out to its limit, a shutdown, a full disk). Such a failure is
+    /// never bisected: the same batch would fail the same way at any size.
+    pub fn is_stop(&self) -> bool {
+        matches!(
+            self,
+            Failure::GaveUp { .. } | Failure::Cancelled { .. } | Failure::OutOfResources { .. }
+        )
+    }
+}
+
+/// What a resource error is short of, and what the operator must do: for
+/// messages ("the database's disk is full", "free space").
+pub fn shortage_of(error: &DbError) -> (&'static str, &'static str) {
+    match super::classify::classify(error).cause {
+        crate::metrics::Cause::OutOfMemory => ("the database is out of memory", "free memory"),
+        _ => ("the database's disk is full", "free space"),
+    }
 }
 
 /// Time and randomness for the loop; faked in tests.
@@ -224,6 +267,7 @@ pub fn run<T>(
                     error, classified, ..
                 } => match classified.class {
                     ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
+                    ErrorClass::Resource => Failure::OutOfResources { error },
                     // Stopped by the attempt limit, not by the outage clock.
                     _ if limit_reached => Failure::Rejected { error },
                     ErrorClass::Connection | ErrorClass::Transient => {
@@ -241,7 +285,11 @@ pub fn run<T>(
                 return Err(failure);
             }
         }
-        let left = policy.max_outage.saturating_sub(failing_for);
+        let limit = match &error {
+            AttemptError::Failed { classified, .. } => policy.wait_limit(classified.class),
+            AttemptError::Panicked(_) => Some(policy.max_outage),
+        };
+        let left = limit.map_or(Duration::MAX, |limit| limit.saturating_sub(failing_for));
         let delay = clock.jitter(policy.ceiling(attempts)).min(left);
         observer.retrying(&error, attempts, delay);
         clock.sleep(delay);
@@ -530,5 +578,37 @@ mod tests {
         let (result, clock, _) = scripted(1, || AttemptError::Panicked("boom".into()), &policy);
         assert!(matches!(result, Err(Failure::Panicked(m)) if m == "boom"));
         assert!(clock.slept.is_empty());
+    }
+
+    #[test]
+    fn a_full_disk_stops_at_once_by_default_and_is_waited_out_when_asked() {
+        let full = || query_error("database or disk is full");
+        let (result, clock, _) = scripted(100, full, &RetryPolicy::default());
+        match result {
+            Err(failure @ Failure::OutOfResources { .. }) => {
+                assert!(failure.is_stop(), "never bisected or dead-lettered");
+                assert!(
+                    failure
+                        .to_string()
+                        .starts_with("the database's disk is full"),
+                    "{failure}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(clock.slept.is_empty(), "no retry at all");
+        let waiting = RetryPolicy {
+            resource_wait: None,
+            max_outage: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        };
+        let (result, clock, _) = scripted(2000, full, &waiting);
+        assert_eq!(result.unwrap(), 2001, "waited out far beyond max_outage");
+        assert!(clock.slept.iter().sum::<Duration>() > Duration::from_secs(60));
+        let (result, _, _) = scripted(3, || query_error("out of memory"), &RetryPolicy::default());
+        assert!(
+            matches!(&result, Err(f @ Failure::OutOfResources { .. }) if f.to_string().starts_with("the database is out of memory")),
+            "{result:?}"
+        );
     }
 }

@@ -5,6 +5,25 @@ use std::path::PathBuf;
 /// The default database: a SQLite file in the working directory.
 pub const DEFAULT_URL: &str = "sqlite://normalizer.db";
 
+/// libpq settings every PostgreSQL connection gets unless its URL sets them,
+/// so that a dead peer is found in seconds, not after TCP's own minutes:
+/// connecting gives up after 5 s, an idle connection (or one waiting for an
+/// answer) is probed after 5 s of silence and declared dead after 3 more
+/// unanswered probes 2 s apart, and data unacknowledged for 10 s closes it
+/// (`tcp_user_timeout`, which also takes over from the probes' count).
+pub const LIBPQ_DEFAULTS: [(&str, &str); 5] = [
+    ("connect_timeout", "5"),
+    ("keepalives", "1"),
+    ("keepalives_idle", "5"),
+    ("keepalives_interval", "2"),
+    ("keepalives_count", "3"),
+];
+
+/// The default `tcp_user_timeout`, in milliseconds. Each connection adds its
+/// own number of milliseconds below 1,000, by which the deadline watchdog
+/// tells its socket apart (see `db::deadline`).
+pub const TCP_USER_TIMEOUT_MS: u32 = 10_000;
+
 /// A parsed database location.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -48,6 +67,37 @@ impl DatabaseUrl {
             DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
             DatabaseUrl::Postgres(url) => redact(url),
         }
+    }
+
+    /// The URL handed to libpq: `url` with [`LIBPQ_DEFAULTS`] and
+    /// `tcp_user_timeout` added where it does not set them itself. Returns
+    /// the `tcp_user_timeout` it added (`TCP_USER_TIMEOUT_MS + nonce % 1000`),
+    /// if it added one.
+    pub(crate) fn libpq_url(url: &str, nonce: u32) -> (String, Option<u32>) {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        let set: Vec<&str> = query
+            .split('&')
+            .filter_map(|p| p.split_once('=').map(|(k, _)| k))
+            .collect();
+        let mut added: Vec<String> = LIBPQ_DEFAULTS
+            .iter()
+            .filter(|(k, _)| !set.contains(k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let marker =
+            (!set.contains(&"tcp_user_timeout")).then_some(TCP_USER_TIMEOUT_MS + nonce % 1000);
+        if let Some(ms) = marker {
+            added.push(format!("tcp_user_timeout={ms}"));
+        }
+        if added.is_empty() {
+            return (url.to_string(), marker);
+        }
+        let separator = match url.split_once('?') {
+            None => "?",
+            Some((_, "")) => "",
+            Some(_) => "&",
+        };
+        (format!("{url}{separator}{}", added.join("&")), marker)
     }
 
     /// `postgres` or `sqlite`.
@@ -164,6 +214,30 @@ mod tests {
             .unwrap_err()
             .contains("invalid port"));
         assert!(DatabaseUrl::parse("").is_err());
+    }
+
+    #[test]
+    fn libpq_gets_timeouts_and_keepalives_unless_the_url_sets_them() {
+        let (url, marker) = DatabaseUrl::libpq_url("postgres://u@h/db", 1234);
+        assert_eq!(
+            url,
+            "postgres://u@h/db?connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10234"
+        );
+        assert_eq!(marker, Some(10_234));
+        let (url, marker) = DatabaseUrl::libpq_url(
+            "postgres://u@h/db?sslmode=require&connect_timeout=30&tcp_user_timeout=0",
+            7,
+        );
+        assert_eq!(
+            url,
+            "postgres://u@h/db?sslmode=require&connect_timeout=30&tcp_user_timeout=0&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3"
+        );
+        assert_eq!(marker, None, "the URL's own tcp_user_timeout is kept");
+        let (url, _) = DatabaseUrl::libpq_url("postgres://u@h/db?", 0);
+        assert!(
+            url.starts_with("postgres://u@h/db?connect_timeout=5&"),
+            "{url}"
+        );
     }
 
     #[test]

@@ -23,8 +23,7 @@ pub struct Progress {
 }
 
 /// A run that stopped before every line was accounted for.
-#[derive(Debug, thiserror::Error)]
-#[error("stopped at line {line}: {failure}; {} of {} lines read were completed, every line before line {resume_from} is done, and re-running the same input is safe", summary.completed, summary.lines)]
+#[derive(Debug)]
 pub struct Stopped {
     /// The line whose transaction failed.
     pub line: u64,
@@ -35,6 +34,29 @@ pub struct Stopped {
     /// What was done.
     pub summary: Box<Summary>,
 }
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (completed, lines) = (self.summary.completed, self.summary.lines);
+        match &self.failure {
+            Failure::OutOfResources { error } => {
+                let (what, remedy) = crate::db::retry::shortage_of(error);
+                write!(
+                    f,
+                    "{what}; every line before line {} is done; {remedy} and run the same input again ({completed} of {lines} lines read were completed; the database said: {error})",
+                    self.resume_from
+                )
+            }
+            failure => write!(
+                f,
+                "stopped at line {}: {failure}; {completed} of {lines} lines read were completed, every line before line {} is done, and re-running the same input is safe",
+                self.line, self.resume_from
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 /// The error of an unreadable input stream.
 #[derive(Debug, thiserror::Error)]

@@ -367,6 +367,9 @@ fn copy_of_stop(failure: &Failure) -> Failure {
             failing_for: *failing_for,
         },
         Failure::Cancelled { error: e } => Failure::Cancelled { error: error(e) },
+        Failure::OutOfResources { error: e } => Failure::OutOfResources {
+            error: crate::db::DbError::Unavailable(e.to_string()),
+        },
         other => Failure::Cancelled {
             error: crate::db::DbError::Connect(other.to_string()),
         },
@@ -440,7 +443,7 @@ fn run_batch(
             }
             false
         }
-        Err(failure @ (Failure::GaveUp { .. } | Failure::Cancelled { .. })) => {
+        Err(failure) if failure.is_stop() => {
             // Not done: every job of the batch stops the same way.
             for job in &jobs {
                 job.reply(Err(copy_of_stop(&failure)));
@@ -483,9 +486,7 @@ fn apply_message(
         });
         match result {
             Ok(outcome) => return Ok(outcome),
-            Err(failure @ (Failure::GaveUp { .. } | Failure::Cancelled { .. })) => {
-                return Err(failure)
-            }
+            Err(failure) if failure.is_stop() => return Err(failure),
             Err(failure) => {
                 log::warn!(
                     "line {ticket}, message {:?}: attempt {attempt} on its own failed: {failure}",

@@ -329,8 +329,10 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
                     "producer {id}, line {}: not acknowledged: {failure}",
                     done.ticket
                 );
-                if matches!(failure, Failure::GaveUp { .. })
-                    && !shared.gave_up.swap(true, Ordering::SeqCst)
+                if matches!(
+                    failure,
+                    Failure::GaveUp { .. } | Failure::OutOfResources { .. }
+                ) && !shared.gave_up.swap(true, Ordering::SeqCst)
                 {
                     log::error!("the database stayed unreachable: shutting down");
                     shared.begin_shutdown();
