@@ -30,7 +30,7 @@ use self::breaker::{Breaker, Outage};
 pub use self::classify::{classify, Classified, DbError, ErrorClass};
 use self::deadline::Watchdog;
 pub use self::pool::{AnyConnection, PoolSettings};
-use self::pool::{Manager, PooledConn, QuietErrors};
+use self::pool::{Manager, PooledConn, QuietErrors, Session};
 use self::retry::{AttemptError, Observer, Stage, SystemClock};
 pub use self::retry::{Failure, RetryPolicy};
 pub use self::url::DatabaseUrl;
@@ -57,6 +57,9 @@ pub struct Database {
     cancelled: AtomicBool,
     /// Cuts PostgreSQL calls that go unanswered (see [`deadline`]).
     _watchdog: Option<Watchdog>,
+    /// Server sessions of discarded connections, to end at the next
+    /// checkout (see [`Session::end_all`]).
+    abandoned: std::sync::Mutex<Vec<Session>>,
 }
 
 impl Database {
@@ -92,6 +95,7 @@ impl Database {
             breaker: Breaker::default(),
             cancelled: AtomicBool::new(false),
             _watchdog: watchdog,
+            abandoned: Default::default(),
         }
     }
 
@@ -192,8 +196,14 @@ impl Database {
                 }
             })
             .and_then(|mut conn| {
+                self.end_abandoned_sessions(&mut conn);
                 let result = run_transaction(&mut conn, body);
                 conn.touch();
+                if conn.discard || conn.cut_after().is_some() {
+                    if let Some(session) = conn.session.take() {
+                        self.abandoned.lock().expect("abandoned lock").push(session);
+                    }
+                }
                 result
             });
         let outage = match &result {
@@ -214,6 +224,25 @@ impl Database {
             }
         }
         result
+    }
+}
+
+impl Database {
+    /// Ends the server sessions of connections discarded earlier, before
+    /// the next transaction may wait for their row locks. Best effort: a
+    /// session the server already ended is simply not found.
+    fn end_abandoned_sessions(&self, conn: &mut PooledConn) {
+        let sessions = std::mem::take(&mut *self.abandoned.lock().expect("abandoned lock"));
+        if sessions.is_empty() {
+            return;
+        }
+        match Session::end_all(&mut conn.conn, &sessions) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "ended {n} server sessions of discarded connections that were still open"
+            ),
+            Err(e) => log::info!("cannot end the sessions of discarded connections: {e}"),
+        }
     }
 }
 

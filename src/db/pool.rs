@@ -124,6 +124,58 @@ pub struct PooledConn {
     pub(crate) discard: bool,
     last_used: Instant,
     watch: Option<Arc<Watch>>,
+    /// The server's side of a PostgreSQL connection.
+    pub(crate) session: Option<Session>,
+}
+
+/// A PostgreSQL backend: its pid and start time, which together name it
+/// even after the pid is reused.
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
+pub struct Session {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    started: String,
+}
+
+impl Session {
+    fn of(conn: &mut PgConnection) -> QueryResult<Session> {
+        use diesel::RunQueryDsl;
+        diesel::sql_query(
+            "SELECT pid, backend_start::text AS started FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .get_result(conn)
+    }
+
+    /// Ends these sessions if the server still has them: the backends of
+    /// discarded connections whose end the server may not have seen (a cut
+    /// link, a call abandoned at its deadline), and which may still hold
+    /// their devices' row locks until `idle_in_transaction_session_timeout`.
+    /// Returns how many were still there.
+    pub(crate) fn end_all(conn: &mut AnyConnection, sessions: &[Session]) -> QueryResult<usize> {
+        use diesel::sql_types::{Integer, Text};
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Ended {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let AnyConnection::Pg(c) = conn else {
+            return Ok(0);
+        };
+        let mut ended = 0;
+        for s in sessions {
+            let row: Ended = diesel::sql_query(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+                 WHERE pid = $1 AND backend_start::text = $2",
+            )
+            .bind::<Integer, _>(s.pid)
+            .bind::<Text, _>(&s.started)
+            .get_result(c)?;
+            ended += row.n as usize;
+        }
+        Ok(ended)
+    }
 }
 
 impl PooledConn {
@@ -230,6 +282,12 @@ impl r2d2::ManageConnection for Manager {
         };
         conn.batch_execute(&self.setup_sql())
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        let session = match &mut conn {
+            AnyConnection::Pg(c) => {
+                Some(Session::of(c).map_err(ConnectionError::CouldntSetupConfiguration)?)
+            }
+            AnyConnection::Sqlite(_) => None,
+        };
         self.metrics.connection_opened();
         log::debug!("opened a {} connection", self.url.backend_name());
         Ok(PooledConn {
@@ -237,6 +295,7 @@ impl r2d2::ManageConnection for Manager {
             discard: false,
             last_used: Instant::now(),
             watch,
+            session,
         })
     }
 

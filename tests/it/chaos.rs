@@ -21,14 +21,14 @@ use normalizer::pipeline::{self, IngestOptions, Progress, Summary};
 use crate::pg::PgCluster;
 use crate::support::TestDb;
 
-fn size() -> usize {
+pub(crate) fn size() -> usize {
     std::env::var("CHAOS_MESSAGES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000)
 }
 
-fn input(messages: usize) -> (String, String) {
+pub(crate) fn input(messages: usize) -> (String, String) {
     let options = GenOptions {
         devices: 60,
         messages,
@@ -45,15 +45,15 @@ fn input(messages: usize) -> (String, String) {
 
 /// What the injector and the run share.
 #[derive(Default)]
-pub struct Run {
-    done: AtomicBool,
-    completed: AtomicU64,
-    total: AtomicU64,
-    back_at: Mutex<Option<Instant>>,
-    first_after_back: Mutex<Option<Instant>>,
-    injected_while_running: AtomicBool,
-    note: Mutex<String>,
-    max_stall: Mutex<Duration>,
+pub(crate) struct Run {
+    pub(crate) done: AtomicBool,
+    pub(crate) completed: AtomicU64,
+    pub(crate) total: AtomicU64,
+    pub(crate) back_at: Mutex<Option<Instant>>,
+    pub(crate) first_after_back: Mutex<Option<Instant>>,
+    pub(crate) injected_while_running: AtomicBool,
+    pub(crate) note: Mutex<String>,
+    pub(crate) max_stall: Mutex<Duration>,
 }
 
 impl Run {
@@ -70,25 +70,25 @@ impl Run {
     fn is_done(&self) -> bool {
         self.done.load(Ordering::SeqCst)
     }
-    fn server_back(&self) {
+    pub(crate) fn server_back(&self) {
         *self.back_at.lock().unwrap() = Some(Instant::now());
     }
-    fn note(&self, text: String) {
+    pub(crate) fn note(&self, text: String) {
         *self.note.lock().unwrap() = text;
     }
 }
 
 /// One line of figures.
-struct Figures {
-    fault: &'static str,
-    how: String,
-    messages: usize,
-    lost: usize,
-    doubled: usize,
-    wrongly_dead_lettered: usize,
-    summary: Summary,
-    recovery: Option<Duration>,
-    max_stall: Duration,
+pub(crate) struct Figures {
+    pub(crate) fault: &'static str,
+    pub(crate) how: String,
+    pub(crate) messages: usize,
+    pub(crate) lost: usize,
+    pub(crate) doubled: usize,
+    pub(crate) wrongly_dead_lettered: usize,
+    pub(crate) summary: Summary,
+    pub(crate) recovery: Option<Duration>,
+    pub(crate) max_stall: Duration,
 }
 
 impl std::fmt::Display for Figures {
@@ -121,7 +121,7 @@ impl std::fmt::Display for Figures {
     }
 }
 
-fn compare(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
+pub(crate) fn compare(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
     use std::collections::HashSet;
     let clean_ids: HashSet<&String> = clean.processed.iter().collect();
     let faulty_ids: HashSet<&String> = faulty.processed.iter().collect();
@@ -142,7 +142,7 @@ fn compare(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
     (lost, doubled, wrong)
 }
 
-fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usize) -> Summary {
+pub(crate) fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usize) -> Summary {
     let mut last = Instant::now();
     let mut max_stall = Duration::ZERO;
     let summary = pipeline::ingest(

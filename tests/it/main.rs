@@ -6,6 +6,8 @@ mod cli;
 mod contract;
 mod faults;
 mod input;
+mod netns;
+mod partition;
 mod pg;
 mod provisioning;
 mod service;

@@ -44,6 +44,21 @@ fn free_port() -> u16 {
 impl PgCluster {
     /// initdb and start a new cluster; `conf` lines go into postgresql.conf.
     pub fn start_with(conf: &[&str]) -> PgCluster {
+        Self::start_configured(conf, &[])
+    }
+
+    /// A new cluster that also listens on `address` and trusts clients of
+    /// `clients` (a CIDR): for tests that reach it over a link of their own.
+    pub fn start_listening_on(address: &str, clients: &str) -> PgCluster {
+        Self::start_configured(
+            &[&format!("listen_addresses = '127.0.0.1,{address}'")],
+            &[&format!("host all all {clients} trust")],
+        )
+    }
+
+    /// initdb and start a new cluster with `conf` lines in postgresql.conf
+    /// and `hba` lines in pg_hba.conf.
+    pub fn start_configured(conf: &[&str], hba: &[&str]) -> PgCluster {
         let root = std::env::temp_dir().join(format!(
             "normalizer-pg-{}-{}",
             std::process::id(),
@@ -93,6 +108,13 @@ impl PgCluster {
         text.push_str(&settings.join("\n"));
         text.push('\n');
         std::fs::write(&conf_path, text).unwrap();
+        let hba_path = cluster.data.join("pg_hba.conf");
+        let mut text = std::fs::read_to_string(&hba_path).unwrap();
+        for line in hba {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&hba_path, text).unwrap();
         cluster.start();
         cluster
     }

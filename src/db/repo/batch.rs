@@ -70,8 +70,6 @@ pub fn apply(
             Item::Letter { .. } => None,
         })
         .collect();
-    let ids: Vec<&str> = messages.iter().map(|(_, m, _, _)| m.id.as_str()).collect();
-    let processed = processed_tokens(conn, &ids)?;
     let keys: Vec<&str> = {
         let mut k: Vec<&str> = messages
             .iter()
@@ -81,7 +79,12 @@ pub fn apply(
         k.dedup();
         k
     };
+    // Devices are locked before the processed ids are read: a transaction
+    // of the same devices still running (one whose connection was cut and
+    // abandoned, say) has ended by then, and its commit is seen.
     let known = lock_devices(conn, &keys)?;
+    let ids: Vec<&str> = messages.iter().map(|(_, m, _, _)| m.id.as_str()).collect();
+    let processed = processed_tokens(conn, &ids)?;
     let device_ids: Vec<i64> = known.values().copied().collect();
     let reference = cache.current(conn, &device_ids)?;
     let mut state = State::load(conn, &device_ids, reference)?;

@@ -28,6 +28,10 @@ pub fn apply(
     raw: &[u8],
     token: &str,
 ) -> QueryResult<Outcome> {
+    // The device is locked first, so that a transaction of the same device
+    // still running (one whose connection was cut and abandoned, say) has
+    // ended before the processed id is read, and its commit is seen.
+    let device = lock_device(conn, &msg.device)?;
     // Step 2: an id already processed changes nothing. Our own token there
     // means our earlier commit landed and only its acknowledgement was lost.
     if let Some(stored) = processed_token(conn, &msg.id)? {
@@ -48,7 +52,7 @@ pub fn apply(
         dead_letters::record(conn, &letter, token).map(|()| Outcome::DeadLetter(kind))
     };
     // Step 3.
-    let Some((device_id, profile_id)) = lock_device(conn, &msg.device)? else {
+    let Some((device_id, profile_id)) = device else {
         let error = format!("no device with key {:?} is provisioned", msg.device);
         return dead_letter(conn, DeadLetterKind::UnknownDevice, error);
     };

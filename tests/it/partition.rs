@@ -1,0 +1,174 @@
+//! Network partitions: the link between the normalizer and PostgreSQL is
+//! cut for a while (packets vanish, nothing is reset), once with a TCP relay
+//! on either side of the link (as pgbouncer or a load balancer sit in
+//! between: the normalizer's own connection never breaks), once direct (the
+//! normalizer inside the namespace, PostgreSQL on the host's end of the
+//! link). The run must finish by itself soon after the link heals, with the
+//! clean run's end state.
+//!
+//! `CHAOS_PARTITION_SECONDS` sets how long the link stays cut (30 by
+//! default; `scripts/chaos` also runs 300).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use normalizer::db::{migrate, Database, DatabaseUrl, PoolSettings, RetryPolicy};
+
+use crate::chaos::{compare, ingest_observed, input, size, Figures, Run};
+use crate::netns::{Link, Relay};
+use crate::pg::PgCluster;
+use crate::support::TestDb;
+
+fn partition_length() -> Duration {
+    Duration::from_secs(
+        std::env::var("CHAOS_PARTITION_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30),
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Placement {
+    Relay,
+    Direct,
+}
+
+fn check(placement: Placement) {
+    let down = partition_length();
+    let link = Link::new();
+    let cluster = PgCluster::start_listening_on(&link.host_ip, link.subnet());
+    let messages = size();
+    let (devices, text) = input(messages);
+    let workers = 4;
+    let settings = PoolSettings::default();
+
+    let clean_started = Instant::now();
+    let (clean_summary, clean_snap) = {
+        let clean = TestDb::open(&cluster.create_database(), settings.clone());
+        clean.provision(&devices);
+        let summary = ingest_observed(&clean.db, &text, &Run::default(), workers);
+        (summary, clean.snapshot())
+    };
+    let clean_elapsed = clean_started.elapsed();
+
+    let database = cluster.create_database();
+    let database = database.rsplit('/').next().unwrap();
+    let server: SocketAddr = format!("{}:{}", link.host_ip, cluster.port)
+        .parse()
+        .unwrap();
+    let (_relays, url, name) = match placement {
+        Placement::Relay => {
+            let inner = Relay::start(&link.ns_ip, server, Some(&link));
+            let outer = Relay::start("127.0.0.1", inner.addr, None);
+            let url = format!("postgres://postgres@{}/{database}", outer.addr);
+            (vec![outer, inner], url, "relay")
+        }
+        Placement::Direct => (
+            vec![],
+            format!("postgres://postgres@{server}/{database}"),
+            "direct",
+        ),
+    };
+    // Waited out however long the partition: the test is about coming back.
+    let policy = RetryPolicy {
+        max_outage: down + Duration::from_secs(600),
+        ..RetryPolicy::default()
+    };
+
+    let run = Run::default();
+    run.total.store(clean_summary.lines, Ordering::SeqCst);
+    let (summary, faulty_snap, finished, healed, done_at_cut) = std::thread::scope(|s| {
+        let injector = s.spawn(|| {
+            run.wait_for(0.2);
+            let done_at_cut = run.completed.load(Ordering::SeqCst);
+            link.cut();
+            std::thread::sleep(down);
+            link.heal();
+            run.server_back();
+            (Instant::now(), done_at_cut)
+        });
+        let normalizer = s.spawn(|| {
+            if placement == Placement::Direct {
+                link.enter();
+            }
+            let db = Database::open(DatabaseUrl::parse(&url).unwrap(), settings.clone(), policy);
+            migrate::run(&db).expect("migrations run");
+            let faulty = TestDb {
+                db,
+                url: url.clone(),
+                name: "postgres",
+                _dir: None,
+            };
+            faulty.provision(&devices);
+            let summary = ingest_observed(&faulty.db, &text, &run, workers);
+            let finished = Instant::now();
+            (summary, faulty.snapshot(), finished)
+        });
+        let (healed, done_at_cut) = injector.join().expect("the injector does not panic");
+        let (summary, snap, finished) = normalizer.join().expect("the run does not panic");
+        (summary, snap, finished, healed, done_at_cut)
+    });
+
+    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
+    let recovery = run
+        .first_after_back
+        .lock()
+        .unwrap()
+        .map(|first| first.saturating_duration_since(healed));
+    let after_heal = finished.saturating_duration_since(healed);
+    let remaining = 1.0 - done_at_cut as f64 / clean_summary.lines.max(1) as f64;
+    let budget = Duration::from_secs(10) + clean_elapsed.mul_f64(remaining);
+    let figures = Figures {
+        fault: if placement == Placement::Relay {
+            "partition-relay"
+        } else {
+            "partition-direct"
+        },
+        how: format!(
+            "link cut for {} s at 20% ({name}); finished {:.1} s after the heal (target {:.1} s: 10 s + the clean run's time for the {:.0}% left)",
+            down.as_secs(),
+            after_heal.as_secs_f64(),
+            budget.as_secs_f64(),
+            remaining * 100.0
+        ),
+        messages,
+        lost,
+        doubled,
+        wrongly_dead_lettered: wrong,
+        summary,
+        recovery,
+        max_stall: *run.max_stall.lock().unwrap(),
+    };
+    println!("{figures}");
+    assert!(
+        run.injected_while_running.load(Ordering::SeqCst),
+        "the cut hit the run"
+    );
+    assert_eq!((lost, doubled, wrong), (0, 0, 0), "{figures}");
+    assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
+    assert!(
+        figures.summary.database.total_retries() > 0,
+        "the cut was felt: {figures}"
+    );
+    // Liveness, not speed: without a deadline the run waited for TCP's
+    // retransmission backoff (minutes) or for ever. The bound is the
+    // deadline itself (statement_timeout + margin) plus 10 s.
+    let bound = settings.call_deadline().unwrap() + Duration::from_secs(10);
+    let recovery = recovery.expect("lines were committed after the heal");
+    assert!(
+        recovery <= bound,
+        "the first commit came {recovery:?} after the heal (bound {bound:?}): {figures}"
+    );
+}
+
+#[test]
+fn a_partition_behind_a_relay_loses_and_doubles_nothing_and_ends_soon_after_the_heal() {
+    check(Placement::Relay);
+}
+
+#[test]
+fn a_partition_of_a_direct_connection_loses_and_doubles_nothing_and_ends_soon_after_the_heal() {
+    check(Placement::Direct);
+}
