@@ -311,8 +311,8 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Logs and counts what the retry loop does: one line per retry of a
-/// transient error. Connection-level retries are the breaker's to report:
-/// one line when the database goes away and one when it is back.
+/// transient error. Outages (connection-level and resource errors) are the
+/// breaker's to report: one line when they begin and one when they end.
 struct TxObserver<'a> {
     db: &'a Database,
 }
@@ -335,7 +335,10 @@ impl Observer for TxObserver<'_> {
             log::warn!(
                 "commit outcome unknown (connection lost during COMMIT), retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}: {error}"
             );
-        } else if classified.class == ErrorClass::Connection {
+        } else if matches!(
+            classified.class,
+            ErrorClass::Connection | ErrorClass::Resource
+        ) {
             log::debug!("retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}");
         } else {
             log::warn!(

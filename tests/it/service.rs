@@ -14,19 +14,19 @@ use normalizer::gen::{self, GenOptions};
 
 use crate::support;
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_normalizer"));
     c.env_remove("DATABASE_URL").env_remove("RUST_LOG");
     c
 }
 
 impl Server {
-    fn start(dir: &Path, db: &str, extra: &[&str]) -> Server {
+    pub(crate) fn start(dir: &Path, db: &str, extra: &[&str]) -> Server {
         let socket = dir.join("n.sock");
         // Ready when it says so in its log (a probe connection would count
         // against --max-connections); counted before it starts.
@@ -63,12 +63,12 @@ impl Server {
         Server { child, socket }
     }
 
-    fn signal(&self, signal: i32) {
+    pub(crate) fn signal(&self, signal: i32) {
         // SAFETY: sending a signal to our own child process.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
-    fn wait(mut self) -> Output {
+    pub(crate) fn wait(mut self) -> Output {
         let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
         child.wait_with_output().unwrap()
     }

@@ -1,0 +1,286 @@
+//! A full disk under the database: SQLite on a small tmpfs, PostgreSQL with
+//! its tables in a tablespace on one. `ingest` stops at once with one
+//! sentence, nothing is dead-lettered, and the same input run again after
+//! space was freed ends in the clean run's state; `serve` waits it out and
+//! resumes by itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+
+use normalizer::db::repo::snapshot::Snapshot;
+
+use crate::chaos::{compare, input};
+use crate::pg::PgCluster;
+use crate::service::{bin, Server};
+use crate::support::TestDb;
+
+/// A tmpfs of a few MiB of the test's own, with a ballast file that eats
+/// all but a little of it. Unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+    ballast: PathBuf,
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl SmallDisk {
+    fn new(mib: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path()));
+        let ballast = dir.path().join("ballast");
+        SmallDisk { dir, ballast }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.path().to_str().unwrap()).unwrap();
+        // SAFETY: statvfs writes into the zeroed struct we pass.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Fills the disk but for `leave` bytes.
+    fn fill_leaving(&self, leave: u64) {
+        let size = self.free_bytes().saturating_sub(leave);
+        std::fs::write(&self.ballast, vec![0xA5u8; size as usize]).unwrap();
+    }
+
+    /// Frees what the ballast took.
+    fn free(&self) {
+        std::fs::remove_file(&self.ballast).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn ingest(url: &str, file: &Path) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = bin()
+        .args(["--database-url", url, "ingest"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+/// Runs the case on `url`, prepared by the caller; `free` frees space.
+fn check(name: &str, clean: &TestDb, url: &str, text: &str, disk: &SmallDisk) {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let (out, took) = ingest(url, &file);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Log lines; the summary of what was done (a few lines) follows a stop
+    // by design.
+    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
+    println!(
+        "fault=disk-full-{name} stopped_after={:.2}s exit={:?} log_lines={lines}\n{stderr}",
+        took.as_secs_f64(),
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("the database's disk is full; every line before line ")
+            && stderr.contains("free space and run the same input again"),
+        "{stderr}"
+    );
+    assert!(lines <= 4, "a handful of log lines, not a flood: {stderr}");
+    assert!(!stderr.contains("splitting"), "never bisected: {stderr}");
+
+    disk.free();
+    let (out, _) = ingest(url, &file);
+    assert!(
+        out.status.success(),
+        "the rerun after freeing space completes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let faulty = TestDb::open(url, Default::default());
+    same_as_clean_after_a_rerun(&clean.snapshot(), &faulty.snapshot());
+}
+
+/// The end state of a run stopped and then run again in whole equals the
+/// clean run's, but for what the contract says a rerun does to dead
+/// letters: a bad line seen twice counts two attempts (or, without a
+/// readable id, adds a row).
+fn same_as_clean_after_a_rerun(clean: &Snapshot, faulty: &Snapshot) {
+    let (lost, _, wrongly_dead_lettered) = compare(clean, faulty);
+    assert_eq!((lost, wrongly_dead_lettered), (0, 0));
+    assert_eq!(
+        faulty.readings, clean.readings,
+        "no reading lost or doubled"
+    );
+    assert_eq!(faulty.alerts, clean.alerts, "no alert lost or doubled");
+    assert_eq!(faulty.processed, clean.processed);
+    assert_eq!(faulty.devices, clean.devices);
+    let kinds = |s: &Snapshot| {
+        let mut k: Vec<_> = s
+            .dead_letters
+            .iter()
+            .map(|d| (d.0.clone(), d.2.clone(), d.4.clone()))
+            .collect();
+        k.dedup();
+        k
+    };
+    assert_eq!(kinds(faulty), kinds(clean), "the same dead letters");
+}
+
+fn clean_sqlite(devices: &str, text: &str) -> (tempfile::TempDir, TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = TestDb::open(
+        &format!("sqlite://{}", dir.path().join("clean.db").display()),
+        Default::default(),
+    );
+    clean.provision(devices);
+    clean.ingest(text);
+    (dir, clean)
+}
+
+#[test]
+fn a_full_sqlite_disk_stops_ingest_at_once_and_a_rerun_after_freeing_space_completes() {
+    let (devices, text) = input(10_000);
+    let (_dir, clean) = clean_sqlite(&devices, &text);
+    let disk = SmallDisk::new(8);
+    let url = format!("sqlite://{}", disk.path().join("n.db").display());
+    {
+        let faulty = TestDb::open(&url, Default::default());
+        faulty.provision(&devices);
+    }
+    disk.fill_leaving(512 * 1024);
+    check("sqlite", &clean, &url, &text, &disk);
+}
+
+#[test]
+fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_space_completes() {
+    let (devices, text) = input(10_000);
+    let cluster = PgCluster::start_new();
+    let clean = TestDb::open(&cluster.create_database(), Default::default());
+    clean.provision(&devices);
+    clean.ingest(&text);
+
+    let disk = SmallDisk::new(8);
+    let location = disk.path().join("tablespace");
+    std::fs::create_dir(&location).unwrap();
+    run(Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&location));
+    let url = cluster.create_database();
+    let database = url.rsplit('/').next().unwrap();
+    let mut admin = cluster.admin();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLESPACE small LOCATION '{}'",
+            location.display()
+        ))
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} SET default_tablespace = small"
+        ))
+        .unwrap();
+    {
+        let faulty = TestDb::open(&url, Default::default());
+        faulty.provision(&devices);
+    }
+    disk.fill_leaving(1024 * 1024);
+    check("postgres", &clean, &url, &text, &disk);
+}
+
+#[test]
+fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
+    let (devices, text) = input(10_000);
+    let (_dir, clean) = clean_sqlite(&devices, &text);
+    let disk = SmallDisk::new(8);
+    let url = format!("sqlite://{}", disk.path().join("n.db").display());
+    {
+        let faulty = TestDb::open(&url, Default::default());
+        faulty.provision(&devices);
+    }
+    disk.fill_leaving(512 * 1024);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let server = Server::start(work.path(), &url, &[]);
+    let log = work.path().join("normalizer.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut send = bin()
+        .args(["send", "--socket"])
+        .arg(&server.socket)
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !read_log().contains("the database's disk is full since") {
+        assert!(
+            Instant::now() < deadline,
+            "the full disk was felt: {}",
+            read_log()
+        );
+        assert!(send.try_wait().unwrap().is_none(), "send waits");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Waiting, not exiting, and not dead-lettering.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(send.try_wait().unwrap().is_none(), "send still waits");
+    disk.free();
+    let sent = send.wait_with_output().unwrap();
+    assert!(
+        sent.status.success(),
+        "every line acknowledged after space was freed: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    server.signal(libc::SIGTERM);
+    let out = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = read_log();
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("disk"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        text.matches("the database's disk is full since").count(),
+        1,
+        "said once: {text}"
+    );
+    assert_eq!(
+        text.matches("the database's disk has space again").count(),
+        1,
+        "said once: {text}"
+    );
+    let faulty = TestDb::open(&url, Default::default());
+    let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
+    assert_eq!(compare(&clean_snap, &faulty_snap), (0, 0, 0));
+    assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
+}
