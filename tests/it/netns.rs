@@ -48,12 +48,14 @@ impl Link {
     pub fn new() -> Link {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let tag = (std::process::id() % 1000) * 10 + n % 10;
-        let net = 1 + (std::process::id() * 7 + n * 31) % 250;
+        // The owner's pid in every name: scripts/test removes what a test
+        // process that is gone left behind, and nothing of a live one.
+        let pid = std::process::id();
+        let net = 1 + (pid * 7 + n * 31) % 250;
         let link = Link {
-            ns: format!("normalizer-{tag}"),
-            host_if: format!("nzh{tag}"),
-            ns_if: format!("nzn{tag}"),
+            ns: format!("normalizer-{pid}-{n}"),
+            host_if: format!("nzh{pid}x{n}"),
+            ns_if: format!("nzn{pid}x{n}"),
             subnet: format!("10.213.{net}.0/24"),
             host_ip: format!("10.213.{net}.1"),
             ns_ip: format!("10.213.{net}.2"),
