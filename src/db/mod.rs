@@ -284,11 +284,17 @@ fn run_transaction<T>(
             Err(e) => Err(failed(pooled, e, Stage::Commit)),
         },
         Ok(Err(e)) => {
+            let failure = failed(pooled, e, Stage::Body);
             if let Err(rollback) = pooled.conn.rollback() {
-                log::warn!("rollback failed, discarding the connection: {rollback}");
-                pooled.discard = true;
+                // Expected on a connection already condemned; news otherwise.
+                if pooled.discard {
+                    log::debug!("rollback failed on a discarded connection: {rollback}");
+                } else {
+                    log::warn!("rollback failed, discarding the connection: {rollback}");
+                    pooled.discard = true;
+                }
             }
-            Err(failed(pooled, e, Stage::Body))
+            Err(failure)
         }
         Err(panic) => {
             // After the unwind the thread is no longer panicking, so the

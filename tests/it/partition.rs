@@ -10,6 +10,7 @@
 //! default; `scripts/chaos` also runs 300).
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use normalizer::db::{migrate, Database, DatabaseUrl, PoolSettings, RetryPolicy};
 use crate::chaos::{compare, ingest_observed, input, size, Figures, Run};
 use crate::netns::{Link, Relay};
 use crate::pg::PgCluster;
+use crate::service::{bin, Server};
 use crate::support::TestDb;
 
 fn partition_length() -> Duration {
@@ -171,4 +173,77 @@ fn a_partition_behind_a_relay_loses_and_doubles_nothing_and_ends_soon_after_the_
 #[test]
 fn a_partition_of_a_direct_connection_loses_and_doubles_nothing_and_ends_soon_after_the_heal() {
     check(Placement::Direct);
+}
+
+/// `serve` behind the relays: a producer streams while the link is cut; it
+/// gets every acknowledgement after the heal, and the end state is the
+/// clean run's.
+#[test]
+fn serve_rides_out_a_partition_behind_a_relay() {
+    let down = partition_length();
+    let link = Link::new();
+    let cluster = PgCluster::start_listening_on(&link.host_ip, link.subnet());
+    let (devices, text) = input(size() * 2);
+    let clean = TestDb::open(&cluster.create_database(), PoolSettings::default());
+    clean.provision(&devices);
+    clean.ingest_on(4, &text);
+
+    let direct = cluster.create_database();
+    let database = direct.rsplit('/').next().unwrap();
+    TestDb::open(&direct, PoolSettings::default()).provision(&devices);
+    let server: SocketAddr = format!("{}:{}", link.host_ip, cluster.port)
+        .parse()
+        .unwrap();
+    let inner = Relay::start(&link.ns_ip, server, Some(&link));
+    let outer = Relay::start("127.0.0.1", inner.addr, None);
+    let url = format!("postgres://postgres@{}/{database}", outer.addr);
+
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let service = Server::start(work.path(), &url, &["--workers", "4"]);
+    let mut send = bin()
+        .args(["send", "--socket"])
+        .arg(&service.socket)
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    link.cut();
+    assert!(send.try_wait().unwrap().is_none(), "the cut hit the stream");
+    std::thread::sleep(down);
+    link.heal();
+    let healed = Instant::now();
+    let sent = send.wait_with_output().unwrap();
+    let after_heal = healed.elapsed();
+    assert!(
+        sent.status.success(),
+        "every line acknowledged: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    service.signal(libc::SIGTERM);
+    let out = service.wait();
+    assert!(out.status.success());
+    let log = std::fs::read_to_string(work.path().join("normalizer.log")).unwrap();
+    println!(
+        "fault=partition-relay-serve cut={} s all_acknowledged_after_heal={:.1}s\n{}",
+        down.as_secs(),
+        after_heal.as_secs_f64(),
+        log.lines()
+            .filter(|l| l.contains("WARN") || l.contains("back after") || l.contains("ended"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        log.matches("database unreachable since").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("database back after").count(), 1, "{log}");
+    let faulty = TestDb::open(&direct, PoolSettings::default());
+    let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
+    assert_eq!(compare(&clean_snap, &faulty_snap), (0, 0, 0));
+    assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
 }
