@@ -148,28 +148,27 @@ fn same_as_clean_after_a_rerun(clean: &Snapshot, faulty: &Snapshot) {
     assert_eq!(kinds(faulty), kinds(clean), "the same dead letters");
 }
 
-fn clean_sqlite(devices: &str, text: &str) -> (tempfile::TempDir, TestDb) {
+/// The input, a clean SQLite run of it (in the folder returned), and a
+/// provisioned SQLite file on a small disk that is full but for 512 KiB.
+fn sqlite_on_a_full_disk() -> (String, tempfile::TempDir, TestDb, SmallDisk, String) {
+    let (devices, text) = input(10_000);
     let dir = tempfile::tempdir().unwrap();
     let clean = TestDb::open(
         &format!("sqlite://{}", dir.path().join("clean.db").display()),
         Default::default(),
     );
-    clean.provision(devices);
-    clean.ingest(text);
-    (dir, clean)
+    clean.provision(&devices);
+    clean.ingest(&text);
+    let disk = SmallDisk::new(8);
+    let url = format!("sqlite://{}", disk.path().join("n.db").display());
+    TestDb::open(&url, Default::default()).provision(&devices);
+    disk.fill_leaving(512 * 1024);
+    (text, dir, clean, disk, url)
 }
 
 #[test]
 fn a_full_sqlite_disk_stops_ingest_at_once_and_a_rerun_after_freeing_space_completes() {
-    let (devices, text) = input(10_000);
-    let (_dir, clean) = clean_sqlite(&devices, &text);
-    let disk = SmallDisk::new(8);
-    let url = format!("sqlite://{}", disk.path().join("n.db").display());
-    {
-        let faulty = TestDb::open(&url, Default::default());
-        faulty.provision(&devices);
-    }
-    disk.fill_leaving(512 * 1024);
+    let (text, _dir, clean, disk, url) = sqlite_on_a_full_disk();
     check("sqlite", &clean, &url, &text, &disk);
 }
 
@@ -211,15 +210,7 @@ fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_spa
 
 #[test]
 fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
-    let (devices, text) = input(10_000);
-    let (_dir, clean) = clean_sqlite(&devices, &text);
-    let disk = SmallDisk::new(8);
-    let url = format!("sqlite://{}", disk.path().join("n.db").display());
-    {
-        let faulty = TestDb::open(&url, Default::default());
-        faulty.provision(&devices);
-    }
-    disk.fill_leaving(512 * 1024);
+    let (text, _dir, clean, disk, url) = sqlite_on_a_full_disk();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, &text).unwrap();
