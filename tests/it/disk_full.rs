@@ -159,7 +159,7 @@ fn sqlite_on_a_full_disk() -> (String, tempfile::TempDir, TestDb, SmallDisk, Str
     );
     clean.provision(&devices);
     clean.ingest(&text);
-    let disk = SmallDisk::new(8);
+    let disk = SmallDisk::new(24);
     let url = format!("sqlite://{}", disk.path().join("n.db").display());
     TestDb::open(&url, Default::default()).provision(&devices);
     disk.fill_leaving(512 * 1024);
@@ -180,7 +180,7 @@ fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_spa
     clean.provision(&devices);
     clean.ingest(&text);
 
-    let disk = SmallDisk::new(8);
+    let disk = SmallDisk::new(24);
     let location = disk.path().join("tablespace");
     std::fs::create_dir(&location).unwrap();
     run(Command::new("chown")
