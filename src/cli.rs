@@ -586,11 +586,10 @@ fn open_migrated(
 }
 
 fn db_error(failure: Failure) -> RunError {
-    match failure {
-        Failure::GaveUp { .. } | Failure::OutOfResources { .. } => {
-            RunError::GaveUp(anyhow!(failure))
-        }
-        other => RunError::Failed(anyhow!(other)),
+    if failure.is_gave_up() {
+        RunError::GaveUp(anyhow!(failure))
+    } else {
+        RunError::Failed(anyhow!(failure))
     }
 }
 
@@ -641,11 +640,10 @@ fn stopped_error(e: anyhow::Error) -> RunError {
     match e.downcast::<Stopped>() {
         Ok(stopped) => {
             eprintln!("{}", stopped.summary.to_text());
-            match stopped.failure {
-                Failure::GaveUp { .. } | Failure::OutOfResources { .. } => {
-                    RunError::GaveUp(anyhow!(stopped))
-                }
-                _ => RunError::Failed(anyhow!(stopped)),
+            if stopped.failure.is_gave_up() {
+                RunError::GaveUp(anyhow!(stopped))
+            } else {
+                RunError::Failed(anyhow!(stopped))
             }
         }
         Err(other) => RunError::Failed(other),

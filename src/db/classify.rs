@@ -55,6 +55,36 @@ impl From<Error> for DbError {
     }
 }
 
+/// An error as callers keep it once the attempt is over: what it said and
+/// what it means. Unlike diesel's errors it is `Clone`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    message: String,
+    classified: Classified,
+}
+
+impl Reason {
+    /// What the error means.
+    pub fn classified(&self) -> Classified {
+        self.classified
+    }
+}
+
+impl From<&DbError> for Reason {
+    fn from(error: &DbError) -> Self {
+        Reason {
+            message: error.to_string(),
+            classified: classify(error),
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// What the caller must do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

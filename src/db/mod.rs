@@ -175,26 +175,13 @@ impl Database {
         counted: &mut bool,
     ) -> Result<T, AttemptError> {
         let admission = self.breaker.admit(&self.policy, counted).map_err(|open| {
-            let error = DbError::Unavailable(open.to_string());
-            AttemptError::Failed {
-                classified: classify(&error),
-                error,
-                stage: Stage::Checkout,
-                outage_since: Some(open.since),
-            }
+            AttemptError::failed(DbError::Unavailable(open.to_string()), Stage::Checkout)
+                .since(open.since)
         })?;
         let result = self
             .pool
             .get()
-            .map_err(|e| {
-                let error = DbError::Connect(e.to_string());
-                AttemptError::Failed {
-                    classified: classify(&error),
-                    error,
-                    stage: Stage::Checkout,
-                    outage_since: None,
-                }
-            })
+            .map_err(|e| AttemptError::failed(DbError::Connect(e.to_string()), Stage::Checkout))
             .and_then(|mut conn| {
                 self.end_abandoned_sessions(&mut conn);
                 let result = run_transaction(&mut conn, body);
@@ -259,21 +246,18 @@ fn run_transaction<T>(
             Some(waited) => DbError::NoAnswer(waited),
             None => DbError::Query(error),
         };
-        let classified = classify(&error);
-        if classified.class == ErrorClass::Connection && !pooled.discard {
-            pooled.discard = true;
-            log::info!(
-                "discarding the connection after a {stage:?} error: class {}, sqlstate {}",
-                classified.cause,
-                classified.sqlstate.unwrap_or("-")
-            );
+        let failure = AttemptError::failed(error, stage);
+        if let AttemptError::Failed { classified, .. } = &failure {
+            if classified.class == ErrorClass::Connection && !pooled.discard {
+                pooled.discard = true;
+                log::info!(
+                    "discarding the connection after a {stage:?} error: class {}, sqlstate {}",
+                    classified.cause,
+                    classified.sqlstate.unwrap_or("-")
+                );
+            }
         }
-        AttemptError::Failed {
-            error,
-            classified,
-            stage,
-            outage_since: None,
-        }
+        failure
     };
     if let Err(e) = pooled.conn.begin() {
         return Err(failed(pooled, e, Stage::Begin));
@@ -365,7 +349,7 @@ impl Observer for TxObserver<'_> {
         match failure {
             Failure::GaveUp { .. } => log::error!("giving up after {attempts} attempts: {failure}"),
             Failure::Rejected { error } => {
-                let c = classify(error);
+                let c = error.classified();
                 log::warn!(
                     "transaction rejected after {attempts} attempts: class {}, sqlstate {}: {error}",
                     c.cause,

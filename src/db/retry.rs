@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::classify::{Classified, DbError, ErrorClass};
+use super::classify::{Classified, DbError, ErrorClass, Reason};
 
 /// How long and how often to retry. Defaults live in `impl Default`.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,14 +110,45 @@ pub enum AttemptError {
     Panicked(String),
 }
 
-/// Why a call did not succeed.
-#[derive(Debug, thiserror::Error)]
+impl AttemptError {
+    /// A failed attempt, classified, at `stage`.
+    pub fn failed(error: DbError, stage: Stage) -> AttemptError {
+        AttemptError::Failed {
+            classified: super::classify::classify(&error),
+            error,
+            stage,
+            outage_since: None,
+        }
+    }
+
+    /// The same, as part of an outage that began at `outage`.
+    pub fn since(self, outage: Instant) -> AttemptError {
+        match self {
+            AttemptError::Failed {
+                error,
+                classified,
+                stage,
+                ..
+            } => AttemptError::Failed {
+                error,
+                classified,
+                stage,
+                outage_since: Some(outage),
+            },
+            panicked => panicked,
+        }
+    }
+}
+
+/// Why a call did not succeed. Cloneable: one failure ends every job of a
+/// batch, and each copy says what the original said.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Failure {
     /// A permanent error, or an unrecognized one that persisted.
     #[error("the database rejected the transaction: {error}")]
     Rejected {
         /// The last error.
-        error: DbError,
+        error: Reason,
     },
     /// The transaction's code panicked.
     #[error("the transaction panicked: {0}")]
@@ -126,20 +157,20 @@ pub enum Failure {
     #[error("cancelled by shutdown after: {error}")]
     Cancelled {
         /// The last error.
-        error: DbError,
+        error: Reason,
     },
     /// The database is out of disk space or memory, and the policy does
     /// not wait for it (or waited as long as it does).
     #[error("{}: {error}", shortage_of(error).0)]
     OutOfResources {
         /// The last error.
-        error: DbError,
+        error: Reason,
     },
     /// Connection or transient errors lasted longer than `max_outage`.
     #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]
     GaveUp {
         /// The last error.
-        error: DbError,
+        error: Reason,
         /// How long the errors lasted.
         failing_for: Duration,
     },
@@ -156,12 +187,21 @@ impl Failure {
             Failure::GaveUp { .. } | Failure::Cancelled { .. } | Failure::OutOfResources { .. }
         )
     }
+
+    /// Whether the database could not be had for as long as the policy
+    /// waits: the run stops and says where to resume (exit 3).
+    pub fn is_gave_up(&self) -> bool {
+        matches!(
+            self,
+            Failure::GaveUp { .. } | Failure::OutOfResources { .. }
+        )
+    }
 }
 
 /// What a resource error is short of, and what the operator must do: for
 /// messages ("the database's disk is full", "free space").
-pub fn shortage_of(error: &DbError) -> (&'static str, &'static str) {
-    match super::classify::classify(error).cause {
+pub fn shortage_of(error: &Reason) -> (&'static str, &'static str) {
+    match error.classified().cause {
         crate::metrics::Cause::OutOfMemory => ("the database is out of memory", "free memory"),
         _ => ("the database's disk is full", "free space"),
     }
@@ -208,6 +248,117 @@ pub trait Observer {
     }
 }
 
+/// What to do after a failed attempt.
+#[derive(Debug)]
+pub enum Decision {
+    /// Retry after a delay drawn from `[0, ceiling]`; `error` is what failed.
+    Retry {
+        /// The failed attempt's error, for the observer.
+        error: AttemptError,
+        /// The longest the delay may be.
+        ceiling: Duration,
+    },
+    /// Stop with this failure.
+    Stop(Failure),
+}
+
+/// The retry decision of one call, apart from the loop that sleeps: it
+/// takes each failed attempt and answers "retry within D" or "stop with
+/// this failure", so it can be tested as a table without time passing.
+#[derive(Debug)]
+pub struct Retrying<'p> {
+    policy: &'p RetryPolicy,
+    attempts: u32,
+    failing_since: Option<Instant>,
+    in_transaction_failures: u32,
+}
+
+impl<'p> Retrying<'p> {
+    /// A call that has not failed yet.
+    pub fn new(policy: &'p RetryPolicy) -> Self {
+        Retrying {
+            policy,
+            attempts: 0,
+            failing_since: None,
+            in_transaction_failures: 0,
+        }
+    }
+
+    /// Attempts failed so far.
+    pub fn failures(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Decides after attempt number `failures() + 1` failed at `now`;
+    /// `cancelled` says the program is shutting down.
+    pub fn decide(&mut self, error: AttemptError, now: Instant, cancelled: bool) -> Decision {
+        self.attempts += 1;
+        let AttemptError::Failed {
+            classified,
+            stage,
+            outage_since,
+            ..
+        } = &error
+        else {
+            let AttemptError::Panicked(message) = error else {
+                unreachable!("an attempt error is failed or panicked")
+            };
+            return Decision::Stop(Failure::Panicked(message));
+        };
+        let (class, stage, outage_since) = (classified.class, *stage, *outage_since);
+        // An outage that began before this call's first failure counts from
+        // its own start.
+        let since = self.failing_since.get_or_insert(now);
+        if let Some(outage) = outage_since {
+            *since = (*since).min(outage);
+        }
+        let failing_for = now.saturating_duration_since(*since);
+        let in_transaction = class == ErrorClass::Transient
+            || (class == ErrorClass::Connection && stage != Stage::Checkout);
+        if in_transaction {
+            self.in_transaction_failures += 1;
+        }
+        let limit_reached = in_transaction
+            && self
+                .policy
+                .transient_attempts
+                .is_some_and(|n| self.in_transaction_failures >= n);
+        let reason = || Reason::from(error_of(&error));
+        if limit_reached {
+            // Stopped by the attempt limit, not by the outage clock.
+            return Decision::Stop(Failure::Rejected { error: reason() });
+        }
+        if !self.policy.should_retry(class, self.attempts, failing_for) {
+            let error = reason();
+            return Decision::Stop(match class {
+                ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
+                ErrorClass::Resource => Failure::OutOfResources { error },
+                ErrorClass::Connection | ErrorClass::Transient => {
+                    Failure::GaveUp { error, failing_for }
+                }
+            });
+        }
+        if cancelled {
+            return Decision::Stop(Failure::Cancelled { error: reason() });
+        }
+        let left = self
+            .policy
+            .wait_limit(class)
+            .map_or(Duration::MAX, |limit| limit.saturating_sub(failing_for));
+        Decision::Retry {
+            ceiling: self.policy.ceiling(self.attempts).min(left),
+            error,
+        }
+    }
+}
+
+fn error_of(error: &AttemptError) -> &DbError {
+    match error {
+        AttemptError::Failed { error, .. } => error,
+        AttemptError::Panicked(_) => unreachable!("a panic is decided before"),
+    }
+}
+
 /// Runs `attempt` until it succeeds or the policy says stop. Never sleeps
 /// after the last attempt; returns the last real error.
 pub fn run<T>(
@@ -216,90 +367,34 @@ pub fn run<T>(
     observer: &mut impl Observer,
     mut attempt: impl FnMut(u32) -> Result<T, AttemptError>,
 ) -> Result<T, Failure> {
-    let mut failing_since: Option<Instant> = None;
-    let mut attempts = 0u32;
-    let mut in_transaction_failures = 0u32;
+    let mut retrying = Retrying::new(policy);
     loop {
-        attempts += 1;
-        let error = match attempt(attempts) {
+        let number = retrying.failures() + 1;
+        let error = match attempt(number) {
             Ok(value) => {
-                observer.succeeded(attempts - 1);
+                observer.succeeded(number - 1);
                 return Ok(value);
             }
-            Err(e) => e,
+            Err(error) => error,
         };
         let now = clock.now();
-        let mut since = *failing_since.get_or_insert(now);
-        if let AttemptError::Failed {
-            outage_since: Some(outage),
-            ..
-        } = &error
-        {
-            since = since.min(*outage);
-            failing_since = Some(since);
-        }
-        let failing_for = now.saturating_duration_since(since);
-        let mut limit_reached = false;
-        if let AttemptError::Failed {
-            classified, stage, ..
-        } = &error
-        {
-            let in_transaction = classified.class == ErrorClass::Transient
-                || (classified.class == ErrorClass::Connection && *stage != Stage::Checkout);
-            if in_transaction {
-                in_transaction_failures += 1;
-                limit_reached = policy
-                    .transient_attempts
-                    .is_some_and(|n| in_transaction_failures >= n);
+        match retrying.decide(error, now, observer.cancelled()) {
+            Decision::Retry { error, ceiling } => {
+                let delay = clock.jitter(ceiling);
+                observer.retrying(&error, number, delay);
+                clock.sleep(delay);
             }
-        }
-        let verdict = match &error {
-            AttemptError::Panicked(_) => None,
-            AttemptError::Failed { .. } if limit_reached => None,
-            AttemptError::Failed { classified, .. } => policy
-                .should_retry(classified.class, attempts, failing_for)
-                .then_some(classified.class),
-        };
-        if verdict.is_none() {
-            let failure = match error {
-                AttemptError::Panicked(message) => Failure::Panicked(message),
-                AttemptError::Failed {
-                    error, classified, ..
-                } => match classified.class {
-                    ErrorClass::Permanent | ErrorClass::Unrecognized => Failure::Rejected { error },
-                    ErrorClass::Resource => Failure::OutOfResources { error },
-                    // Stopped by the attempt limit, not by the outage clock.
-                    _ if limit_reached => Failure::Rejected { error },
-                    ErrorClass::Connection | ErrorClass::Transient => {
-                        Failure::GaveUp { error, failing_for }
-                    }
-                },
-            };
-            observer.stopped(&failure, attempts);
-            return Err(failure);
-        }
-        if observer.cancelled() {
-            if let AttemptError::Failed { error, .. } = error {
-                let failure = Failure::Cancelled { error };
-                observer.stopped(&failure, attempts);
+            Decision::Stop(failure) => {
+                observer.stopped(&failure, number);
                 return Err(failure);
             }
         }
-        let limit = match &error {
-            AttemptError::Failed { classified, .. } => policy.wait_limit(classified.class),
-            AttemptError::Panicked(_) => Some(policy.max_outage),
-        };
-        let left = limit.map_or(Duration::MAX, |limit| limit.saturating_sub(failing_for));
-        let delay = clock.jitter(policy.ceiling(attempts)).min(left);
-        observer.retrying(&error, attempts, delay);
-        clock.sleep(delay);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::classify::classify;
     use crate::metrics::Cause;
 
     /// Virtual time: sleeping advances it, jitter is always the ceiling.
@@ -345,14 +440,7 @@ mod tests {
     }
 
     fn fail_with(message: &str) -> AttemptError {
-        let error = DbError::Connect(message.to_string());
-        let classified = classify(&error);
-        AttemptError::Failed {
-            error,
-            classified,
-            stage: Stage::Checkout,
-            outage_since: None,
-        }
+        AttemptError::failed(DbError::Connect(message.to_string()), Stage::Checkout)
     }
 
     fn query_error(message: &'static str) -> AttemptError {
@@ -360,13 +448,7 @@ mod tests {
             diesel::result::DatabaseErrorKind::Unknown,
             message,
         );
-        let classified = classify(&error);
-        AttemptError::Failed {
-            error,
-            classified,
-            stage: Stage::Body,
-            outage_since: None,
-        }
+        AttemptError::failed(error, Stage::Body)
     }
 
     /// A scripted fake: fails `n` times with `make`, then succeeds.
@@ -529,12 +611,7 @@ mod tests {
         let began = clock.now - Duration::from_secs(9);
         let result: Result<(), Failure> = run(&policy, &mut clock, &mut Log::default(), |_| {
             let error = DbError::Connect("database unreachable: refused".into());
-            Err(AttemptError::Failed {
-                classified: classify(&error),
-                error,
-                stage: Stage::Checkout,
-                outage_since: Some(began),
-            })
+            Err(AttemptError::failed(error, Stage::Checkout).since(began))
         });
         assert!(matches!(result, Err(Failure::GaveUp { .. })));
         let slept: Duration = clock.slept.iter().sum();
@@ -558,12 +635,7 @@ mod tests {
         assert_eq!(result.unwrap(), 31, "an outage is waited out, not split");
         let lost_inside = || {
             let error = DbError::Connect("server closed the connection unexpectedly".into());
-            AttemptError::Failed {
-                classified: classify(&error),
-                error,
-                stage: Stage::Body,
-                outage_since: None,
-            }
+            AttemptError::failed(error, Stage::Body)
         };
         let (result, _, _) = scripted(100, lost_inside, &policy);
         assert!(
@@ -610,5 +682,143 @@ mod tests {
             matches!(&result, Err(f @ Failure::OutOfResources { .. }) if f.to_string().starts_with("the database is out of memory")),
             "{result:?}"
         );
+    }
+
+    /// The decision alone, as a table: each row is a call's history of
+    /// failures (seconds after the first, error) and what the last one gets.
+    #[test]
+    fn the_decision_is_a_table_of_histories_and_answers() {
+        let policy = RetryPolicy {
+            max_outage: Duration::from_secs(10),
+            transient_attempts: Some(3),
+            ..RetryPolicy::default()
+        };
+        let refused = || fail_with("Connection refused");
+        let deadlock = || query_error("deadlock detected");
+        let full = || query_error("database or disk is full");
+        let bad = || query_error("invalid byte sequence for encoding");
+        let new = || query_error("a new kind of failure");
+        type Make = fn() -> AttemptError;
+        /// Name, failures (seconds after the first, error), shutting down,
+        /// what the last failure gets.
+        type Row = (&'static str, Vec<(u64, Make)>, bool, &'static str);
+        let rows: Vec<Row> = vec![
+            ("refused once", vec![(0, refused)], false, "retry"),
+            (
+                "refused for 9 s",
+                vec![(0, refused), (9, refused)],
+                false,
+                "retry",
+            ),
+            (
+                "refused for 10 s",
+                vec![(0, refused), (10, refused)],
+                false,
+                "gave up",
+            ),
+            (
+                "deadlock twice",
+                vec![(0, deadlock), (0, deadlock)],
+                false,
+                "retry",
+            ),
+            (
+                "deadlock thrice",
+                vec![(0, deadlock), (0, deadlock), (0, deadlock)],
+                false,
+                "rejected",
+            ),
+            (
+                "refused, not counted as in-transaction",
+                vec![(0, refused), (0, refused), (0, refused)],
+                false,
+                "retry",
+            ),
+            ("permanent", vec![(0, bad)], false, "rejected"),
+            (
+                "unrecognized twice",
+                vec![(0, new), (0, new)],
+                false,
+                "retry",
+            ),
+            (
+                "unrecognized thrice",
+                vec![(0, new), (0, new), (0, new)],
+                false,
+                "rejected",
+            ),
+            ("disk full", vec![(0, full)], false, "out of resources"),
+            (
+                "refused while shutting down",
+                vec![(0, refused)],
+                true,
+                "cancelled",
+            ),
+            (
+                "permanent while shutting down",
+                vec![(0, bad)],
+                true,
+                "rejected",
+            ),
+            (
+                "panic",
+                vec![(0, || AttemptError::Panicked("boom".into()))],
+                false,
+                "panicked",
+            ),
+        ];
+        let start = Instant::now();
+        for (name, history, cancelled, expected) in rows {
+            let mut retrying = Retrying::new(&policy);
+            let mut last = None;
+            for (i, (at, make)) in history.iter().enumerate() {
+                let is_last = i + 1 == history.len();
+                let now = start + Duration::from_secs(*at);
+                let decision = retrying.decide(make(), now, cancelled && is_last);
+                if !is_last {
+                    assert!(
+                        matches!(decision, Decision::Retry { .. }),
+                        "{name}: earlier attempts retry"
+                    );
+                }
+                last = Some(decision);
+            }
+            let got = match last.unwrap() {
+                Decision::Retry { ceiling, .. } => {
+                    assert!(ceiling <= policy.max_delay, "{name}");
+                    "retry"
+                }
+                Decision::Stop(Failure::GaveUp { .. }) => "gave up",
+                Decision::Stop(Failure::Rejected { .. }) => "rejected",
+                Decision::Stop(Failure::Cancelled { .. }) => "cancelled",
+                Decision::Stop(Failure::OutOfResources { .. }) => "out of resources",
+                Decision::Stop(Failure::Panicked(_)) => "panicked",
+            };
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_copy_of_a_failure_says_what_the_original_says() {
+        let (result, _, _) = scripted(
+            1,
+            || query_error("canceling statement due to statement timeout"),
+            &RetryPolicy {
+                max_outage: Duration::ZERO,
+                ..RetryPolicy::default()
+            },
+        );
+        let original = result.unwrap_err();
+        let copy = original.clone();
+        assert!(original.is_gave_up());
+        assert_eq!(copy.to_string(), original.to_string());
+        assert!(copy.to_string().contains("statement timeout"), "{copy}");
+        let (Failure::GaveUp { error: a, .. }, Failure::GaveUp { error: b, .. }) =
+            (&original, &copy)
+        else {
+            panic!("{original:?}")
+        };
+        assert_eq!(a.classified(), b.classified());
+        assert_eq!(b.classified().cause, Cause::StatementTimeout);
     }
 }

@@ -355,27 +355,6 @@ impl Prepared {
     }
 }
 
-/// The same give-up or cancellation for another job of a batch.
-fn copy_of_stop(failure: &Failure) -> Failure {
-    let error = |e: &crate::db::DbError| crate::db::DbError::Connect(e.to_string());
-    match failure {
-        Failure::GaveUp {
-            error: e,
-            failing_for,
-        } => Failure::GaveUp {
-            error: error(e),
-            failing_for: *failing_for,
-        },
-        Failure::Cancelled { error: e } => Failure::Cancelled { error: error(e) },
-        Failure::OutOfResources { error: e } => Failure::OutOfResources {
-            error: crate::db::DbError::Unavailable(e.to_string()),
-        },
-        other => Failure::Cancelled {
-            error: crate::db::DbError::Connect(other.to_string()),
-        },
-    }
-}
-
 /// One job in its own transaction(s): the one-message-per-transaction mode,
 /// and the end of a batch's bisection.
 fn run_alone(
@@ -446,7 +425,7 @@ fn run_batch(
         Err(failure) if failure.is_stop() => {
             // Not done: every job of the batch stops the same way.
             for job in &jobs {
-                job.reply(Err(copy_of_stop(&failure)));
+                job.reply(Err(failure.clone()));
             }
             false
         }

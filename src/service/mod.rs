@@ -32,7 +32,7 @@ use serde_json::json;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::db::{Database, Failure};
+use crate::db::Database;
 use crate::input::LineReader;
 use crate::outcome::Outcome;
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
@@ -329,11 +329,7 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
                     "producer {id}, line {}: not acknowledged: {failure}",
                     done.ticket
                 );
-                if matches!(
-                    failure,
-                    Failure::GaveUp { .. } | Failure::OutOfResources { .. }
-                ) && !shared.gave_up.swap(true, Ordering::SeqCst)
-                {
+                if failure.is_gave_up() && !shared.gave_up.swap(true, Ordering::SeqCst) {
                     log::error!("the database stayed unreachable: shutting down");
                     shared.begin_shutdown();
                 }
