@@ -108,22 +108,62 @@ struct Open {
     last_error: String,
 }
 
-/// Shared by every transaction of one [`super::Database`].
+/// Shared by every transaction of one [`super::Database`]. Time and
+/// jitter come from a [`Clock`], so its tests need not wait.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub struct Breaker<C = SystemClock> {
     open: Mutex<Option<Open>>,
     changed: Condvar,
+    clock: Mutex<C>,
 }
 
-impl Breaker {
+/// One call's passage through the breaker, across its retries: it counts
+/// once among the transactions that waited for an outage.
+#[derive(Debug)]
+pub struct Call<'b, C> {
+    breaker: &'b Breaker<C>,
+    counted: bool,
+}
+
+impl<C: Clock> Call<'_, C> {
     /// Waits until the circuit is closed or this caller may probe. Gives up
     /// waiting when the circuit has been open for as long as the policy
     /// waits for its kind of outage.
-    pub fn admit(
-        &self,
-        policy: &RetryPolicy,
-        counted: &mut bool,
-    ) -> Result<Admission, OpenTooLong> {
+    pub fn admit(&mut self, policy: &RetryPolicy) -> Result<Admission, OpenTooLong> {
+        self.breaker.admit(policy, &mut self.counted)
+    }
+}
+
+impl<C: Clock> Breaker<C> {
+    /// A breaker on `clock`.
+    pub fn with_clock(clock: C) -> Self {
+        Breaker {
+            open: Mutex::new(None),
+            changed: Condvar::new(),
+            clock: Mutex::new(clock),
+        }
+    }
+
+    /// A new call's passage (see [`Call`]).
+    pub fn call(&self) -> Call<'_, C> {
+        Call {
+            breaker: self,
+            counted: false,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.lock().expect("breaker clock lock").now()
+    }
+
+    fn jitter(&self, ceiling: Duration) -> Duration {
+        self.clock
+            .lock()
+            .expect("breaker clock lock")
+            .jitter(ceiling)
+    }
+
+    fn admit(&self, policy: &RetryPolicy, counted: &mut bool) -> Result<Admission, OpenTooLong> {
         let mut open = self.open.lock().expect("breaker lock");
         loop {
             let Some(o) = open.as_mut() else {
@@ -133,7 +173,7 @@ impl Breaker {
                 *counted = true;
                 o.waited += 1;
             }
-            let now = Instant::now();
+            let now = self.now();
             let limit = o.outage.limit(policy);
             if limit.is_some_and(|limit| now.saturating_duration_since(o.since) >= limit) {
                 return Err(OpenTooLong {
@@ -164,7 +204,7 @@ impl Breaker {
     /// or schedules the next probe after a failed one.
     pub fn failed(&self, admission: Admission, outage: Outage, error: &str, policy: &RetryPolicy) {
         let mut open = self.open.lock().expect("breaker lock");
-        let now = Instant::now();
+        let now = self.now();
         match open.as_mut() {
             None => {
                 let since_wall = Utc::now();
@@ -178,7 +218,7 @@ impl Breaker {
                     since: now,
                     since_wall,
                     probing: false,
-                    next_probe: now + SystemClock.jitter(policy.ceiling(1)),
+                    next_probe: now + self.jitter(policy.ceiling(1)),
                     failed_probes: 0,
                     waited: 0,
                     last_error: error.to_string(),
@@ -189,7 +229,7 @@ impl Breaker {
                 if admission == Admission::Probe {
                     o.probing = false;
                     o.failed_probes += 1;
-                    o.next_probe = now + SystemClock.jitter(policy.ceiling(o.failed_probes + 1));
+                    o.next_probe = now + self.jitter(policy.ceiling(o.failed_probes + 1));
                     log::debug!("probe {} failed: {error}", o.failed_probes);
                 }
             }
@@ -202,7 +242,7 @@ impl Breaker {
     pub fn reached(&self) -> Option<Duration> {
         let mut open = self.open.lock().expect("breaker lock");
         let o = open.take()?;
-        let down = o.since.elapsed();
+        let down = self.now().saturating_duration_since(o.since);
         log::info!(
             "{} after {:.1} s (since {}), {} transactions waited",
             o.outage.ended(),
@@ -229,11 +269,35 @@ impl Breaker {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// Time that moves only when the test says; no jitter.
+    #[derive(Debug, Clone)]
+    struct ManualClock(Arc<Mutex<Instant>>);
+
+    impl ManualClock {
+        fn new() -> Self {
+            ManualClock(Arc::new(Mutex::new(Instant::now())))
+        }
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&mut self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+        fn sleep(&mut self, duration: Duration) {
+            self.advance(duration)
+        }
+        fn jitter(&mut self, _ceiling: Duration) -> Duration {
+            Duration::ZERO
+        }
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
-            base_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(40),
             max_outage: Duration::from_secs(10),
             ..RetryPolicy::default()
         }
@@ -243,14 +307,14 @@ mod tests {
 
     #[test]
     fn a_closed_circuit_admits_everyone() {
-        let b = Breaker::default();
-        assert_eq!(b.admit(&policy(), &mut false).unwrap(), Admission::Closed);
+        let b = Breaker::with_clock(ManualClock::new());
+        assert_eq!(b.call().admit(&policy()).unwrap(), Admission::Closed);
         assert!(b.reached().is_none());
     }
 
     #[test]
     fn an_open_circuit_lets_one_probe_at_a_time_and_closes_when_it_succeeds() {
-        let b = Breaker::default();
+        let b = Breaker::with_clock(ManualClock::new());
         let p = policy();
         b.failed(Admission::Closed, DOWN, "refused", &p);
         let probes = AtomicU32::new(0);
@@ -259,9 +323,9 @@ mod tests {
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
-                    let mut counted = false;
+                    let mut call = b.call();
                     loop {
-                        match b.admit(&p, &mut counted).unwrap() {
+                        match call.admit(&p).unwrap() {
                             Admission::Closed => return,
                             Admission::Probe => {
                                 let now = concurrent.fetch_add(1, Ordering::SeqCst) + 1;
@@ -290,24 +354,38 @@ mod tests {
 
     #[test]
     fn waiting_ends_when_the_circuit_stayed_open_for_the_limit() {
-        let b = Breaker::default();
+        let clock = ManualClock::new();
+        let b = Breaker::with_clock(clock.clone());
         b.failed(Admission::Closed, DOWN, "refused", &policy());
-        let mut counted = false;
-        let _probe = b.admit(&policy(), &mut counted);
-        let started = Instant::now();
-        let short = RetryPolicy {
-            max_outage: Duration::from_millis(100),
-            ..policy()
-        };
-        let err = b.admit(&short, &mut counted).unwrap_err();
+        let mut call = b.call();
+        assert_eq!(call.admit(&policy()).unwrap(), Admission::Probe);
+        clock.advance(Duration::from_secs(10));
+        let err = call.admit(&policy()).unwrap_err();
         assert_eq!(err.last_error, "refused");
         assert_eq!(err.to_string(), "database unreachable: refused");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            b.reached(),
+            Some(Duration::from_secs(10)),
+            "the outage lasted the clock's 10 s"
+        );
+    }
+
+    #[test]
+    fn each_call_counts_once_among_those_that_waited() {
+        let b = Breaker::with_clock(ManualClock::new());
+        b.failed(Admission::Closed, DOWN, "refused", &policy());
+        let (mut one, mut two) = (b.call(), b.call());
+        for _ in 0..3 {
+            let admission = one.admit(&policy()).unwrap();
+            b.failed(admission, DOWN, "refused", &policy());
+        }
+        two.admit(&policy()).unwrap();
+        assert_eq!(b.open.lock().unwrap().as_ref().unwrap().waited, 2);
     }
 
     #[test]
     fn a_full_disk_is_its_own_outage_with_its_own_limit() {
-        let b = Breaker::default();
+        let b = Breaker::with_clock(ManualClock::new());
         b.failed(
             Admission::Closed,
             Outage::DiskFull,
@@ -315,7 +393,7 @@ mod tests {
             &policy(),
         );
         // ingest: a full disk is not waited for, however long max_outage is.
-        let err = b.admit(&policy(), &mut false).unwrap_err();
+        let err = b.call().admit(&policy()).unwrap_err();
         assert_eq!(err.outage, Outage::DiskFull);
         assert!(err.to_string().starts_with("the database's disk is full"));
         // serve: waited for, one probe at a time.
@@ -323,8 +401,8 @@ mod tests {
             resource_wait: None,
             ..policy()
         };
-        assert_eq!(b.admit(&serve, &mut false).unwrap(), Admission::Probe);
+        assert_eq!(b.call().admit(&serve).unwrap(), Admission::Probe);
         assert!(b.reached().is_some());
-        assert_eq!(b.admit(&policy(), &mut false).unwrap(), Admission::Closed);
+        assert_eq!(b.call().admit(&policy()).unwrap(), Admission::Closed);
     }
 }

@@ -161,9 +161,9 @@ impl Database {
         mut body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
         let mut observer = TxObserver { db: self };
-        let mut counted = false;
+        let mut call = self.breaker.call();
         retry::run(policy, &mut SystemClock, &mut observer, |_| {
-            self.attempt(&mut body, &mut counted)
+            self.attempt(&mut body, &mut call)
         })
     }
 
@@ -172,9 +172,9 @@ impl Database {
     fn attempt<T>(
         &self,
         body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
-        counted: &mut bool,
+        call: &mut breaker::Call<'_, SystemClock>,
     ) -> Result<T, AttemptError> {
-        let admission = self.breaker.admit(&self.policy, counted).map_err(|open| {
+        let admission = call.admit(&self.policy).map_err(|open| {
             AttemptError::failed(DbError::Unavailable(open.to_string()), Stage::Checkout)
                 .since(open.since)
         })?;
