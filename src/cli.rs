@@ -16,7 +16,7 @@ use crate::core::provisioning::Provisioning;
 use crate::core::DeadLetterKind;
 use crate::db::repo::{dead_letters, provisioning, status};
 use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
-use crate::pipeline::{self, IngestOptions, Progress, Stopped, Summary};
+use crate::pipeline::{self, IngestError, IngestOptions, Progress, Summary};
 use crate::service::{self, logfile, ServeOptions};
 
 /// Exit code of a run that gave up on an unreachable database.
@@ -636,9 +636,9 @@ fn open_input(file: Option<&Path>) -> anyhow::Result<(Box<dyn BufRead + Send>, O
     }
 }
 
-fn stopped_error(e: anyhow::Error) -> RunError {
-    match e.downcast::<Stopped>() {
-        Ok(stopped) => {
+fn stopped_error(e: IngestError) -> RunError {
+    match e {
+        IngestError::Stopped(stopped) => {
             eprintln!("{}", stopped.summary.to_text());
             if stopped.failure.is_gave_up() {
                 RunError::GaveUp(anyhow!(stopped))
@@ -646,7 +646,7 @@ fn stopped_error(e: anyhow::Error) -> RunError {
                 RunError::Failed(anyhow!(stopped))
             }
         }
-        Err(other) => RunError::Failed(other),
+        read_failed => RunError::Failed(read_failed.into()),
     }
 }
 

@@ -66,6 +66,17 @@ pub struct ReadFailed {
     source: std::io::Error,
 }
 
+/// Why [`ingest`] did not account for every line.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The database could not take the work: see [`Stopped`].
+    #[error(transparent)]
+    Stopped(Stopped),
+    /// The input could not be read.
+    #[error(transparent)]
+    ReadFailed(ReadFailed),
+}
+
 /// Runs every line of `input` and returns the tally; `on_done` sees the tally
 /// after each line. Returns [`Stopped`] when the database stayed unreachable
 /// beyond the retry policy's `max_outage` (or a dead letter could not be
@@ -76,7 +87,7 @@ pub fn ingest(
     options: &IngestOptions,
     progress: &Progress,
     mut on_done: impl FnMut(&Summary),
-) -> anyhow::Result<Summary> {
+) -> Result<Summary, IngestError> {
     let started = Instant::now();
     let stop = AtomicBool::new(false);
     let in_flight = Mutex::new(BTreeSet::new());
@@ -117,7 +128,7 @@ pub fn ingest(
         Err(e) => {
             summary.lines = e.line;
             summary.finish(db.counters(), started.elapsed());
-            return Err(e.into());
+            return Err(IngestError::ReadFailed(e));
         }
     }
     summary.finish(db.counters(), started.elapsed());
@@ -128,13 +139,12 @@ pub fn ingest(
             .first()
             .copied();
         let resume_from = first_open.unwrap_or(line).min(line);
-        return Err(Stopped {
+        return Err(IngestError::Stopped(Stopped {
             line,
             failure,
             resume_from,
             summary: Box::new(summary),
-        }
-        .into());
+        }));
     }
     Ok(summary)
 }

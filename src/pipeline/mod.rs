@@ -29,7 +29,7 @@ use crate::db::repo::{batch, dead_letters, messages};
 use crate::db::{Database, Failure};
 use crate::input::Line;
 use crate::outcome::{DeadLetter, Outcome};
-pub use ingest::{ingest, Progress, Stopped, PROGRESS_INTERVAL};
+pub use ingest::{ingest, IngestError, Progress, Stopped, PROGRESS_INTERVAL};
 pub use summary::Summary;
 
 /// A hook run inside each message's transaction, before it is applied: for

@@ -11,7 +11,7 @@ use normalizer::db::repo::{dead_letters, messages};
 use normalizer::db::{AnyConnection, Database, DatabaseUrl, PoolSettings, RetryPolicy};
 use normalizer::metrics::Cause;
 use normalizer::outcome::{DeadLetter, Outcome};
-use normalizer::pipeline::{IngestOptions, Stopped};
+use normalizer::pipeline::{IngestError, IngestOptions};
 
 use crate::pg::{self, PgCluster};
 use crate::support::{self, both, msg, postgres, TestDb, DEVICES};
@@ -348,10 +348,9 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
         killer.join().unwrap();
         result
     });
-    let stopped = stopper
-        .expect_err("the run gives up")
-        .downcast::<Stopped>()
-        .expect("a Stopped error");
+    let IngestError::Stopped(stopped) = stopper.expect_err("the run gives up") else {
+        panic!("a Stopped error")
+    };
     assert!(stopped.summary.completed < 200, "{:?}", stopped.summary);
     assert!(stopped.resume_from >= 1 && stopped.resume_from <= 200);
     assert!(

@@ -119,7 +119,11 @@ impl TestDb {
             .expect("provisioning is valid");
     }
 
-    pub fn ingest_with(&self, input: &str, options: &IngestOptions) -> anyhow::Result<Summary> {
+    pub fn ingest_with(
+        &self,
+        input: &str,
+        options: &IngestOptions,
+    ) -> Result<Summary, pipeline::IngestError> {
         pipeline::ingest(
             &self.db,
             Cursor::new(input.as_bytes().to_vec()),
