@@ -605,14 +605,13 @@ fn load_provisioning(
     file: &Provisioning,
     path: &Path,
 ) -> Result<provisioning::Loaded, RunError> {
-    db.transaction(|conn| provisioning::load(conn, file))
-        .map_err(db_error)?
-        .map_err(|e| {
-            RunError::Failed(anyhow!(
-                "the provisioning file {} is invalid: {e}",
-                path.display()
-            ))
-        })
+    provisioning::provision(db, file).map_err(|e| match e {
+        provisioning::ProvisionError::Database(failure) => db_error(failure),
+        invalid => RunError::Failed(anyhow!(
+            "the provisioning file {} is invalid: {invalid}",
+            path.display()
+        )),
+    })
 }
 
 fn open_input(file: Option<&Path>) -> anyhow::Result<(Box<dyn BufRead + Send>, Option<u64>)> {

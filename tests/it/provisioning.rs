@@ -72,10 +72,9 @@ fn a_file_that_fails_validation_changes_nothing_and_names_the_item() {
                 "devices":[{"key":"dev-ok","profile":"new"},{"key":"dev-bad","profile":"missing"}]}"#,
         )
         .unwrap();
-        let err =
-            t.db.transaction(|c| provisioning::load(c, &file))
-                .unwrap()
-                .unwrap_err();
+        let err = provisioning::provision(&t.db, &file)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(r#"devices[1] ("dev-bad")"#) && err.contains("\"missing\""),
             "{err}"
@@ -130,7 +129,7 @@ fn a_running_normalizer_sees_provisioning_done_by_another_process() {
                         "devices":[{"key":"dev-late","profile":"th-v1","sensors":[{"metric":"temperature"}]}]}"#,
                 )
                 .unwrap();
-                other.transaction(|c| provisioning::load(c, &file)).unwrap().unwrap();
+                provisioning::provision(&other, &file).unwrap();
                 writeln!(writer, "{}", msg("x2", "dev-late", "2026-11-29T10:01:00Z", r#"{"temp":2}"#)).unwrap();
                 writeln!(writer, "{}", msg("y2", "dev-0042", "2026-11-29T10:01:00Z", r#"{"temp":22}"#)).unwrap();
                 drop(writer);

@@ -113,10 +113,7 @@ impl TestDb {
     }
     pub fn provision(&self, json: &str) {
         let file = Provisioning::parse(json).expect("valid provisioning");
-        self.db
-            .transaction(|c| provisioning::load(c, &file))
-            .expect("provisioning commits")
-            .expect("provisioning is valid");
+        provisioning::provision(&self.db, &file).expect("provisioning is valid and commits");
     }
 
     pub fn ingest_with(
