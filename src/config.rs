@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::db::url::DEFAULT_URL;
+use crate::db::RetryPolicy;
+use crate::pipeline::IngestOptions;
 
 /// Every setting that a config file may hold (the same keys as the flags,
 /// with `_` for `-`).
@@ -91,15 +93,18 @@ pub struct Settings {
 }
 
 impl Default for Settings {
+    /// The service's own defaults; the pipeline's and the retry policy's
+    /// come from their own `impl Default`.
     fn default() -> Self {
+        let pipeline = IngestOptions::default();
         Settings {
             database_url: DEFAULT_URL.to_string(),
             log_level: "info".to_string(),
             log_file: None,
-            max_outage: Duration::from_secs(300),
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            batch_size: 1000,
-            batch_wait: Duration::from_millis(2),
+            max_outage: RetryPolicy::default().max_outage,
+            workers: pipeline.workers,
+            batch_size: pipeline.batch_size,
+            batch_wait: pipeline.batch_wait,
             socket: PathBuf::from("/run/normalizer/normalizer.sock"),
             socket_mode: 0o660,
             max_connections: 64,

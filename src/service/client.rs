@@ -35,6 +35,23 @@ impl Sent {
     }
 }
 
+impl std::fmt::Display for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        write!(
+            f,
+            "sent {}, acknowledged {}: {}",
+            self.sent,
+            self.acknowledged,
+            outcomes.join(", ")
+        )
+    }
+}
+
 /// Streams `input` to the service at `socket` and collects the acks.
 pub fn send(socket: &Path, input: impl BufRead + Send) -> anyhow::Result<Sent> {
     let stream = UnixStream::connect(socket)

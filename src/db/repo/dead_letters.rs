@@ -82,6 +82,27 @@ pub struct Stored {
     pub raw: String,
 }
 
+/// Dead letters as `dead-letters list` prints them: a table, then a count.
+pub fn to_text(rows: &[Stored]) -> String {
+    let mut text = format!(
+        "{:>6}  {:<14}  {:>8}  {:<20}  {:<16}  error\n",
+        "id", "kind", "attempts", "message", "device"
+    );
+    for r in rows {
+        text.push_str(&format!(
+            "{:>6}  {:<14}  {:>8}  {:<20}  {:<16}  {}\n",
+            r.id,
+            r.kind,
+            r.attempts,
+            r.message_id.as_deref().unwrap_or("-"),
+            r.device_key.as_deref().unwrap_or("-"),
+            r.error
+        ));
+    }
+    text.push_str(&format!("{} dead letters", rows.len()));
+    text
+}
+
 type Row = (
     i64,
     Option<String>,

@@ -23,6 +23,16 @@ pub struct Loaded {
     pub alarms: usize,
 }
 
+impl std::fmt::Display for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "provisioned {} profiles, {} devices, {} sensors, {} alarms",
+            self.profiles, self.devices, self.sensors, self.alarms
+        )
+    }
+}
+
 /// Why a provisioning file was not loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {

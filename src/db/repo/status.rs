@@ -27,6 +27,36 @@ pub struct Status {
     pub last_message_at: Option<String>,
 }
 
+impl Status {
+    /// The counts as `normalizer status` prints them, one per line.
+    pub fn to_text(&self) -> String {
+        let kinds: Vec<String> = self
+            .dead_letters
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        [
+            format!("messages processed: {}", self.processed_messages),
+            format!("readings: {}", self.readings),
+            format!("alerts: {} ({} open)", self.alerts, self.open_alerts),
+            format!("devices: {}", self.devices),
+            format!(
+                "dead letters: {}",
+                if kinds.is_empty() {
+                    "none".into()
+                } else {
+                    kinds.join(", ")
+                }
+            ),
+            format!(
+                "last message at: {}",
+                self.last_message_at.as_deref().unwrap_or("never")
+            ),
+        ]
+        .join("\n")
+    }
+}
+
 /// Reads the counts.
 pub fn read(conn: &mut AnyConnection) -> QueryResult<Status> {
     dispatch!(conn, c => {

@@ -1,0 +1,237 @@
+//! The command line's arguments, as clap parses them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_duration, parse_mode, FlagSettings};
+use crate::core::DeadLetterKind;
+
+/// Turns raw sensor messages into readings and alerts.
+#[derive(Debug, Parser)]
+#[command(name = "normalizer", version, about)]
+pub struct Cli {
+    /// Settings file (TOML; the keys of the flags, with `_` for `-`).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Database URL: postgres://…, postgresql://…, sqlite://PATH or a bare path
+    /// [default: sqlite://normalizer.db].
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Log level (error, warn, info, debug, trace) [default: info]; RUST_LOG wins.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+
+    /// Append the log to this file instead of stderr; SIGHUP reopens it.
+    #[arg(long, global = true)]
+    pub log_file: Option<PathBuf>,
+
+    /// Give up after the database was unreachable this long [default: 5m].
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub max_outage: Option<Duration>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Worker threads and batching, for the commands that run the pipeline.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Worker threads [default: the number of CPUs].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Most messages per transaction; 1 is one message per transaction [default: 1000].
+    #[arg(long, env = "NORMALIZER_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// How long a worker waits for more messages to fill a batch [default: 2ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub batch_wait: Option<Duration>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the database migrations and nothing else.
+    Migrate,
+    /// Load a provisioning file (profiles, devices, sensors, alarms).
+    Provision {
+        /// The provisioning JSON file.
+        file: PathBuf,
+        /// Print what was loaded as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Normalize a stream of JSON-lines messages.
+    Ingest {
+        /// The input file; standard input when absent or `-`.
+        file: Option<PathBuf>,
+        /// Load this provisioning file first.
+        #[arg(long)]
+        provision: Option<PathBuf>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
+        /// Print the final summary as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run as a service fed through a Unix domain socket.
+    Serve {
+        /// The socket to listen on [default: /run/normalizer/normalizer.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The socket file's mode, octal [default: 0660].
+        #[arg(long, value_parser = parse_mode)]
+        socket_mode: Option<u32>,
+        /// Most producers connected at once [default: 64].
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// How long a shutdown may take [default: 30s].
+        #[arg(long, value_parser = parse_duration)]
+        shutdown_timeout: Option<Duration>,
+        /// How often to log a stats line [default: 60s].
+        #[arg(long, value_parser = parse_duration)]
+        stats_interval: Option<Duration>,
+        /// Write the counters here in Prometheus text format each interval.
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
+    },
+    /// Send a file to the service and wait for every acknowledgement.
+    Send {
+        /// The input file; standard input when absent or `-`.
+        file: Option<PathBuf>,
+        /// The service's socket [default: /run/normalizer/normalizer.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts from the database.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, replay or purge dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// Generate a provisioning file and a message stream for benchmarks.
+    Gen {
+        /// Devices to provision.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Lines to write.
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        /// Random seed: the same seed gives the same output.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the provisioning file here.
+        #[arg(long)]
+        provisioning: Option<PathBuf>,
+        /// Write the messages here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this kind.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<DeadLetterKind>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run dead letters through the normal path again: those that now
+    /// succeed disappear, the rest get attempts + 1.
+    Replay {
+        /// Only this kind.
+        #[arg(long, value_parser = parse_kind)]
+        kind: Option<DeadLetterKind>,
+        /// Worker threads.
+        #[command(flatten)]
+        workers: WorkerArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters of one kind.
+    Purge {
+        /// The kind to delete.
+        #[arg(long, value_parser = parse_kind)]
+        kind: DeadLetterKind,
+        /// Only those last filed longer ago than this (e.g. 30d).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<DeadLetterKind, String> {
+    DeadLetterKind::parse(s).ok_or_else(|| {
+        let kinds: Vec<&str> = DeadLetterKind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("{s:?} is not one of {}", kinds.join(", "))
+    })
+}
+
+impl Cli {
+    /// The settings given on the command line (and in the environment).
+    pub fn flags(&self) -> FlagSettings {
+        let mut flags = FlagSettings {
+            database_url: self.database_url.clone(),
+            log_level: self.log_level.clone(),
+            log_file: self.log_file.clone(),
+            max_outage: self.max_outage,
+            ..FlagSettings::default()
+        };
+        match &self.command {
+            Command::Ingest { workers, .. }
+            | Command::DeadLetters(DeadLetterCommand::Replay { workers, .. }) => {
+                workers.apply(&mut flags)
+            }
+            Command::Serve {
+                socket,
+                socket_mode,
+                max_connections,
+                shutdown_timeout,
+                stats_interval,
+                metrics_file,
+                workers,
+            } => {
+                workers.apply(&mut flags);
+                flags.socket = socket.clone();
+                flags.socket_mode = *socket_mode;
+                flags.max_connections = *max_connections;
+                flags.shutdown_timeout = *shutdown_timeout;
+                flags.stats_interval = *stats_interval;
+                flags.metrics_file = metrics_file.clone();
+            }
+            Command::Send { socket, .. } => flags.socket = socket.clone(),
+            _ => {}
+        }
+        flags
+    }
+}
+
+impl WorkerArgs {
+    fn apply(&self, flags: &mut FlagSettings) {
+        flags.workers = self.workers;
+        flags.batch_size = self.batch_size;
+        flags.batch_wait = self.batch_wait;
+    }
+}

@@ -1,0 +1,241 @@
+//! The command line: arguments ([`args`]), the context every command runs
+//! in (settings, database URL, retry policy, pipeline options, built once),
+//! and one function per command ([`commands`]). Results print themselves;
+//! `main` only calls [`main`] here.
+
+mod args;
+mod commands;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _};
+use clap::Parser;
+
+pub use args::{Cli, Command, DeadLetterCommand, WorkerArgs};
+
+use crate::config::{FileSettings, Settings};
+use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
+use crate::pipeline::{IngestError, IngestOptions};
+use crate::service::logfile::{self, LogFile};
+
+/// Exit code of a run that gave up on an unreachable database.
+pub const EXIT_GAVE_UP: u8 = 3;
+
+/// What `main` turns into an exit code.
+#[derive(Debug)]
+pub enum RunError {
+    /// Usage, set-up or database errors: exit 1.
+    Failed(anyhow::Error),
+    /// The database stayed unreachable: exit [`EXIT_GAVE_UP`].
+    GaveUp(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RunError {
+    fn from(e: anyhow::Error) -> Self {
+        RunError::Failed(e)
+    }
+}
+
+impl From<Failure> for RunError {
+    fn from(failure: Failure) -> Self {
+        if failure.is_gave_up() {
+            RunError::GaveUp(anyhow!(failure))
+        } else {
+            RunError::Failed(anyhow!(failure))
+        }
+    }
+}
+
+impl From<IngestError> for RunError {
+    /// A stopped run prints what was done before it says why it stopped.
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Stopped(stopped) => {
+                eprintln!("{}", stopped.summary.to_text());
+                if stopped.failure.is_gave_up() {
+                    RunError::GaveUp(anyhow!(stopped))
+                } else {
+                    RunError::Failed(anyhow!(stopped))
+                }
+            }
+            read_failed => RunError::Failed(read_failed.into()),
+        }
+    }
+}
+
+/// The whole program: parse, set up, run, map to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Failed(e)) => {
+            log::error!("{e:#}");
+            eprintln!("normalizer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(RunError::GaveUp(e)) => {
+            log::error!("gave up: {e:#}");
+            eprintln!("normalizer: gave up: {e:#}");
+            ExitCode::from(EXIT_GAVE_UP)
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), RunError> {
+    let mut context = Context::new(&cli)?;
+    match cli.command {
+        Command::Migrate => commands::migrate(&context),
+        Command::Provision { file, json } => commands::provision(&context, &file, json),
+        Command::Ingest {
+            file,
+            provision,
+            json,
+            ..
+        } => commands::ingest(&context, file.as_deref(), provision.as_deref(), json),
+        Command::Serve { .. } => commands::serve(&mut context),
+        Command::Send { file, json, .. } => commands::send(&context, file.as_deref(), json),
+        Command::Status { json } => commands::status(&context, json),
+        Command::DeadLetters(command) => commands::dead_letters(&context, command),
+        Command::Gen {
+            devices,
+            messages,
+            seed,
+            provisioning,
+            out,
+        } => commands::gen(
+            crate::gen::GenOptions {
+                devices,
+                messages,
+                seed,
+                ..Default::default()
+            },
+            provisioning.as_deref(),
+            out.as_deref(),
+        ),
+    }
+}
+
+/// How many connections a command's pool holds.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// One at a time: set-up and one-off commands.
+    One,
+    /// One per worker, and one for the reader's own transactions.
+    Workers,
+}
+
+/// What every command runs with, built once from the command line.
+struct Context {
+    settings: Settings,
+    url: DatabaseUrl,
+    policy: RetryPolicy,
+    options: IngestOptions,
+    /// The log file, when logging to one (the service reopens it on SIGHUP).
+    log_file: Option<Arc<LogFile>>,
+}
+
+impl Context {
+    fn new(cli: &Cli) -> Result<Context, RunError> {
+        let file = match &cli.config {
+            Some(path) => FileSettings::load(path).map_err(|e| anyhow!(e))?,
+            None => FileSettings::default(),
+        };
+        let settings = Settings::resolve(cli.flags(), file).map_err(|e| anyhow!(e))?;
+        if settings.workers == 0 {
+            return Err(anyhow!("--workers must be at least 1").into());
+        }
+        if settings.batch_size == 0 {
+            return Err(anyhow!("--batch-size must be at least 1").into());
+        }
+        if settings.max_connections == 0 {
+            return Err(anyhow!("--max-connections must be at least 1").into());
+        }
+        let log_file = logfile::init(&settings.log_level, settings.log_file.as_deref())
+            .with_context(|| match &settings.log_file {
+                Some(path) => format!("cannot open the log file {}", path.display()),
+                None => "cannot set up logging".to_string(),
+            })?;
+        let url = DatabaseUrl::parse(&settings.database_url).map_err(|e| anyhow!(e))?;
+        let policy = RetryPolicy {
+            max_outage: settings.max_outage,
+            ..RetryPolicy::default()
+        };
+        let options = IngestOptions {
+            workers: settings.workers,
+            batch_size: settings.batch_size,
+            batch_wait: settings.batch_wait,
+            ..IngestOptions::default()
+        };
+        Ok(Context {
+            settings,
+            url,
+            policy,
+            options,
+            log_file,
+        })
+    }
+
+    /// A pool on the database, not yet connected.
+    fn open(&self, pool: Pool, policy: RetryPolicy) -> Database {
+        let max_size = match pool {
+            Pool::One => 1,
+            Pool::Workers => self.options.workers as u32 + 1,
+        };
+        log::debug!("database {}", self.url);
+        Database::open(
+            self.url.clone(),
+            PoolSettings {
+                max_size,
+                ..PoolSettings::default()
+            },
+            policy,
+        )
+    }
+
+    /// A pool on the database, with its migrations run.
+    fn open_migrated(&self, pool: Pool) -> Result<Database, RunError> {
+        self.open_migrated_with(pool, self.policy.clone())
+    }
+
+    fn open_migrated_with(&self, pool: Pool, policy: RetryPolicy) -> Result<Database, RunError> {
+        let db = self.open(pool, policy);
+        migrate::run(&db)?;
+        Ok(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dead_letter_kinds_parse_by_their_contract_names() {
+        let cli = Cli::try_parse_from([
+            "normalizer",
+            "dead-letters",
+            "purge",
+            "--kind",
+            "unknown_device",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::DeadLetters(DeadLetterCommand::Purge {
+                kind: crate::core::DeadLetterKind::UnknownDevice,
+                ..
+            })
+        ));
+        let err = Cli::try_parse_from(["normalizer", "dead-letters", "purge", "--kind", "unknown"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("malformed, invalid"), "{err}");
+    }
+}
