@@ -60,126 +60,147 @@ impl Report<'_> {
         )
     }
 
-    /// The counters in Prometheus text exposition format.
+    /// The counters in Prometheus text exposition format: one family a
+    /// row of [`Report::families`], written by one loop.
     pub fn prometheus(&self) -> String {
-        let s = self.summary;
-        let db = &s.database;
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP normalizer_{name} {help}");
-            let _ = writeln!(out, "# TYPE normalizer_{name} {kind}");
-            for (labels, value) in samples {
+        for family in self.families() {
+            let name = family.name;
+            let _ = writeln!(out, "# HELP normalizer_{name} {}", family.help);
+            let _ = writeln!(out, "# TYPE normalizer_{name} {}", family.kind.as_str());
+            for (labels, value) in family.samples {
                 let _ = writeln!(out, "normalizer_{name}{labels} {value}");
             }
-        };
-        let plain = |v: u64| vec![(String::new(), v as f64)];
-        metric(
-            "lines_total",
-            "counter",
-            "Lines that ended, by outcome.",
-            vec![
-                ("{outcome=\"processed\"}".into(), s.processed as f64),
-                ("{outcome=\"duplicate\"}".into(), s.duplicates as f64),
-                ("{outcome=\"dead_letter\"}".into(), s.dead_letters as f64),
-            ],
-        );
-        metric(
-            "dead_letters_total",
-            "counter",
-            "Dead letters by kind.",
-            s.dead_letters_by_kind
-                .iter()
-                .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), *n as f64))
-                .collect(),
-        );
-        metric(
-            "readings_stored_total",
-            "counter",
-            "Readings stored.",
-            plain(s.readings_stored),
-        );
-        metric(
-            "alerts_opened_total",
-            "counter",
-            "Alerts opened.",
-            plain(s.alerts_opened),
-        );
-        metric(
-            "alerts_closed_total",
-            "counter",
-            "Alerts closed.",
-            plain(s.alerts_closed),
-        );
-        metric(
-            "transactions_total",
-            "counter",
-            "Transactions committed.",
-            plain(db.transactions),
-        );
-        metric(
-            "retries_total",
-            "counter",
-            "Transaction retries by error class.",
-            db.retries
-                .iter()
-                .map(|(k, n)| (format!("{{class=\"{k}\"}}"), *n as f64))
-                .collect(),
-        );
-        metric(
-            "recoveries_total",
-            "counter",
-            "Transactions that committed after a retry.",
-            plain(db.recoveries),
-        );
-        metric(
-            "connections_opened_total",
-            "counter",
-            "Database connections opened.",
-            plain(db.connections_opened),
-        );
-        metric(
-            "connections_discarded_total",
-            "counter",
-            "Database connections discarded as broken.",
-            plain(db.connections_discarded),
-        );
-        metric(
-            "outage_seconds_total",
-            "counter",
-            "Seconds the database was unreachable.",
-            vec![(String::new(), db.outage_seconds)],
-        );
-        metric(
-            "pool_connections",
-            "gauge",
-            "Pool connections by state.",
-            vec![
-                ("{state=\"in_use\"}".into(), f64::from(self.in_use)),
-                ("{state=\"idle\"}".into(), f64::from(self.idle)),
-            ],
-        );
-        metric(
-            "queued_jobs",
-            "gauge",
-            "Jobs waiting for a worker.",
-            vec![(String::new(), self.queued as f64)],
-        );
-        metric(
-            "producers",
-            "gauge",
-            "Producers connected.",
-            vec![(String::new(), self.producers as f64)],
-        );
-        metric(
-            "database_up",
-            "gauge",
-            "1 while the database is reachable.",
-            vec![(
-                String::new(),
-                if self.down_since.is_none() { 1.0 } else { 0.0 },
-            )],
-        );
+        }
         out
+    }
+
+    /// Every metric family: the outcomes, the database's counters, the
+    /// service's gauges.
+    fn families(&self) -> Vec<Family> {
+        let mut all = self.outcome_families();
+        all.extend(self.database_families());
+        all.extend(self.service_families());
+        all
+    }
+
+    fn outcome_families(&self) -> Vec<Family> {
+        let s = self.summary;
+        let outcomes = [
+            ("processed", s.processed),
+            ("duplicate", s.duplicates),
+            ("dead_letter", s.dead_letters),
+        ];
+        vec![
+            Family::counter("lines_total", "Lines that ended, by outcome.")
+                .by("outcome", outcomes.iter().map(|(k, n)| (*k, *n))),
+            Family::counter("dead_letters_total", "Dead letters by kind.").by(
+                "kind",
+                s.dead_letters_by_kind.iter().map(|(k, n)| (&**k, *n)),
+            ),
+            Family::counter("readings_stored_total", "Readings stored.").of(s.readings_stored),
+            Family::counter("alerts_opened_total", "Alerts opened.").of(s.alerts_opened),
+            Family::counter("alerts_closed_total", "Alerts closed.").of(s.alerts_closed),
+        ]
+    }
+
+    fn database_families(&self) -> Vec<Family> {
+        let db = &self.summary.database;
+        vec![
+            Family::counter("transactions_total", "Transactions committed.").of(db.transactions),
+            Family::counter("retries_total", "Transaction retries by error class.")
+                .by("class", db.retries.iter().map(|(k, n)| (&**k, *n))),
+            Family::counter(
+                "recoveries_total",
+                "Transactions that committed after a retry.",
+            )
+            .of(db.recoveries),
+            Family::counter("connections_opened_total", "Database connections opened.")
+                .of(db.connections_opened),
+            Family::counter(
+                "connections_discarded_total",
+                "Database connections discarded as broken.",
+            )
+            .of(db.connections_discarded),
+            Family::counter(
+                "outage_seconds_total",
+                "Seconds the database was unreachable.",
+            )
+            .value(db.outage_seconds),
+        ]
+    }
+
+    fn service_families(&self) -> Vec<Family> {
+        let pool = [("in_use", self.in_use), ("idle", self.idle)];
+        let up = if self.down_since.is_none() { 1 } else { 0 };
+        vec![
+            Family::gauge("pool_connections", "Pool connections by state.")
+                .by("state", pool.iter().map(|(k, n)| (*k, u64::from(*n)))),
+            Family::gauge("queued_jobs", "Jobs waiting for a worker.").of(self.queued as u64),
+            Family::gauge("producers", "Producers connected.").of(self.producers as u64),
+            Family::gauge("database_up", "1 while the database is reachable.").of(up),
+        ]
+    }
+}
+
+/// A Prometheus metric type.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One metric family and its samples (label set, value).
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+impl Family {
+    fn counter(name: &'static str, help: &'static str) -> Self {
+        Family {
+            name,
+            kind: Kind::Counter,
+            help,
+            samples: vec![],
+        }
+    }
+
+    fn gauge(name: &'static str, help: &'static str) -> Self {
+        Family {
+            kind: Kind::Gauge,
+            ..Family::counter(name, help)
+        }
+    }
+
+    /// One sample without labels.
+    fn value(mut self, value: f64) -> Self {
+        self.samples.push((String::new(), value));
+        self
+    }
+
+    fn of(self, value: u64) -> Self {
+        self.value(value as f64)
+    }
+
+    /// One sample per label value.
+    fn by<'a>(mut self, label: &str, values: impl Iterator<Item = (&'a str, u64)>) -> Self {
+        for (key, value) in values {
+            self.samples
+                .push((format!("{{{label}=\"{key}\"}}"), value as f64));
+        }
+        self
     }
 }
 
