@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
+use super::protocol::Reply;
 use crate::core::message::is_blank;
 use crate::input::LineReader;
 
@@ -85,19 +86,13 @@ pub fn send(socket: &Path, input: impl BufRead + Send) -> anyhow::Result<Sent> {
         let mut acked = BTreeSet::new();
         for line in BufReader::new(read_half).lines() {
             let Ok(line) = line else { break };
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(seq) = value["seq"].as_u64() {
-                acked.insert(seq);
-                let outcome = match (value["outcome"].as_str(), value["kind"].as_str()) {
-                    (Some("dead_letter"), Some(kind)) => format!("dead_letter:{kind}"),
-                    (Some(o), _) => o.to_string(),
-                    (None, _) => "unknown".to_string(),
-                };
-                *sent.outcomes.entry(outcome).or_default() += 1;
-            } else if let Some(error) = value["error"].as_str() {
-                sent.error = Some(error.to_string());
+            match serde_json::from_str::<Reply>(&line) {
+                Ok(Reply::Ack(ack)) => {
+                    acked.insert(ack.seq);
+                    *sent.outcomes.entry(ack.label()).or_default() += 1;
+                }
+                Ok(Reply::Refused(refusal)) => sent.error = Some(refusal.error),
+                Err(_) => {}
             }
         }
         let expected = writer.join().expect("the writer does not panic")?;

@@ -1,19 +1,22 @@
 //! `normalizer serve`: a system service fed through a Unix domain socket.
 //!
 //! Producers write JSON lines; for every non-blank line the service writes
-//! back one JSON line once the line's outcome is committed:
-//! `{"seq":N,"id":"...","outcome":"processed|duplicate|dead_letter","kind":...}`.
-//! `seq` is the line's 1-based number on that connection (blank lines are
-//! numbered but, having no outcome, not acknowledged). A line that is not
-//! acknowledged was not applied, or its ack was lost: sending it again is
-//! safe either way.
+//! back one acknowledgement once the line's outcome is committed
+//! ([`protocol`]). `seq` is the line's 1-based number on that connection
+//! (blank lines are numbered but, having no outcome, not acknowledged). A
+//! line that is not acknowledged was not applied, or its ack was lost:
+//! sending it again is safe either way.
 //!
-//! Each connection has a reader thread, which submits lines to the worker
-//! pool and blocks while the pool's queues are full (backpressure: the
-//! socket is simply not read), and a writer thread for the acks.
+//! [`serve`] binds the socket and turns signals into a shutdown message;
+//! [`run`] is the loop on any listener: an accept loop with a handler per
+//! producer (a reader thread that submits lines to the worker pool and
+//! blocks while its queues are full, so the socket is simply not read, and
+//! a writer thread for the acks), a stats thread, and a drain bounded by
+//! the shutdown timeout.
 
 pub mod client;
 pub mod logfile;
+pub mod protocol;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -27,16 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
-use serde_json::json;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::db::Database;
 use crate::input::LineReader;
-use crate::outcome::Outcome;
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
 use logfile::LogFile;
+use protocol::{Ack, Refusal};
 use stats::{write_atomically, Report};
 
 /// How the service runs.
@@ -74,6 +76,8 @@ struct Shared {
     next_id: AtomicU64,
     summary: Mutex<Summary>,
     socket: PathBuf,
+    /// Producers connected now.
+    active: AtomicUsize,
 }
 
 impl Shared {
@@ -124,17 +128,55 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Runs the service until SIGTERM or SIGINT (or the database stays
-/// unreachable too long). SIGHUP reopens `log`.
+/// Runs the service on `options.socket` until SIGTERM or SIGINT (or the
+/// database stays unreachable too long). SIGHUP reopens `log`.
 pub fn serve(
     db: &Database,
     options: &ServeOptions,
     log: Option<Arc<LogFile>>,
 ) -> anyhow::Result<Exit> {
     let listener = bind(&options.socket, options.mode)?;
-    let mut signals =
+    let signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
+    let (shutdown, on_shutdown) = bounded::<()>(1);
+    Ok(std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn_scoped(scope, || handle_signals(signals, log, shutdown))
+            .expect("spawn the signal thread");
+        let exit = run(db, options, listener, on_shutdown);
+        signal_handle.close();
+        exit
+    }))
+}
+
+fn handle_signals(mut signals: Signals, log: Option<Arc<LogFile>>, shutdown: Sender<()>) {
+    for signal in signals.forever() {
+        match (signal, &log) {
+            (SIGHUP, Some(file)) => match file.reopen() {
+                Ok(()) => log::info!("SIGHUP: log file reopened"),
+                Err(e) => eprintln!("normalizer: cannot reopen the log file: {e}"),
+            },
+            (SIGHUP, None) => log::info!("SIGHUP: logging to stderr, nothing to reopen"),
+            _ => {
+                log::info!("signal {signal}: shutting down");
+                let _ = shutdown.try_send(());
+            }
+        }
+    }
+}
+
+/// The service on a listener the caller bound to `options.socket`, until a
+/// message (or the sender's drop) on `shutdown`, or until the database
+/// stays unreachable too long: the socket feeds the worker pool, one
+/// handler per producer. A second feed would take `&Workers` the same way.
+pub fn run(
+    db: &Database,
+    options: &ServeOptions,
+    listener: UnixListener,
+    shutdown: Receiver<()>,
+) -> Exit {
     let shared = Shared {
         shutting_down: AtomicBool::new(false),
         gave_up: AtomicBool::new(false),
@@ -142,10 +184,9 @@ pub fn serve(
         next_id: AtomicU64::new(1),
         summary: Mutex::new(Summary::new()),
         socket: options.socket.clone(),
+        active: AtomicUsize::new(0),
     };
     let stop = AtomicBool::new(false);
-    let active = AtomicUsize::new(0);
-    let (stats_stop, stats_stopped) = bounded::<()>(1);
     log::info!(
         "serving on {} (mode {:04o}) with {} workers, database {}",
         options.socket.display(),
@@ -153,98 +194,33 @@ pub fn serve(
         options.workers.workers,
         db.url()
     );
-
-    let (conn_done, conns_done) = crossbeam_channel::unbounded::<()>();
     std::thread::scope(|outer| {
         let workers = Workers::spawn(outer, db, &options.workers, &stop);
+        let (stats_stop, stats_stopped) = bounded::<()>(1);
+        let (finished, on_finished) = bounded::<()>(0);
         std::thread::scope(|scope| {
-            let workers = &workers;
-            let (shared, active, stop) = (&shared, &active, &stop);
+            let (workers, shared) = (&workers, &shared);
             std::thread::Builder::new()
-                .name("signals".into())
+                .name("shutdown".into())
                 .spawn_scoped(scope, move || {
-                    for signal in signals.forever() {
-                        match signal {
-                            SIGHUP => match &log {
-                                Some(file) => match file.reopen() {
-                                    Ok(()) => log::info!("SIGHUP: log file reopened"),
-                                    Err(e) => {
-                                        eprintln!("normalizer: cannot reopen the log file: {e}")
-                                    }
-                                },
-                                None => log::info!("SIGHUP: logging to stderr, nothing to reopen"),
-                            },
-                            _ => {
-                                log::info!("signal {signal}: shutting down");
-                                shared.begin_shutdown();
-                            }
-                        }
+                    crossbeam_channel::select! {
+                        recv(shutdown) -> _ => shared.begin_shutdown(),
+                        recv(on_finished) -> _ => {}
                     }
                 })
-                .expect("spawn the signal thread");
+                .expect("spawn the shutdown thread");
             std::thread::Builder::new()
                 .name("stats".into())
                 .spawn_scoped(scope, move || {
-                    report_stats(db, options, shared, workers, active, stats_stopped)
+                    report_stats(db, options, shared, workers, stats_stopped)
                 })
                 .expect("spawn the stats thread");
-
-            for stream in listener.incoming() {
-                if shared.shutting_down.load(Ordering::SeqCst) {
-                    break;
-                }
-                let mut stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::warn!("accept failed: {e}");
-                        continue;
-                    }
-                };
-                if active.load(Ordering::SeqCst) >= options.max_connections {
-                    log::warn!(
-                        "refused a producer: {} connected, the limit",
-                        options.max_connections
-                    );
-                    let line = json!({"error": format!("too many connections: the limit is {}; try again later", options.max_connections)});
-                    let _ = writeln!(stream, "{line}");
-                    continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let conn_done = conn_done.clone();
-                let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-                if let Ok(clone) = stream.try_clone() {
-                    shared
-                        .streams
-                        .lock()
-                        .expect("streams lock")
-                        .insert(id, clone);
-                }
-                std::thread::Builder::new()
-                    .name(format!("producer-{id}"))
-                    .spawn_scoped(scope, move || {
-                        serve_connection(id, stream, workers, shared, options);
-                        shared.streams.lock().expect("streams lock").remove(&id);
-                        active.fetch_sub(1, Ordering::SeqCst);
-                        let _ = conn_done.send(());
-                    })
-                    .expect("spawn a connection thread");
-            }
+            let connections_done = accept(scope, &listener, workers, shared, options);
             drop(listener);
             let _ = std::fs::remove_file(&options.socket);
-            // Give the work in flight `shutdown_timeout` to finish; then hand
-            // back what is still queued and stop retrying.
-            let deadline = Instant::now() + options.shutdown_timeout;
-            while active.load(Ordering::SeqCst) > 0 && conns_done.recv_deadline(deadline).is_ok() {}
-            if active.load(Ordering::SeqCst) > 0 {
-                log::warn!(
-                    "shutdown timeout: handing back queued work unacknowledged ({} jobs)",
-                    workers.queued()
-                );
-                stop.store(true, Ordering::SeqCst);
-                db.cancel_retries();
-            }
+            drain(db, options, shared, workers, &stop, &connections_done);
             drop(stats_stop);
-            signal_handle.close();
+            drop(finished);
         });
     });
     let summary = shared.summary.lock().expect("summary lock");
@@ -254,11 +230,97 @@ pub fn serve(
         summary.duplicates,
         summary.dead_letters
     );
-    Ok(if shared.gave_up.load(Ordering::SeqCst) {
+    if shared.gave_up.load(Ordering::SeqCst) {
         Exit::GaveUp
     } else {
         Exit::Clean
-    })
+    }
+}
+
+/// Accepts producers until shutdown, each on a handler thread of `scope`.
+/// Returns the channel on which each handler says it is done.
+fn accept<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    listener: &UnixListener,
+    workers: &'scope Workers,
+    shared: &'scope Shared,
+    options: &'scope ServeOptions,
+) -> Receiver<()> {
+    let (connection_done, connections_done) = crossbeam_channel::unbounded::<()>();
+    for stream in listener.incoming() {
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        if shared.active.load(Ordering::SeqCst) >= options.max_connections {
+            log::warn!(
+                "refused a producer: {} connected, the limit",
+                options.max_connections
+            );
+            let refusal = Refusal {
+                error: format!(
+                    "too many connections: the limit is {}; try again later",
+                    options.max_connections
+                ),
+            };
+            let _ = writeln!(
+                stream,
+                "{}",
+                serde_json::to_string(&refusal).expect("serializable")
+            );
+            continue;
+        }
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        if let Ok(clone) = stream.try_clone() {
+            shared
+                .streams
+                .lock()
+                .expect("streams lock")
+                .insert(id, clone);
+        }
+        let connection_done = connection_done.clone();
+        std::thread::Builder::new()
+            .name(format!("producer-{id}"))
+            .spawn_scoped(scope, move || {
+                serve_connection(id, stream, workers, shared, options);
+                shared.streams.lock().expect("streams lock").remove(&id);
+                shared.active.fetch_sub(1, Ordering::SeqCst);
+                let _ = connection_done.send(());
+            })
+            .expect("spawn a connection thread");
+    }
+    connections_done
+}
+
+/// Gives the work in flight `shutdown_timeout` to finish; then hands back
+/// what is still queued and stops retrying.
+fn drain(
+    db: &Database,
+    options: &ServeOptions,
+    shared: &Shared,
+    workers: &Workers,
+    stop: &AtomicBool,
+    connections_done: &Receiver<()>,
+) {
+    let deadline = Instant::now() + options.shutdown_timeout;
+    while shared.active.load(Ordering::SeqCst) > 0
+        && connections_done.recv_deadline(deadline).is_ok()
+    {}
+    if shared.active.load(Ordering::SeqCst) > 0 {
+        log::warn!(
+            "shutdown timeout: handing back queued work unacknowledged ({} jobs)",
+            workers.queued()
+        );
+        stop.store(true, Ordering::SeqCst);
+        db.cancel_retries();
+    }
 }
 
 fn serve_connection(
@@ -314,15 +376,8 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
                     .lock()
                     .expect("summary lock")
                     .record(&outcome);
-                let kind = match &outcome {
-                    Outcome::DeadLetter(k) => Some(k.as_str()),
-                    _ => None,
-                };
-                let mut ack = json!({"seq": done.ticket, "id": done.id, "outcome": outcome.as_str(), "kind": kind});
-                if let (Some(detail), Outcome::DeadLetter(_)) = (&done.detail, &outcome) {
-                    ack["error"] = json!(detail);
-                }
-                ack
+                let ack = Ack::new(done.ticket, done.id, &outcome, done.detail.as_deref());
+                serde_json::to_string(&ack).expect("serializable")
             }
             Err(failure) => {
                 log::warn!(
@@ -357,7 +412,6 @@ fn report_stats(
     options: &ServeOptions,
     shared: &Shared,
     workers: &Workers,
-    active: &AtomicUsize,
     stopped: Receiver<()>,
 ) {
     let mut last = (Instant::now(), 0u64);
@@ -380,7 +434,7 @@ fn report_stats(
             in_use: open.saturating_sub(idle),
             idle,
             queued: workers.queued(),
-            producers: active.load(Ordering::SeqCst),
+            producers: shared.active.load(Ordering::SeqCst),
             down_since: db.down_since(),
         };
         log::info!("{}", report.line());

@@ -578,3 +578,56 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
     let log = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
     assert!(log.contains("shutdown timeout: handing back"), "{log}");
 }
+
+/// The service loop in-process, on a listener and a shutdown channel of the
+/// test's own (the process-level tests above cover the signals).
+#[test]
+fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
+    use normalizer::service::{self, protocol::Reply, ServeOptions};
+    let t = support::sqlite();
+    t.provision(support::DEVICES);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("n.sock");
+    let options = ServeOptions {
+        socket: socket.clone(),
+        mode: 0o600,
+        max_connections: 4,
+        shutdown_timeout: Duration::from_secs(5),
+        stats_interval: Duration::from_secs(60),
+        metrics_file: None,
+        workers: support::options(),
+    };
+    let listener = service::bind(&socket, options.mode).unwrap();
+    let (shutdown, on_shutdown) = crossbeam_channel::bounded(1);
+    let lines = vec![
+        support::msg("a-1", "dev-0042", "2026-11-29T10:00:00Z", r#"{"t":21.5}"#),
+        "not json".to_string(),
+        support::msg("a-2", "dev-nope", "2026-11-29T10:00:00Z", r#"{"t":1}"#),
+    ];
+    let exit = std::thread::scope(|s| {
+        let server = s.spawn(|| service::run(&t.db, &options, listener, on_shutdown));
+        let acks = produce(&socket, &lines, None);
+        let outcomes: Vec<String> = acks
+            .values()
+            .map(
+                |v| match serde_json::from_value::<Reply>(v.clone()).unwrap() {
+                    Reply::Ack(ack) => ack.label(),
+                    Reply::Refused(r) => panic!("refused: {}", r.error),
+                },
+            )
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "processed",
+                "dead_letter:malformed",
+                "dead_letter:unknown_device"
+            ]
+        );
+        shutdown.send(()).unwrap();
+        server.join().unwrap()
+    });
+    assert_eq!(exit, service::Exit::Clean);
+    assert!(!socket.exists(), "the socket file is removed");
+    assert_eq!(t.status().processed_messages, 1);
+}
