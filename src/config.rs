@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::db::url::DEFAULT_URL;
+use crate::db::DEFAULT_URL;
 use crate::db::RetryPolicy;
 use crate::pipeline::IngestOptions;
 

@@ -6,10 +6,10 @@
 //! - [`db`]: the only module that knows the database.
 //! - [`pipeline`]: reader, router and worker pool.
 //! - [`cli`]: the command line.
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod cli;
-pub mod config;
+mod config;
 pub mod core;
 pub mod db;
 pub mod gen;

@@ -6,17 +6,17 @@
 //! - [`repo`]: the SQL of each use case, for both backends.
 //! - [`Database::transaction`]: every transaction goes through it.
 
-pub mod breaker;
-pub mod classify;
-pub mod deadline;
+mod breaker;
+mod classify;
+mod deadline;
 pub mod migrate;
-pub mod pool;
+mod pool;
 pub mod repo;
-pub mod retry;
+mod retry;
 #[allow(missing_docs)]
-pub mod schema;
-pub mod types;
-pub mod url;
+mod schema;
+mod types;
+mod url;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,13 +27,15 @@ use chrono::{DateTime, Utc};
 use diesel::QueryResult;
 
 use self::breaker::{Breaker, Outage};
-pub use self::classify::{classify, Classified, DbError, ErrorClass};
+pub use self::classify::{classify, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
 pub use self::pool::{AnyConnection, PoolSettings};
 use self::pool::{Manager, PooledConn, QuietErrors, Session};
 use self::retry::{AttemptError, Observer, Stage, SystemClock};
 pub use self::retry::{Failure, RetryPolicy};
+pub(crate) use self::retry::shortage_of;
 pub use self::url::DatabaseUrl;
+pub(crate) use self::url::DEFAULT_URL;
 use crate::metrics::{DbCounters, DbMetrics};
 
 /// Runs the same diesel code on whichever backend a connection is.

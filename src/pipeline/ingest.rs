@@ -40,7 +40,7 @@ impl std::fmt::Display for Stopped {
         let (completed, lines) = (self.summary.completed, self.summary.lines);
         match &self.failure {
             Failure::OutOfResources { error } => {
-                let (what, remedy) = crate::db::retry::shortage_of(error);
+                let (what, remedy) = crate::db::shortage_of(error);
                 write!(
                     f,
                     "{what}; every line before line {} is done; {remedy} and run the same input again ({completed} of {lines} lines read were completed; the database said: {error})",

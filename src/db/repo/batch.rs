@@ -58,50 +58,88 @@ pub fn apply(
     items: &[Item<'_>],
     cache: &ReferenceCache,
 ) -> QueryResult<Vec<Outcome>> {
-    let messages: Vec<(usize, &Message, &[u8], &str)> = items
+    let messages: Vec<&Message> = items
         .iter()
-        .enumerate()
-        .filter_map(|(i, item)| match item {
-            Item::Message {
-                message,
-                raw,
-                token,
-            } => Some((i, *message, *raw, *token)),
+        .filter_map(|item| match item {
+            Item::Message { message, .. } => Some(*message),
             Item::Letter { .. } => None,
         })
         .collect();
-    let keys: Vec<&str> = {
-        let mut k: Vec<&str> = messages
-            .iter()
-            .map(|(_, m, _, _)| m.device.as_str())
-            .collect();
-        k.sort_unstable();
-        k.dedup();
-        k
-    };
+    let mut keys: Vec<&str> = messages.iter().map(|m| m.device.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
     // Devices are locked before the processed ids are read: a transaction
     // of the same devices still running (one whose connection was cut and
     // abandoned, say) has ended by then, and its commit is seen.
     let known = lock_devices(conn, &keys)?;
-    let ids: Vec<&str> = messages.iter().map(|(_, m, _, _)| m.id.as_str()).collect();
+    let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
     let processed = processed_tokens(conn, &ids)?;
     let device_ids: Vec<i64> = known.values().copied().collect();
     let reference = cache.current(conn, &device_ids)?;
     let mut state = State::load(conn, &device_ids, reference)?;
 
-    // Pass 1: what each line is, in arrival order, before any reading is
-    // written. Dead letters are written here, in order: a letter for an id
-    // that this batch processes earlier first removes the row that the
-    // processing would have removed, as one at a time would.
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+    let mut decided = decide(conn, items, &known, &processed, &state)?;
+    let stored = store_readings(conn, &decided.candidates)?;
+    evaluate_and_touch(conn, &mut state, &stored, &mut decided)?;
+    let done: Vec<(&str, &str)> = decided
+        .candidates
+        .iter()
+        .map(|c| (c.message.id.as_str(), c.token))
+        .collect();
+    mark_processed(conn, &done)?;
+    let deletes: Vec<&str> = decided.pending_delete.into_iter().collect();
+    for chunk in deletes.chunks(CHUNK) {
+        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
+    }
+    Ok(decided
+        .outcomes
+        .into_iter()
+        .map(|o| o.expect("every item decided"))
+        .collect())
+}
+
+/// A message of the batch that will be processed, with its readings.
+struct Candidate<'a> {
+    index: usize,
+    message: &'a Message,
+    token: &'a str,
+    device_id: i64,
+    readings: Vec<crate::core::normalize::Reading>,
+    unmapped: u32,
+}
+
+/// What pass 1 decided.
+struct Decided<'a> {
+    /// Each item's outcome, once known.
+    outcomes: Vec<Option<Outcome>>,
+    /// The messages to process, in arrival order.
+    candidates: Vec<Candidate<'a>>,
+    /// Ids whose dead-letter rows processing removes.
+    pending_delete: HashSet<&'a str>,
+}
+
+/// Pass 1: what each line is, in arrival order, before any reading is
+/// written. Dead letters are written here, in order: a letter for an id
+/// that this batch processes earlier first removes the row that the
+/// processing would have removed, as one at a time would.
+fn decide<'a>(
+    conn: &mut AnyConnection,
+    items: &'a [Item<'a>],
+    known: &HashMap<String, i64>,
+    processed: &HashMap<String, String>,
+    state: &State,
+) -> QueryResult<Decided<'a>> {
+    let mut decided = Decided {
+        outcomes: vec![None; items.len()],
+        candidates: Vec::new(),
+        pending_delete: HashSet::new(),
+    };
     let mut seen: HashSet<&str> = HashSet::new();
-    let mut pending_delete: HashSet<&str> = HashSet::new();
-    let mut candidates: Vec<(usize, i64, Vec<crate::core::normalize::Reading>, u32)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let (m, raw, token) = match item {
             Item::Letter { letter, token } => {
-                file_letter(conn, letter, token, &mut pending_delete)?;
-                outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
+                file_letter(conn, letter, token, &mut decided.pending_delete)?;
+                decided.outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
                 continue;
             }
             Item::Message {
@@ -111,7 +149,7 @@ pub fn apply(
             } => (*message, *raw, *token),
         };
         if let Some(stored) = processed.get(m.id.as_str()) {
-            outcomes[i] = Some(if stored == token {
+            decided.outcomes[i] = Some(if stored == token {
                 Outcome::Processed(Applied::default())
             } else {
                 Outcome::Duplicate
@@ -119,53 +157,58 @@ pub fn apply(
             continue;
         }
         if seen.contains(m.id.as_str()) {
-            outcomes[i] = Some(Outcome::Duplicate);
+            decided.outcomes[i] = Some(Outcome::Duplicate);
             continue;
         }
-        let letter = |kind: DeadLetterKind, error: String| DeadLetter {
-            message_id: Some(m.id.clone()),
-            device_key: Some(m.device.clone()),
-            kind,
-            error,
-            raw: raw_for_storage(raw),
-        };
-        let Some(&device_id) = known.get(m.device.as_str()) else {
-            let letter = letter(
+        let rejected = match known.get(m.device.as_str()) {
+            None => Err((
                 DeadLetterKind::UnknownDevice,
                 format!("no device with key {:?} is provisioned", m.device),
-            );
-            file_letter(conn, &letter, token, &mut pending_delete)?;
-            outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
-            continue;
+            )),
+            Some(&device_id) => normalize(&m.payload, state.spec(device_id))
+                .map(|n| (device_id, n))
+                .map_err(|error| (DeadLetterKind::Invalid, error)),
         };
-        match normalize(&m.payload, state.spec(device_id)) {
-            Ok(n) => {
+        match rejected {
+            Ok((device_id, n)) => {
                 seen.insert(m.id.as_str());
-                pending_delete.insert(m.id.as_str());
-                candidates.push((i, device_id, n.readings, n.unmapped));
+                decided.pending_delete.insert(m.id.as_str());
+                decided.candidates.push(Candidate {
+                    index: i,
+                    message: m,
+                    token,
+                    device_id,
+                    readings: n.readings,
+                    unmapped: n.unmapped,
+                });
             }
-            Err(error) => {
-                let letter = letter(DeadLetterKind::Invalid, error);
-                file_letter(conn, &letter, token, &mut pending_delete)?;
-                outcomes[i] = Some(Outcome::DeadLetter(letter.kind));
+            Err((kind, error)) => {
+                let letter = DeadLetter {
+                    message_id: Some(m.id.clone()),
+                    device_key: Some(m.device.clone()),
+                    kind,
+                    error,
+                    raw: raw_for_storage(raw),
+                };
+                file_letter(conn, &letter, token, &mut decided.pending_delete)?;
+                decided.outcomes[i] = Some(Outcome::DeadLetter(kind));
             }
         }
     }
-    let message_of = |i: usize| match items[i] {
-        Item::Message { message, .. } => message,
-        Item::Letter { .. } => unreachable!("candidates are messages"),
-    };
-    let token_of = |i: usize| match items[i] {
-        Item::Message { token, .. } => token,
-        Item::Letter { .. } => unreachable!("candidates are messages"),
-    };
+    Ok(decided)
+}
 
-    // Pass 2: readings, the first one of a sensor and instant wins.
+/// Pass 2: readings, the first one of a sensor and instant wins. Returns
+/// the readings stored, by sensor, instant and message.
+fn store_readings<'a>(
+    conn: &mut AnyConnection,
+    candidates: &[Candidate<'a>],
+) -> QueryResult<HashSet<(i64, DateTime<Utc>, &'a str)>> {
     let mut first_at: HashSet<(i64, DateTime<Utc>)> = HashSet::new();
     let mut rows = Vec::new();
-    for (i, _, readings, _) in &candidates {
-        let m = message_of(*i);
-        for r in readings {
+    for c in candidates {
+        let m = c.message;
+        for r in &c.readings {
             if first_at.insert((r.sensor_id, m.ts)) {
                 rows.push((
                     r.sensor_id,
@@ -177,17 +220,24 @@ pub fn apply(
             }
         }
     }
-    let stored = insert_readings(conn, &rows)?;
+    insert_readings(conn, &rows)
+}
 
-    // Pass 3: alarms and last-seen, in arrival order.
+/// Pass 3: alarms and last-seen, in arrival order.
+fn evaluate_and_touch(
+    conn: &mut AnyConnection,
+    state: &mut State,
+    stored: &HashSet<(i64, DateTime<Utc>, &str)>,
+    decided: &mut Decided<'_>,
+) -> QueryResult<()> {
     let mut last_seen: HashMap<i64, DateTime<Utc>> = HashMap::new();
-    for (i, device_id, readings, unmapped) in &candidates {
-        let m = message_of(*i);
+    for c in &decided.candidates {
+        let m = c.message;
         let mut applied = Applied {
-            unmapped: *unmapped,
+            unmapped: c.unmapped,
             ..Applied::default()
         };
-        for r in readings {
+        for r in &c.readings {
             if !stored.contains(&(r.sensor_id, m.ts, m.id.as_str())) {
                 applied.duplicate_readings += 1;
                 continue;
@@ -199,25 +249,12 @@ pub fn apply(
                 state.evaluate(r.sensor_id, m.ts, r.value, &mut applied);
             }
         }
-        let seen_at = last_seen.entry(*device_id).or_insert(m.ts);
+        let seen_at = last_seen.entry(c.device_id).or_insert(m.ts);
         *seen_at = (*seen_at).max(m.ts);
-        outcomes[*i] = Some(Outcome::Processed(applied));
+        decided.outcomes[c.index] = Some(Outcome::Processed(applied));
     }
     state.write(conn)?;
-    touch_devices(conn, &last_seen)?;
-    let done: Vec<(&str, &str)> = candidates
-        .iter()
-        .map(|(i, ..)| (message_of(*i).id.as_str(), token_of(*i)))
-        .collect();
-    mark_processed(conn, &done)?;
-    let deletes: Vec<&str> = pending_delete.into_iter().collect();
-    for chunk in deletes.chunks(CHUNK) {
-        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
-    }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| o.expect("every item decided"))
-        .collect())
+    touch_devices(conn, &last_seen)
 }
 
 /// Files a dead letter at its place in the batch. If this batch processed
