@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::db::DEFAULT_URL;
 use crate::db::RetryPolicy;
+use crate::db::DEFAULT_URL;
 use crate::pipeline::IngestOptions;
 
 /// Every setting that a config file may hold (the same keys as the flags,
 /// with `_` for `-`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct FileSettings {
+pub(crate) struct FileSettings {
     /// `--database-url`
     pub database_url: Option<String>,
     /// `--log-level`
@@ -46,7 +46,7 @@ pub struct FileSettings {
 impl FileSettings {
     /// Reads a TOML config file. Errors name the file and line, never the
     /// line's text (it may hold a password).
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
@@ -63,7 +63,7 @@ impl FileSettings {
 
 /// The settings a command runs with.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Database URL.
     pub database_url: String,
     /// Log filter (RUST_LOG syntax).
@@ -116,7 +116,7 @@ impl Default for Settings {
 }
 
 /// Parses "0660" or "660" as an octal file mode.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|_| format!("{s:?} is not an octal file mode like 0660"))?;
     if mode > 0o777 {
@@ -126,7 +126,7 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -185,7 +185,7 @@ pub struct FlagSettings {
 impl Settings {
     /// Flags (and their environment variables) first, then the file, then
     /// the defaults.
-    pub fn resolve(flags: FlagSettings, file: FileSettings) -> Result<Settings, String> {
+    pub(crate) fn resolve(flags: FlagSettings, file: FileSettings) -> Result<Settings, String> {
         let d = Settings::default();
         let duration = |v: Option<String>, key: &str| {
             v.map(|s| parse_duration(&s).map_err(|e| format!("config `{key}`: {e}")))

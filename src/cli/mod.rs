@@ -1,6 +1,6 @@
-//! The command line: arguments ([`args`]), the context every command runs
+//! The command line: arguments (`args.rs`), the context every command runs
 //! in (settings, database URL, retry policy, pipeline options, built once),
-//! and one function per command ([`commands`]). Results print themselves;
+//! and one function per command (`commands.rs`). Results print themselves;
 //! `main` only calls [`main`] here.
 
 mod args;

@@ -26,7 +26,7 @@ use crate::metrics::Cause;
 
 /// What kind of outage the circuit is open for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outage {
+pub(super) enum Outage {
     /// No connection, or connections that die or stop answering.
     Unreachable,
     /// The database's disk is full.
@@ -37,7 +37,7 @@ pub enum Outage {
 
 impl Outage {
     /// The outage an error of this classification opens, if any.
-    pub fn of(classified: &Classified) -> Option<Outage> {
+    pub(super) fn of(classified: &Classified) -> Option<Outage> {
         match (classified.class, classified.cause) {
             (ErrorClass::Connection, _) => Some(Outage::Unreachable),
             (ErrorClass::Resource, Cause::OutOfMemory) => Some(Outage::OutOfMemory),
@@ -72,7 +72,7 @@ impl Outage {
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(super) enum Admission {
     /// The circuit is closed: go ahead.
     Closed,
     /// The circuit is open and this caller is the one probe.
@@ -81,7 +81,7 @@ pub enum Admission {
 
 /// The circuit stayed open too long; carries when it opened.
 #[derive(Debug, Clone)]
-pub struct OpenTooLong {
+pub(super) struct OpenTooLong {
     /// When the outage began.
     pub since: Instant,
     /// What kind of outage it is.
@@ -111,7 +111,7 @@ struct Open {
 /// Shared by every transaction of one [`super::Database`]. Time and
 /// jitter come from a [`Clock`], so its tests need not wait.
 #[derive(Debug, Default)]
-pub struct Breaker<C = SystemClock> {
+pub(super) struct Breaker<C = SystemClock> {
     open: Mutex<Option<Open>>,
     changed: Condvar,
     clock: Mutex<C>,
@@ -120,7 +120,7 @@ pub struct Breaker<C = SystemClock> {
 /// One call's passage through the breaker, across its retries: it counts
 /// once among the transactions that waited for an outage.
 #[derive(Debug)]
-pub struct Call<'b, C> {
+pub(super) struct Call<'b, C> {
     breaker: &'b Breaker<C>,
     counted: bool,
 }
@@ -129,14 +129,15 @@ impl<C: Clock> Call<'_, C> {
     /// Waits until the circuit is closed or this caller may probe. Gives up
     /// waiting when the circuit has been open for as long as the policy
     /// waits for its kind of outage.
-    pub fn admit(&mut self, policy: &RetryPolicy) -> Result<Admission, OpenTooLong> {
+    pub(super) fn admit(&mut self, policy: &RetryPolicy) -> Result<Admission, OpenTooLong> {
         self.breaker.admit(policy, &mut self.counted)
     }
 }
 
 impl<C: Clock> Breaker<C> {
     /// A breaker on `clock`.
-    pub fn with_clock(clock: C) -> Self {
+    #[cfg(test)]
+    pub(super) fn with_clock(clock: C) -> Self {
         Breaker {
             open: Mutex::new(None),
             changed: Condvar::new(),
@@ -145,7 +146,7 @@ impl<C: Clock> Breaker<C> {
     }
 
     /// A new call's passage (see [`Call`]).
-    pub fn call(&self) -> Call<'_, C> {
+    pub(super) fn call(&self) -> Call<'_, C> {
         Call {
             breaker: self,
             counted: false,
@@ -202,7 +203,13 @@ impl<C: Clock> Breaker<C> {
 
     /// A failure that is an outage (see [`Outage::of`]): opens the circuit,
     /// or schedules the next probe after a failed one.
-    pub fn failed(&self, admission: Admission, outage: Outage, error: &str, policy: &RetryPolicy) {
+    pub(super) fn failed(
+        &self,
+        admission: Admission,
+        outage: Outage,
+        error: &str,
+        policy: &RetryPolicy,
+    ) {
         let mut open = self.open.lock().expect("breaker lock");
         let now = self.now();
         match open.as_mut() {
@@ -239,7 +246,7 @@ impl<C: Clock> Breaker<C> {
 
     /// The database answered (a commit, or any error that is not about the
     /// connection): closes the circuit. Returns how long it was open.
-    pub fn reached(&self) -> Option<Duration> {
+    pub(super) fn reached(&self) -> Option<Duration> {
         let mut open = self.open.lock().expect("breaker lock");
         let o = open.take()?;
         let down = self.now().saturating_duration_since(o.since);
@@ -256,7 +263,7 @@ impl<C: Clock> Breaker<C> {
     }
 
     /// Since when the database has been unreachable, if it is.
-    pub fn down_since(&self) -> Option<DateTime<Utc>> {
+    pub(super) fn down_since(&self) -> Option<DateTime<Utc>> {
         self.open
             .lock()
             .expect("breaker lock")

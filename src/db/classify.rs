@@ -370,7 +370,7 @@ const MESSAGES: &[(&str, Classified)] = &[
 
 /// Classifies an error by its text alone: connection failures and unknown
 /// database errors only carry their message.
-pub fn classify_message(message: &str) -> Option<Classified> {
+pub(super) fn classify_message(message: &str) -> Option<Classified> {
     let lower = message.to_ascii_lowercase();
     MESSAGES
         .iter()

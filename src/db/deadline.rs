@@ -32,11 +32,11 @@ use diesel::connection::{Instrumentation, InstrumentationEvent};
 
 /// How far beyond `statement_timeout` a call may go unanswered: the
 /// server cancels a statement at its timeout and its error needs to travel.
-pub const MARGIN: Duration = Duration::from_secs(5);
+pub(super) const MARGIN: Duration = Duration::from_secs(5);
 
 /// One connection's call clock and its socket.
 #[derive(Debug)]
-pub struct Watch {
+pub(super) struct Watch {
     /// When the current call started (nanoseconds after [`epoch`], plus
     /// one), 0 when no call is in progress.
     started: AtomicU64,
@@ -53,7 +53,7 @@ fn epoch() -> Instant {
 
 impl Watch {
     /// A watch over `socket` (a duplicate of the connection's own).
-    pub fn new(socket: Option<OwnedFd>) -> Arc<Watch> {
+    pub(super) fn new(socket: Option<OwnedFd>) -> Arc<Watch> {
         Arc::new(Watch {
             started: AtomicU64::new(0),
             socket,
@@ -63,18 +63,18 @@ impl Watch {
 
     /// Whether the socket of this connection could be found (without it,
     /// the deadline cannot be enforced on it).
-    pub fn has_socket(&self) -> bool {
+    pub(super) fn has_socket(&self) -> bool {
         self.socket.is_some()
     }
 
     /// Whether the watchdog cut this connection (it must never be used
     /// again), and after how long a wait.
-    pub fn cut_after(&self) -> Option<Duration> {
+    pub(super) fn cut_after(&self) -> Option<Duration> {
         self.cut.get().copied()
     }
 
     /// The instrumentation to install on the connection.
-    pub fn clock(self: &Arc<Self>) -> CallClock {
+    pub(super) fn clock(self: &Arc<Self>) -> CallClock {
         CallClock(self.clone())
     }
 
@@ -112,7 +112,7 @@ impl Watch {
 }
 
 /// Tells a [`Watch`] when each call of its connection starts and ends.
-pub struct CallClock(Arc<Watch>);
+pub(super) struct CallClock(Arc<Watch>);
 
 impl Instrumentation for CallClock {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
@@ -125,20 +125,19 @@ impl Instrumentation for CallClock {
 }
 
 /// The connections a watchdog watches.
-pub type Registry = Arc<Mutex<Vec<Weak<Watch>>>>;
+pub(super) type Registry = Arc<Mutex<Vec<Weak<Watch>>>>;
 
 /// One thread that cuts calls unanswered for longer than `limit`. Stopped
 /// and joined when dropped.
-pub struct Watchdog {
+pub(super) struct Watchdog {
     registry: Registry,
-    limit: Duration,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Watchdog {
     /// Starts the watchdog thread.
-    pub fn start(limit: Duration) -> Watchdog {
+    pub(super) fn start(limit: Duration) -> Watchdog {
         let registry: Registry = Arc::default();
         let (stop, stopped) = bounded::<()>(0);
         let tick = (limit / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -154,19 +153,13 @@ impl Watchdog {
             .expect("spawn the deadline watchdog");
         Watchdog {
             registry,
-            limit,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
-    /// The longest a call may wait for an answer.
-    pub fn limit(&self) -> Duration {
-        self.limit
-    }
-
     /// The connections to watch; new connections add themselves.
-    pub fn registry(&self) -> Registry {
+    pub(super) fn registry(&self) -> Registry {
         self.registry.clone()
     }
 }
@@ -202,7 +195,7 @@ fn check(registry: &Mutex<Vec<Weak<Watch>>>, limit: Duration) {
 
 /// The process's open sockets: descriptor and inode (a descriptor number
 /// may be closed and reused; the inode tells them apart).
-pub fn sockets() -> HashSet<(RawFd, u64)> {
+pub(super) fn sockets() -> HashSet<(RawFd, u64)> {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return HashSet::new();
     };
@@ -241,7 +234,7 @@ fn tcp_user_timeout(fd: RawFd) -> Option<u32> {
 /// The socket of a connection just established: among the sockets that
 /// are not in `before`, the one whose `tcp_user_timeout` is `marker`, or
 /// else the only new one. Returns a duplicate the caller owns.
-pub fn find_socket(before: &HashSet<(RawFd, u64)>, marker: Option<u32>) -> Option<OwnedFd> {
+pub(super) fn find_socket(before: &HashSet<(RawFd, u64)>, marker: Option<u32>) -> Option<OwnedFd> {
     let new: Vec<RawFd> = sockets().difference(before).map(|(fd, _)| *fd).collect();
     let marked: Vec<RawFd> = match marker {
         Some(m) => new

@@ -1,8 +1,8 @@
 //! Everything that touches the database. No module outside `db` imports diesel.
 //!
-//! - [`classify`]: what an error means (reconnect, retry, give up).
-//! - [`retry`]: the bounded, jittered retry loop; the only code that sleeps.
-//! - [`pool`]: r2d2 with discard-on-our-word and idle validation.
+//! - [`classify()`]: what an error means (reconnect, retry, give up).
+//! - `retry`: the bounded, jittered retry loop; the only code that sleeps.
+//! - `pool`: r2d2 with discard-on-our-word and idle validation.
 //! - [`repo`]: the SQL of each use case, for both backends.
 //! - [`Database::transaction`]: every transaction goes through it.
 
@@ -31,9 +31,9 @@ pub use self::classify::{classify, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
 pub use self::pool::{AnyConnection, PoolSettings};
 use self::pool::{Manager, PooledConn, QuietErrors, Session};
+pub(crate) use self::retry::shortage_of;
 use self::retry::{AttemptError, Observer, Stage, SystemClock};
 pub use self::retry::{Failure, RetryPolicy};
-pub(crate) use self::retry::shortage_of;
 pub use self::url::DatabaseUrl;
 pub(crate) use self::url::DEFAULT_URL;
 use crate::metrics::{DbCounters, DbMetrics};

@@ -96,7 +96,7 @@ pub struct PoolSettings {
 
 impl PoolSettings {
     /// How long a PostgreSQL call may go without an answer before its
-    /// connection is cut: `statement_timeout` plus [`deadline::MARGIN`]
+    /// connection is cut: `statement_timeout` plus 5 s (`deadline::MARGIN`)
     /// (none when `statement_timeout` is off: a call may then legitimately
     /// take any time).
     pub fn call_deadline(&self) -> Option<Duration> {
@@ -119,7 +119,7 @@ impl Default for PoolSettings {
 }
 
 /// A pooled connection and what the pool must know of it.
-pub struct PooledConn {
+pub(super) struct PooledConn {
     pub(crate) conn: AnyConnection,
     pub(crate) discard: bool,
     last_used: Instant,
@@ -131,7 +131,7 @@ pub struct PooledConn {
 /// A PostgreSQL backend: its pid and start time, which together name it
 /// even after the pid is reused.
 #[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
-pub struct Session {
+pub(super) struct Session {
     #[diesel(sql_type = diesel::sql_types::Integer)]
     pid: i32,
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -191,7 +191,7 @@ impl PooledConn {
 }
 
 /// The r2d2 manager for both backends.
-pub struct Manager {
+pub(super) struct Manager {
     url: DatabaseUrl,
     settings: PoolSettings,
     metrics: Arc<DbMetrics>,

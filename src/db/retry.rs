@@ -80,7 +80,7 @@ impl RetryPolicy {
 
 /// Where an attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(super) enum Stage {
     /// Checking a connection out of the pool.
     Checkout,
     /// BEGIN.
@@ -93,7 +93,7 @@ pub enum Stage {
 
 /// A failed attempt.
 #[derive(Debug)]
-pub enum AttemptError {
+pub(super) enum AttemptError {
     /// The database said no.
     Failed {
         /// The error.
@@ -112,7 +112,7 @@ pub enum AttemptError {
 
 impl AttemptError {
     /// A failed attempt, classified, at `stage`.
-    pub fn failed(error: DbError, stage: Stage) -> AttemptError {
+    pub(super) fn failed(error: DbError, stage: Stage) -> AttemptError {
         AttemptError::Failed {
             classified: super::classify::classify(&error),
             error,
@@ -122,7 +122,7 @@ impl AttemptError {
     }
 
     /// The same, as part of an outage that began at `outage`.
-    pub fn since(self, outage: Instant) -> AttemptError {
+    pub(super) fn since(self, outage: Instant) -> AttemptError {
         match self {
             AttemptError::Failed {
                 error,
@@ -200,7 +200,7 @@ impl Failure {
 
 /// What a resource error is short of, and what the operator must do: for
 /// messages ("the database's disk is full", "free space").
-pub fn shortage_of(error: &Reason) -> (&'static str, &'static str) {
+pub(crate) fn shortage_of(error: &Reason) -> (&'static str, &'static str) {
     match error.classified().cause {
         crate::metrics::Cause::OutOfMemory => ("the database is out of memory", "free memory"),
         _ => ("the database's disk is full", "free space"),
@@ -208,7 +208,7 @@ pub fn shortage_of(error: &Reason) -> (&'static str, &'static str) {
 }
 
 /// Time and randomness for the loop; faked in tests.
-pub trait Clock {
+pub(super) trait Clock {
     /// The current instant.
     fn now(&mut self) -> Instant;
     /// Waits.
@@ -219,7 +219,7 @@ pub trait Clock {
 
 /// The real clock: the only code in the crate that sleeps.
 #[derive(Debug, Default)]
-pub struct SystemClock;
+pub(super) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&mut self) -> Instant {
@@ -235,7 +235,7 @@ impl Clock for SystemClock {
 }
 
 /// What the loop reports as it goes, for logs and counters.
-pub trait Observer {
+pub(super) trait Observer {
     /// An attempt failed and will be retried after `delay`.
     fn retrying(&mut self, error: &AttemptError, attempt: u32, delay: Duration);
     /// An attempt succeeded after `retries` retries.
@@ -250,7 +250,7 @@ pub trait Observer {
 
 /// What to do after a failed attempt.
 #[derive(Debug)]
-pub enum Decision {
+pub(super) enum Decision {
     /// Retry after a delay drawn from `[0, ceiling]`; `error` is what failed.
     Retry {
         /// The failed attempt's error, for the observer.
@@ -266,7 +266,7 @@ pub enum Decision {
 /// takes each failed attempt and answers "retry within D" or "stop with
 /// this failure", so it can be tested as a table without time passing.
 #[derive(Debug)]
-pub struct Retrying<'p> {
+pub(super) struct Retrying<'p> {
     policy: &'p RetryPolicy,
     attempts: u32,
     failing_since: Option<Instant>,
@@ -275,7 +275,7 @@ pub struct Retrying<'p> {
 
 impl<'p> Retrying<'p> {
     /// A call that has not failed yet.
-    pub fn new(policy: &'p RetryPolicy) -> Self {
+    pub(super) fn new(policy: &'p RetryPolicy) -> Self {
         Retrying {
             policy,
             attempts: 0,
@@ -285,13 +285,18 @@ impl<'p> Retrying<'p> {
     }
 
     /// Attempts failed so far.
-    pub fn failures(&self) -> u32 {
+    pub(super) fn failures(&self) -> u32 {
         self.attempts
     }
 
     /// Decides after attempt number `failures() + 1` failed at `now`;
     /// `cancelled` says the program is shutting down.
-    pub fn decide(&mut self, error: AttemptError, now: Instant, cancelled: bool) -> Decision {
+    pub(super) fn decide(
+        &mut self,
+        error: AttemptError,
+        now: Instant,
+        cancelled: bool,
+    ) -> Decision {
         self.attempts += 1;
         let AttemptError::Failed {
             classified,
@@ -361,7 +366,7 @@ fn error_of(error: &AttemptError) -> &DbError {
 
 /// Runs `attempt` until it succeeds or the policy says stop. Never sleeps
 /// after the last attempt; returns the last real error.
-pub fn run<T>(
+pub(super) fn run<T>(
     policy: &RetryPolicy,
     clock: &mut impl Clock,
     observer: &mut impl Observer,

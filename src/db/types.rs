@@ -26,7 +26,7 @@ impl diesel::sql_types::SqlOrd for UtcTime {}
 pub struct Instant(pub DateTime<Utc>);
 
 /// The SQLite text form of an instant.
-pub const SQLITE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+pub(super) const SQLITE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
 impl ToSql<UtcTime, Pg> for Instant {
     fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {

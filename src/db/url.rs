@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// The default database: a SQLite file in the working directory.
-pub const DEFAULT_URL: &str = "sqlite://normalizer.db";
+pub(crate) const DEFAULT_URL: &str = "sqlite://normalizer.db";
 
 /// libpq settings every PostgreSQL connection gets unless its URL sets them,
 /// so that a dead peer is found in seconds, not after TCP's own minutes:
@@ -11,7 +11,7 @@ pub const DEFAULT_URL: &str = "sqlite://normalizer.db";
 /// answer) is probed after 5 s of silence and declared dead after 3 more
 /// unanswered probes 2 s apart, and data unacknowledged for 10 s closes it
 /// (`tcp_user_timeout`, which also takes over from the probes' count).
-pub const LIBPQ_DEFAULTS: [(&str, &str); 5] = [
+pub(super) const LIBPQ_DEFAULTS: [(&str, &str); 5] = [
     ("connect_timeout", "5"),
     ("keepalives", "1"),
     ("keepalives_idle", "5"),
@@ -22,7 +22,7 @@ pub const LIBPQ_DEFAULTS: [(&str, &str); 5] = [
 /// The default `tcp_user_timeout`, in milliseconds. Each connection adds its
 /// own number of milliseconds below 1,000, by which the deadline watchdog
 /// tells its socket apart (see `db::deadline`).
-pub const TCP_USER_TIMEOUT_MS: u32 = 10_000;
+pub(super) const TCP_USER_TIMEOUT_MS: u32 = 10_000;
 
 /// A parsed database location.
 #[derive(Clone, PartialEq, Eq)]

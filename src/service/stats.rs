@@ -61,7 +61,7 @@ impl Report<'_> {
     }
 
     /// The counters in Prometheus text exposition format: one family a
-    /// row of [`Report::families`], written by one loop.
+    /// row of `families`, written by one loop.
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         for family in self.families() {
