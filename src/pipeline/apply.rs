@@ -1,0 +1,227 @@
+//! Applying a batch of jobs: one transaction, bisected on a permanent
+//! error or a panic down to the one message, which gets one more try on its
+//! own and is then dead-lettered.
+
+use crossbeam_channel::Sender;
+
+use super::workers::{Cost, Job, Work};
+use super::Done;
+use crate::core::message::raw_for_storage;
+use crate::core::{DeadLetterKind, Message};
+use crate::db::repo::reference::ReferenceCache;
+use crate::db::repo::{batch, dead_letters, messages};
+use crate::db::{Database, Failure};
+use crate::outcome::{DeadLetter, Outcome};
+
+/// A job with its dead letter built and its write token drawn: both stay
+/// the same however often its transaction is retried or its batch split.
+pub(super) struct Prepared {
+    job_ticket: u64,
+    reply: Sender<Done>,
+    token: String,
+    kind: PreparedKind,
+    _cost: Cost,
+}
+
+enum PreparedKind {
+    Apply { message: Message, raw: Vec<u8> },
+    Letter { letter: DeadLetter, detail: String },
+}
+
+impl From<Job> for Prepared {
+    fn from(job: Job) -> Self {
+        let kind = match job.work {
+            Work::Apply { message, raw } => PreparedKind::Apply { message, raw },
+            Work::Reject { rejection, raw } => PreparedKind::Letter {
+                detail: rejection.error.clone(),
+                letter: DeadLetter {
+                    message_id: rejection.message_id,
+                    device_key: rejection.device_key,
+                    kind: rejection.kind,
+                    error: rejection.error,
+                    raw: raw_for_storage(&raw),
+                },
+            },
+        };
+        Prepared {
+            job_ticket: job.ticket,
+            reply: job.reply,
+            token: new_token(),
+            kind,
+            _cost: job.cost,
+        }
+    }
+}
+
+impl Prepared {
+    fn id(&self) -> Option<String> {
+        match &self.kind {
+            PreparedKind::Apply { message, .. } => Some(message.id.clone()),
+            PreparedKind::Letter { letter, .. } => letter.message_id.clone(),
+        }
+    }
+
+    /// Sends the outcome. A closed reply channel means its reader went
+    /// away; the outcome is durable all the same.
+    pub(super) fn reply(&self, result: Result<Outcome, Failure>) {
+        let detail = match &self.kind {
+            PreparedKind::Letter { detail, .. } => Some(detail.clone()),
+            PreparedKind::Apply { .. } => None,
+        };
+        let _ = self.reply.send(Done {
+            ticket: self.job_ticket,
+            id: self.id(),
+            detail,
+            result,
+        });
+    }
+}
+
+/// One job in its own transaction(s): the one-message-per-transaction mode,
+/// and the end of a batch's bisection.
+pub(super) fn run_alone(
+    db: &Database,
+    job: &Prepared,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> Result<Outcome, Failure> {
+    match &job.kind {
+        PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token),
+        PreparedKind::Apply { message, raw } => {
+            apply_message(db, message, raw, &job.token, job.job_ticket, hook)
+        }
+    }
+}
+
+/// Transient failures of one batch before it is split.
+const BATCH_TRANSIENT_ATTEMPTS: u32 = 4;
+
+/// Applies jobs in one transaction. A permanent error or a panic does not
+/// dead-letter the batch: it is split in halves, each retried, until the
+/// failing message is alone; only it is dead-lettered. A batch that keeps
+/// hitting transient errors (deadlocks, timeouts) is split the same way,
+/// down to single messages, which retry until `max_outage`.
+/// Returns whether the batch had to be split.
+pub(super) fn run_batch(
+    db: &Database,
+    cache: &ReferenceCache,
+    jobs: Vec<Prepared>,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> bool {
+    if jobs.len() == 1 {
+        let job = &jobs[0];
+        job.reply(run_alone(db, job, hook));
+        return false;
+    }
+    let items: Vec<batch::Item<'_>> = jobs
+        .iter()
+        .map(|j| match &j.kind {
+            PreparedKind::Apply { message, raw } => batch::Item::Message {
+                message,
+                raw,
+                token: &j.token,
+            },
+            PreparedKind::Letter { letter, .. } => batch::Item::Letter {
+                letter,
+                token: &j.token,
+            },
+        })
+        .collect();
+    let result = db.transaction_splittable(BATCH_TRANSIENT_ATTEMPTS, |conn| {
+        if let Some(hook) = hook {
+            for item in &items {
+                if let batch::Item::Message { message, .. } = item {
+                    hook(message);
+                }
+            }
+        }
+        batch::apply(conn, &items, cache)
+    });
+    drop(items);
+    match result {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.iter().zip(outcomes) {
+                job.reply(Ok(outcome));
+            }
+            false
+        }
+        Err(failure) if failure.is_stop() => {
+            // Not done: every job of the batch stops the same way.
+            for job in &jobs {
+                job.reply(Err(failure.clone()));
+            }
+            false
+        }
+        Err(failure) => {
+            log::warn!(
+                "a batch of {} failed ({failure}); splitting it to find the message",
+                jobs.len()
+            );
+            let mut jobs = jobs;
+            let second = jobs.split_off(jobs.len() / 2);
+            run_batch(db, cache, jobs, hook);
+            run_batch(db, cache, second, hook);
+            true
+        }
+    }
+}
+
+/// Applies a message. A permanent database error or a panic gets one more
+/// try of the message on its own, then the message is dead-lettered as
+/// `db_rejected` or `internal`. Connection and transient errors never reach
+/// here: the retry loop waits them out or gives up.
+fn apply_message(
+    db: &Database,
+    message: &Message,
+    raw: &[u8],
+    token: &str,
+    ticket: u64,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> Result<Outcome, Failure> {
+    let mut last_failure = None;
+    for attempt in 1..=2 {
+        let result = db.transaction(|conn| {
+            if let Some(hook) = hook {
+                hook(message);
+            }
+            messages::apply(conn, message, raw, token)
+        });
+        match result {
+            Ok(outcome) => return Ok(outcome),
+            Err(failure) if failure.is_stop() => return Err(failure),
+            Err(failure) => {
+                log::warn!(
+                    "line {ticket}, message {:?}: attempt {attempt} on its own failed: {failure}",
+                    message.id
+                );
+                last_failure = Some(failure);
+            }
+        }
+    }
+    let (kind, error) = match last_failure.expect("two failed attempts") {
+        Failure::Panicked(m) => (
+            DeadLetterKind::Internal,
+            format!("the normalizer panicked: {m}"),
+        ),
+        other => (DeadLetterKind::DbRejected, other.to_string()),
+    };
+    let letter = DeadLetter {
+        message_id: Some(message.id.clone()),
+        device_key: Some(message.device.clone()),
+        kind,
+        error,
+        raw: raw_for_storage(raw),
+    };
+    // A new write, so a new token: the message's own token may already
+    // name a landed dead letter of it (an earlier line with the same id).
+    file_dead_letter(db, &letter, &new_token())
+}
+
+fn file_dead_letter(db: &Database, letter: &DeadLetter, token: &str) -> Result<Outcome, Failure> {
+    db.transaction(|conn| dead_letters::record(conn, letter, token))?;
+    Ok(Outcome::DeadLetter(letter.kind))
+}
+
+/// A random name for one write, stable across its retries.
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
