@@ -54,3 +54,21 @@ pub struct DeadLetter {
     /// The line as stored: see [`crate::core::message::raw_for_storage`].
     pub raw: String,
 }
+
+impl DeadLetter {
+    /// The dead letter of a parsed message, read from the line `raw`.
+    pub fn of(
+        message: &crate::core::Message,
+        raw: &[u8],
+        kind: DeadLetterKind,
+        error: String,
+    ) -> Self {
+        DeadLetter {
+            message_id: Some(message.id.clone()),
+            device_key: Some(message.device.clone()),
+            kind,
+            error,
+            raw: crate::core::message::raw_for_storage(raw),
+        }
+    }
+}

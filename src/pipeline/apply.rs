@@ -204,13 +204,7 @@ fn apply_message(
         ),
         other => (DeadLetterKind::DbRejected, other.to_string()),
     };
-    let letter = DeadLetter {
-        message_id: Some(message.id.clone()),
-        device_key: Some(message.device.clone()),
-        kind,
-        error,
-        raw: raw_for_storage(raw),
-    };
+    let letter = DeadLetter::of(message, raw, kind, error);
     // A new write, so a new token: the message's own token may already
     // name a landed dead letter of it (an earlier line with the same id).
     file_dead_letter(db, &letter, &new_token())

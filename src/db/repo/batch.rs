@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use crate::core::alarm::{evaluates_alarms, transition, Transition};
-use crate::core::message::raw_for_storage;
 use crate::core::normalize::{normalize, DeviceSpec, Quality};
 use crate::core::{DeadLetterKind, Message};
 use crate::db::schema::{
@@ -183,13 +182,7 @@ fn decide<'a>(
                 });
             }
             Err((kind, error)) => {
-                let letter = DeadLetter {
-                    message_id: Some(m.id.clone()),
-                    device_key: Some(m.device.clone()),
-                    kind,
-                    error,
-                    raw: raw_for_storage(raw),
-                };
+                let letter = DeadLetter::of(m, raw, kind, error);
                 file_letter(conn, &letter, token, &mut decided.pending_delete)?;
                 decided.outcomes[i] = Some(Outcome::DeadLetter(kind));
             }

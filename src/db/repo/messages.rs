@@ -6,7 +6,6 @@ use chrono::Utc;
 use diesel::prelude::*;
 
 use crate::core::alarm::{evaluates_alarms, transition, Condition, Transition};
-use crate::core::message::raw_for_storage;
 use crate::core::normalize::{normalize, DeviceSpec, FieldMapping, Quality, Reading, SensorSpec};
 use crate::core::{DeadLetterKind, Message};
 use crate::db::schema::{
@@ -42,13 +41,7 @@ pub fn apply(
         });
     }
     let dead_letter = |conn: &mut AnyConnection, kind: DeadLetterKind, error: String| {
-        let letter = DeadLetter {
-            message_id: Some(msg.id.clone()),
-            device_key: Some(msg.device.clone()),
-            kind,
-            error,
-            raw: raw_for_storage(raw),
-        };
+        let letter = DeadLetter::of(msg, raw, kind, error);
         dead_letters::record(conn, &letter, token).map(|()| Outcome::DeadLetter(kind))
     };
     // Step 3.
