@@ -246,7 +246,8 @@ fn accept<'scope>(
     shared: &'scope Shared,
     options: &'scope ServeOptions,
 ) -> Receiver<()> {
-    let (connection_done, connections_done) = crossbeam_channel::unbounded::<()>();
+    // A wake-up for the drain, not a count: one pending is enough.
+    let (connection_done, connections_done) = bounded::<()>(1);
     for stream in listener.incoming() {
         if shared.shutting_down.load(Ordering::SeqCst) {
             break;
@@ -292,7 +293,7 @@ fn accept<'scope>(
                 serve_connection(id, stream, workers, shared, options);
                 shared.streams.lock().expect("streams lock").remove(&id);
                 shared.active.fetch_sub(1, Ordering::SeqCst);
-                let _ = connection_done.send(());
+                let _ = connection_done.try_send(());
             })
             .expect("spawn a connection thread");
     }
