@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::db::RetryPolicy;
 use crate::db::DEFAULT_URL;
 use crate::pipeline::IngestOptions;
 
@@ -70,8 +69,9 @@ pub(crate) struct Settings {
     pub log_level: String,
     /// Log file (append); stderr when absent.
     pub log_file: Option<PathBuf>,
-    /// Give up after the database was unreachable this long.
-    pub max_outage: Duration,
+    /// Give up after the database was unreachable this long; when not set,
+    /// each command's own default (`ingest` 5 minutes; `serve` never).
+    pub max_outage: Option<Duration>,
     /// Worker threads.
     pub workers: usize,
     /// Most messages per transaction.
@@ -101,7 +101,7 @@ impl Default for Settings {
             database_url: DEFAULT_URL.to_string(),
             log_level: "info".to_string(),
             log_file: None,
-            max_outage: RetryPolicy::default().max_outage,
+            max_outage: None,
             workers: pipeline.workers,
             batch_size: pipeline.batch_size,
             batch_wait: pipeline.batch_wait,
@@ -200,8 +200,7 @@ impl Settings {
             log_file: flags.log_file.or(file.log_file),
             max_outage: flags
                 .max_outage
-                .or(duration(file.max_outage, "max_outage")?)
-                .unwrap_or(d.max_outage),
+                .or(duration(file.max_outage, "max_outage")?),
             workers: flags.workers.or(file.workers).unwrap_or(d.workers),
             batch_size: flags.batch_size.or(file.batch_size).unwrap_or(d.batch_size),
             batch_wait: flags
@@ -291,6 +290,7 @@ mod tests {
         assert_eq!(s.socket, PathBuf::from("/run/normalizer/normalizer.sock"));
         assert_eq!(s.socket_mode, 0o660);
         assert!(s.metrics_file.is_some());
+        assert_eq!(s.max_outage, None, "the service waits out any outage");
     }
 
     #[test]

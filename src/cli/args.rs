@@ -29,7 +29,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub log_file: Option<PathBuf>,
 
-    /// Give up after the database was unreachable this long [default: 5m].
+    /// Give up after the database was unreachable this long [default: 5m; serve: never].
     #[arg(long, value_parser = parse_duration, global = true)]
     pub max_outage: Option<Duration>,
 

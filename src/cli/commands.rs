@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde::Serialize;
@@ -60,9 +61,11 @@ pub(super) fn ingest(
 
 /// `serve`.
 pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
-    // A service waits until the database has space again: producers are
-    // held back by the bounded queues meanwhile.
+    // A service waits out any outage unless told otherwise, and always
+    // waits until the database has space again: producers are held back by
+    // the bounded queues meanwhile.
     let policy = RetryPolicy {
+        max_outage: context.settings.max_outage.unwrap_or(Duration::MAX),
         resource_wait: None,
         ..context.policy.clone()
     };
@@ -80,8 +83,8 @@ pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
     match service::serve(&db, &options, context.log_file.take())? {
         service::Exit::Clean => Ok(()),
         service::Exit::GaveUp => Err(RunError::GaveUp(anyhow!(
-            "the database stayed unreachable for {:?}; unacknowledged lines may be sent again",
-            settings.max_outage
+            "the database stayed unreachable for {:?} (--max-outage); unacknowledged lines may be sent again",
+            settings.max_outage.unwrap_or_default()
         ))),
     }
 }

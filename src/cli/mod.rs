@@ -70,16 +70,23 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(RunError::Failed(e)) => {
-            log::error!("{e:#}");
-            eprintln!("normalizer: error: {e:#}");
+            say_last(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
         Err(RunError::GaveUp(e)) => {
-            log::error!("gave up: {e:#}");
-            eprintln!("normalizer: gave up: {e:#}");
+            say_last(&format!("gave up: {e:#}"));
             ExitCode::from(EXIT_GAVE_UP)
         }
     }
+}
+
+/// The run's last word, once on stderr; in the log too when it goes to a
+/// file (on stderr it would be the same sentence twice).
+fn say_last(text: &str) {
+    if logfile::to_file() {
+        log::error!("{text}");
+    }
+    eprintln!("normalizer: {text}");
 }
 
 /// Runs a parsed command line.
@@ -158,9 +165,11 @@ impl Context {
                 None => "cannot set up logging".to_string(),
             })?;
         let url = DatabaseUrl::parse(&settings.database_url).map_err(|e| anyhow!(e))?;
+        url.check().map_err(|e| anyhow!(e))?;
+        let defaults = RetryPolicy::default();
         let policy = RetryPolicy {
-            max_outage: settings.max_outage,
-            ..RetryPolicy::default()
+            max_outage: settings.max_outage.unwrap_or(defaults.max_outage),
+            ..defaults
         };
         let options = IngestOptions {
             workers: settings.workers,
@@ -201,8 +210,20 @@ impl Context {
 
     fn open_migrated_with(&self, pool: Pool, policy: RetryPolicy) -> Result<Database, RunError> {
         let db = self.open(pool, policy);
-        migrate::run(&db)?;
+        migrate::run(&db).map_err(|failure| self.setup_failure(failure))?;
         Ok(db)
+    }
+
+    /// A connection refused for good at set-up names the database.
+    fn setup_failure(&self, failure: Failure) -> RunError {
+        let text = failure.to_string();
+        match text.strip_prefix("cannot connect to the database: ") {
+            Some(why) if !failure.is_gave_up() => RunError::Failed(anyhow!(
+                "cannot connect to the database at {}: {why}",
+                self.url
+            )),
+            _ => failure.into(),
+        }
     }
 }
 

@@ -106,15 +106,33 @@ struct Open {
     failed_probes: u32,
     waited: u64,
     last_error: String,
+    /// When the outage was last said to go on.
+    reminded: Instant,
+    reminders: u32,
 }
+
+/// An outage is said to go on at most this often.
+pub(super) const REMIND_EVERY: Duration = Duration::from_secs(30);
 
 /// Shared by every transaction of one [`super::Database`]. Time and
 /// jitter come from a [`Clock`], so its tests need not wait.
 #[derive(Debug, Default)]
 pub(super) struct Breaker<C = SystemClock> {
+    /// The database, as the log names it (its URL without the password).
+    name: String,
     open: Mutex<Option<Open>>,
     changed: Condvar,
     clock: Mutex<C>,
+}
+
+impl Breaker<SystemClock> {
+    /// A closed breaker for the database named `name`.
+    pub(super) fn new(name: String) -> Self {
+        Breaker {
+            name,
+            ..Breaker::default()
+        }
+    }
 }
 
 /// One call's passage through the breaker, across its retries: it counts
@@ -139,6 +157,7 @@ impl<C: Clock> Breaker<C> {
     #[cfg(test)]
     pub(super) fn with_clock(clock: C) -> Self {
         Breaker {
+            name: "the test database".into(),
             open: Mutex::new(None),
             changed: Condvar::new(),
             clock: Mutex::new(clock),
@@ -192,7 +211,10 @@ impl<C: Clock> Breaker<C> {
             } else {
                 o.next_probe
             };
-            let until = limit.map_or(until, |limit| until.min(o.since + limit));
+            let until = match limit.and_then(|limit| o.since.checked_add(limit)) {
+                Some(end) => until.min(end),
+                None => until,
+            };
             open = self
                 .changed
                 .wait_timeout(open, until.saturating_duration_since(now))
@@ -215,8 +237,23 @@ impl<C: Clock> Breaker<C> {
         match open.as_mut() {
             None => {
                 let since_wall = Utc::now();
+                let waiting = match outage.limit(policy) {
+                    Some(limit) if limit.is_zero() => String::new(),
+                    Some(limit) => match chrono::Duration::from_std(limit)
+                        .ok()
+                        .and_then(|limit| since_wall.checked_add_signed(limit))
+                    {
+                        Some(end) => format!(
+                            "; waiting for {} until {}",
+                            self.name,
+                            end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                        None => format!("; waiting for {} as long as it takes", self.name),
+                    },
+                    None => format!("; waiting for {} as long as it takes", self.name),
+                };
                 log::warn!(
-                    "{} since {}: {error}",
+                    "{} since {}: {error}{waiting}",
                     outage.began(),
                     since_wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                 );
@@ -229,10 +266,22 @@ impl<C: Clock> Breaker<C> {
                     failed_probes: 0,
                     waited: 0,
                     last_error: error.to_string(),
+                    reminded: now,
+                    reminders: 0,
                 });
             }
             Some(o) => {
                 o.last_error = error.to_string();
+                if now.saturating_duration_since(o.reminded) >= REMIND_EVERY {
+                    o.reminded = now;
+                    o.reminders += 1;
+                    log::warn!(
+                        "still waiting for {} ({}, {:.0} s so far): {error}",
+                        self.name,
+                        o.outage.began(),
+                        now.saturating_duration_since(o.since).as_secs_f64()
+                    );
+                }
                 if admission == Admission::Probe {
                     o.probing = false;
                     o.failed_probes += 1;
@@ -411,5 +460,26 @@ mod tests {
         assert_eq!(b.call().admit(&serve).unwrap(), Admission::Probe);
         assert!(b.reached().is_some());
         assert_eq!(b.call().admit(&policy()).unwrap(), Admission::Closed);
+    }
+
+    #[test]
+    fn a_long_outage_is_recalled_at_most_every_30_s() {
+        let clock = ManualClock::new();
+        let b = Breaker::with_clock(clock.clone());
+        let p = RetryPolicy {
+            max_outage: Duration::MAX,
+            ..policy()
+        };
+        b.failed(Admission::Closed, DOWN, "refused", &p);
+        let reminders = || b.open.lock().unwrap().as_ref().unwrap().reminders;
+        for (advance, expected) in [(1, 0), (28, 0), (1, 1), (10, 1), (19, 1), (1, 2)] {
+            clock.advance(Duration::from_secs(advance));
+            let admission = b.call().admit(&p).unwrap();
+            b.failed(admission, DOWN, "refused", &p);
+            assert_eq!(reminders(), expected, "after {advance} s more");
+        }
+        // An outage with no limit is never given up on.
+        clock.advance(Duration::from_secs(365 * 24 * 3600));
+        assert!(b.call().admit(&p).is_ok());
     }
 }

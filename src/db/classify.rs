@@ -32,11 +32,23 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// r2d2 says "timed out waiting for connection: " before the last connect
+/// error; that is the pool's inside, not what happened.
+fn connect_error(text: &str) -> String {
+    let text = one_line(text);
+    match text.strip_prefix("timed out waiting for connection: ") {
+        Some(cause) => cause.to_string(),
+        None => text,
+    }
+}
+
 impl std::fmt::Display for DbError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DbError::Query(e) => f.write_str(&one_line(&e.to_string())),
-            DbError::Connect(e) => write!(f, "cannot get a connection: {}", one_line(e)),
+            DbError::Connect(e) => {
+                write!(f, "cannot connect to the database: {}", connect_error(e))
+            }
             DbError::Unavailable(e) => f.write_str(&one_line(e)),
             DbError::NoAnswer(after) => write!(
                 f,
@@ -326,6 +338,17 @@ const MESSAGES: &[(&str, Classified)] = &[
         "unable to open database file",
         c(Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
     ),
+    // diesel's own words for SQLITE_CANTOPEN.
+    (
+        "unable to open the database file",
+        c(Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+    ),
+    ("invalid sslmode value", c(Permanent, Cause::Other, None)),
+    // libpq: the server asks for a password and the URL gives none.
+    (
+        "no password supplied",
+        c(Permanent, Cause::Other, Some("28P01")),
+    ),
     (
         "file is not a database",
         c(Permanent, Cause::Other, Some("SQLITE_NOTADB")),
@@ -494,7 +517,16 @@ mod tests {
         let e = DbError::Connect("failed: Connection refused\n\tIs the server running?\n".into());
         assert_eq!(
             e.to_string(),
-            "cannot get a connection: failed: Connection refused Is the server running?"
+            "cannot connect to the database: failed: Connection refused Is the server running?"
+        );
+        let pooled = DbError::Connect(
+            "timed out waiting for connection: password authentication failed for user \"app\""
+                .into(),
+        );
+        assert_eq!(
+            pooled.to_string(),
+            "cannot connect to the database: password authentication failed for user \"app\"",
+            "not the pool's internals"
         );
     }
 
@@ -536,6 +568,9 @@ mod tests {
             (DbError::Connect("connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for user \"app\"".into()), Permanent, Cause::Other, Some("28P01")),
             (DbError::Connect("connection to server failed: FATAL:  database \"nope\" does not exist".into()), Permanent, Cause::Other, None),
             (DbError::Connect("unable to open database file: /no/such/dir/n.db".into()), Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+            (DbError::Connect("timed out waiting for connection: Unable to open the database file".into()), Permanent, Cause::Other, Some("SQLITE_CANTOPEN")),
+            (DbError::Connect("timed out waiting for connection: invalid sslmode value: \"bogus\"".into()), Permanent, Cause::Other, None),
+            (DbError::Connect("timed out waiting for connection: connection to server at \"127.0.0.1\", port 5432 failed: fe_sendauth: no password supplied".into()), Permanent, Cause::Other, Some("28P01")),
             (db(Unknown, "could not extend file \"base/16384/16385\": No space left on device"), Resource, Cause::DiskFull, Some("53100")),
             (db(Unknown, "could not write to file \"pg_wal/xlogtemp.123\": No space left on device"), Resource, Cause::DiskFull, Some("53100")),
             (db(Unknown, "database or disk is full"), Resource, Cause::DiskFull, Some("SQLITE_FULL")),

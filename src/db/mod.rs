@@ -70,6 +70,7 @@ impl Database {
     /// still starting is waited for.
     pub fn open(url: DatabaseUrl, settings: PoolSettings, policy: RetryPolicy) -> Database {
         let metrics = Arc::new(DbMetrics::default());
+        let name = url.redacted();
         let watchdog = match (&url, settings.call_deadline()) {
             (DatabaseUrl::Postgres(_), Some(limit)) => Some(Watchdog::start(limit)),
             _ => None,
@@ -94,7 +95,7 @@ impl Database {
             pool,
             policy,
             metrics,
-            breaker: Breaker::default(),
+            breaker: Breaker::new(name),
             cancelled: AtomicBool::new(false),
             _watchdog: watchdog,
             abandoned: Default::default(),
@@ -350,6 +351,10 @@ impl Observer for TxObserver<'_> {
     fn stopped(&mut self, failure: &Failure, attempts: u32) {
         match failure {
             Failure::GaveUp { .. } => log::error!("giving up after {attempts} attempts: {failure}"),
+            // A connection refused for good: the caller says it, once.
+            Failure::Rejected { .. } if failure.to_string().starts_with("cannot connect") => {
+                log::debug!("stopping after {attempts} attempts: {failure}")
+            }
             Failure::Rejected { error } => {
                 let c = error.classified();
                 log::warn!(

@@ -145,7 +145,7 @@ impl AttemptError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Failure {
     /// A permanent error, or an unrecognized one that persisted.
-    #[error("the database rejected the transaction: {error}")]
+    #[error("{}", rejected(error))]
     Rejected {
         /// The last error.
         error: Reason,
@@ -174,6 +174,17 @@ pub enum Failure {
         /// How long the errors lasted.
         failing_for: Duration,
     },
+}
+
+/// A connection refused for good (bad credentials, a bad URL) is not a
+/// transaction the database rejected: say what happened.
+fn rejected(error: &Reason) -> String {
+    let text = error.to_string();
+    if text.starts_with("cannot connect to the database") {
+        text
+    } else {
+        format!("the database rejected the transaction: {text}")
+    }
 }
 
 impl Failure {

@@ -100,6 +100,28 @@ impl DatabaseUrl {
         (format!("{url}{separator}{}", added.join("&")), marker)
     }
 
+    /// The mistakes in a SQLite path that no retry can mend, found before
+    /// any connection: a folder, or a file in a folder that does not exist.
+    pub fn check(&self) -> Result<(), String> {
+        let DatabaseUrl::Sqlite(path) = self else {
+            return Ok(());
+        };
+        if path.is_dir() {
+            return Err(format!(
+                "the SQLite database {} is a folder, not a file: name a file in it",
+                path.display()
+            ));
+        }
+        match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(folder) if !folder.is_dir() => Err(format!(
+                "the folder of the SQLite database {} does not exist: create {} first",
+                path.display(),
+                folder.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `postgres` or `sqlite`.
     pub fn backend_name(&self) -> &'static str {
         match self {
@@ -238,6 +260,26 @@ mod tests {
             url.starts_with("postgres://u@h/db?connect_timeout=5&"),
             "{url}"
         );
+    }
+
+    #[test]
+    fn a_sqlite_path_that_cannot_be_a_database_is_named_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = DatabaseUrl::Sqlite(dir.path().to_path_buf());
+        assert!(folder
+            .check()
+            .unwrap_err()
+            .contains("is a folder, not a file"));
+        let missing = DatabaseUrl::Sqlite(dir.path().join("nope/n.db"));
+        assert!(missing
+            .check()
+            .unwrap_err()
+            .contains("does not exist: create"));
+        assert!(DatabaseUrl::Sqlite(dir.path().join("n.db")).check().is_ok());
+        assert!(DatabaseUrl::Sqlite("n.db".into()).check().is_ok());
+        assert!(DatabaseUrl::Postgres("postgres://h/db".into())
+            .check()
+            .is_ok());
     }
 
     #[test]

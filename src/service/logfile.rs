@@ -55,6 +55,13 @@ impl Write for LogWriter {
     }
 }
 
+static TO_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the log goes to a file (not to stderr).
+pub fn to_file() -> bool {
+    TO_FILE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Sets up logging: `filter` in RUST_LOG syntax (RUST_LOG itself wins), to
 /// `file` or stderr. Panics are logged too, so that they reach the file.
 pub fn init(filter: &str, file: Option<&Path>) -> io::Result<Option<Arc<LogFile>>> {
@@ -67,6 +74,7 @@ pub fn init(filter: &str, file: Option<&Path>) -> io::Result<Option<Arc<LogFile>
         Some(path) => {
             let log_file = LogFile::open(path)?;
             builder.target(env_logger::Target::Pipe(Box::new(log_file.writer())));
+            TO_FILE.store(true, std::sync::atomic::Ordering::Relaxed);
             Some(log_file)
         }
         None => None,

@@ -139,6 +139,59 @@ fn setup_errors_exit_non_zero_with_one_sentence_and_change_nothing() {
     }
 }
 
+/// Mistakes no retry can mend stop at once, exit 1, with one sentence on
+/// stderr that names what to fix; never "waiting" for 5 minutes.
+#[test]
+fn fatal_setup_errors_exit_1_at_once_with_one_sentence() {
+    let cluster =
+        pg::PgCluster::start_configured(&[], &["host all pwuser 127.0.0.1/32 scram-sha-256"]);
+    let mut admin = cluster.admin();
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query("CREATE ROLE pwuser LOGIN PASSWORD 's3cret-right'"),
+        &mut admin,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().to_str().unwrap().to_string();
+    let port = cluster.port;
+    let cases: Vec<(String, &str)> = vec![
+        (format!("sqlite://{folder}"), "is a folder, not a file"),
+        (
+            format!("sqlite://{folder}/no/such/n.db"),
+            "does not exist: create",
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=bogus"),
+            "invalid sslmode value",
+        ),
+        (
+            format!("postgres://pwuser@127.0.0.1:{port}/postgres"),
+            "no password supplied",
+        ),
+        (
+            format!("postgres://pwuser:s3cret-wrong@127.0.0.1:{port}/postgres"),
+            "password authentication failed for user \"pwuser\"",
+        ),
+    ];
+    for (url, expected) in cases {
+        let started = std::time::Instant::now();
+        let out = normalizer(dir.path(), &["--database-url", &url, "status"]);
+        let took = started.elapsed();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains(expected), "{url}: {err}");
+        assert_eq!(err.lines().count(), 1, "one sentence: {err}");
+        assert!(
+            !err.contains("timed out waiting") && !err.contains("s3cret"),
+            "what happened, not the pool's internals, and no password: {err}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "{url}: took {took:?}, as if it waited out an outage"
+        );
+    }
+}
+
 #[test]
 fn a_postgres_url_selects_postgres_and_the_password_never_shows() {
     let cluster = pg::shared();
@@ -241,6 +294,10 @@ fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
         1,
         "{err}"
     );
+    assert!(
+        err.contains(&format!("waiting for {url} until ")),
+        "says what it waits for, and until when: {err}"
+    );
     assert_eq!(err.matches("database back after").count(), 1, "{err}");
     assert!(
         err.lines().count() < 30,
@@ -278,4 +335,47 @@ fn batch_size_one_runs_one_transaction_per_message() {
     );
     assert!(one > 580, "one transaction per line: {one}");
     assert!(batched < 50, "a few batches: {batched}");
+}
+
+/// A service waits out an outage as long as it takes unless told
+/// otherwise; `ingest` gives up after 5 minutes by default.
+#[test]
+fn serve_waits_out_an_outage_as_long_as_it_takes_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://app@127.0.0.1:{port}/n");
+    let log = dir.path().join("n.log");
+    let wait_for = |args: &[&str], expected: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_normalizer"))
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .args(["--database-url", &url, "--log-file"])
+            .arg(&log)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("database unreachable since") || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&log);
+        assert!(text.contains(expected), "{args:?}: {text}");
+    };
+    let socket = dir.path().join("n.sock");
+    wait_for(
+        &["serve", "--socket", socket.to_str().unwrap()],
+        &format!("waiting for {url} as long as it takes"),
+    );
+    wait_for(&["status"], &format!("waiting for {url} until "));
 }

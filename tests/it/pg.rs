@@ -108,12 +108,10 @@ impl PgCluster {
         text.push_str(&settings.join("\n"));
         text.push('\n');
         std::fs::write(&conf_path, text).unwrap();
+        // The test's lines first: the first line that matches decides.
         let hba_path = cluster.data.join("pg_hba.conf");
-        let mut text = std::fs::read_to_string(&hba_path).unwrap();
-        for line in hba {
-            text.push_str(line);
-            text.push('\n');
-        }
+        let mut text: String = hba.iter().map(|line| format!("{line}\n")).collect();
+        text.push_str(&std::fs::read_to_string(&hba_path).unwrap());
         std::fs::write(&hba_path, text).unwrap();
         cluster.start();
         cluster
