@@ -22,6 +22,8 @@ pub(crate) struct FileSettings {
     pub log_file: Option<PathBuf>,
     /// `--max-outage`, e.g. "5m"
     pub max_outage: Option<String>,
+    /// `false` is `--no-migrate`.
+    pub migrate: Option<bool>,
     /// `--workers`
     pub workers: Option<usize>,
     /// `--batch-size`
@@ -72,6 +74,9 @@ pub(crate) struct Settings {
     /// Give up after the database was unreachable this long; when not set,
     /// each command's own default (`ingest` 5 minutes; `serve` never).
     pub max_outage: Option<Duration>,
+    /// Whether commands may run the migrations (`false`: a role that must
+    /// never run DDL; the schema must be up to date).
+    pub migrate: bool,
     /// Worker threads.
     pub workers: usize,
     /// Most messages per transaction.
@@ -102,6 +107,7 @@ impl Default for Settings {
             log_level: "info".to_string(),
             log_file: None,
             max_outage: None,
+            migrate: true,
             workers: pipeline.workers,
             batch_size: pipeline.batch_size,
             batch_wait: pipeline.batch_wait,
@@ -162,6 +168,8 @@ pub struct FlagSettings {
     pub log_file: Option<PathBuf>,
     /// `--max-outage`
     pub max_outage: Option<Duration>,
+    /// `--no-migrate`
+    pub no_migrate: bool,
     /// `--workers`
     pub workers: Option<usize>,
     /// `--batch-size` or `NORMALIZER_BATCH_SIZE`
@@ -201,6 +209,7 @@ impl Settings {
             max_outage: flags
                 .max_outage
                 .or(duration(file.max_outage, "max_outage")?),
+            migrate: !flags.no_migrate && file.migrate.unwrap_or(d.migrate),
             workers: flags.workers.or(file.workers).unwrap_or(d.workers),
             batch_size: flags.batch_size.or(file.batch_size).unwrap_or(d.batch_size),
             batch_wait: flags

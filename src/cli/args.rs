@@ -33,6 +33,11 @@ pub struct Cli {
     #[arg(long, value_parser = parse_duration, global = true)]
     pub max_outage: Option<Duration>,
 
+    /// Never run the migrations (for a role without DDL rights); a schema
+    /// that is not up to date is then an error.
+    #[arg(long, global = true)]
+    pub no_migrate: bool,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -197,6 +202,7 @@ impl Cli {
             log_level: self.log_level.clone(),
             log_file: self.log_file.clone(),
             max_outage: self.max_outage,
+            no_migrate: self.no_migrate,
             ..FlagSettings::default()
         };
         match &self.command {

@@ -210,7 +210,19 @@ impl Context {
 
     fn open_migrated_with(&self, pool: Pool, policy: RetryPolicy) -> Result<Database, RunError> {
         let db = self.open(pool, policy);
-        migrate::run(&db).map_err(|failure| self.setup_failure(failure))?;
+        if self.settings.migrate {
+            migrate::run(&db).map_err(|failure| self.setup_failure(failure))?;
+        } else {
+            let pending = migrate::pending(&db).map_err(|failure| self.setup_failure(failure))?;
+            if !pending.is_empty() {
+                return Err(anyhow!(
+                    "the schema of {} is not up to date ({} migrations pending) and --no-migrate is set: run `normalizer migrate` as a role that may create tables",
+                    self.url,
+                    pending.len()
+                )
+                .into());
+            }
+        }
         Ok(db)
     }
 

@@ -1,7 +1,12 @@
 //! Schema migrations, embedded in the binary, one set per backend.
+//!
+//! A schema that is up to date is found with plain reads, so a role that
+//! may only read and write rows (no DDL, not even the migration
+//! bookkeeping's `CREATE TABLE IF NOT EXISTS`) can run every command.
 
-use diesel::migration::MigrationVersion;
+use diesel::migration::{Migration, MigrationSource};
 use diesel::prelude::*;
+use diesel::sql_types::BigInt;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use super::{AnyConnection, Database, Failure};
@@ -11,9 +16,13 @@ const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 /// Runs the pending migrations in one transaction, through the retry loop;
 /// on PostgreSQL under an advisory lock, so that processes starting together
-/// migrate once. Returns the versions applied.
+/// migrate once. Returns the versions applied; with none pending it writes
+/// nothing at all.
 pub fn run(db: &Database) -> Result<Vec<String>, Failure> {
     db.transaction(|conn| {
+        if pending_in(conn)?.is_empty() {
+            return Ok(vec![]);
+        }
         let applied = match conn {
             AnyConnection::Pg(c) => {
                 diesel::sql_query("SELECT pg_advisory_xact_lock(7350429001)").execute(c)?;
@@ -21,13 +30,75 @@ pub fn run(db: &Database) -> Result<Vec<String>, Failure> {
             }
             AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE).map(versions),
         };
-        applied.map_err(|e| match e.downcast::<diesel::result::Error>() {
-            Ok(e) => *e,
-            Err(e) => diesel::result::Error::QueryBuilderError(e),
-        })
+        applied.map_err(unbox)
     })
 }
 
-fn versions(applied: Vec<MigrationVersion<'_>>) -> Vec<String> {
+/// The versions of the migrations not applied yet, with reads only.
+pub fn pending(db: &Database) -> Result<Vec<String>, Failure> {
+    db.transaction(pending_in)
+}
+
+fn pending_in(conn: &mut AnyConnection) -> QueryResult<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let (exists, embedded) = match conn {
+        AnyConnection::Pg(c) => (
+            diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_catalog.pg_tables \
+                 WHERE tablename = '__diesel_schema_migrations' AND schemaname = current_schema()",
+            )
+            .get_result::<Count>(c)?,
+            names(MigrationSource::<diesel::pg::Pg>::migrations(&POSTGRES)),
+        ),
+        AnyConnection::Sqlite(c) => (
+            diesel::sql_query(
+                "SELECT count(*) AS n FROM sqlite_master \
+                 WHERE type = 'table' AND name = '__diesel_schema_migrations'",
+            )
+            .get_result::<Count>(c)?,
+            names(MigrationSource::<diesel::sqlite::Sqlite>::migrations(
+                &SQLITE,
+            )),
+        ),
+    };
+    let embedded = embedded.map_err(unbox)?;
+    if exists.n == 0 {
+        return Ok(embedded);
+    }
+    let applied: Vec<Version> = super::dispatch!(conn, c => diesel::sql_query(
+        "SELECT version FROM __diesel_schema_migrations"
+    )
+    .load(c))?;
+    Ok(embedded
+        .into_iter()
+        .filter(|v| !applied.iter().any(|a| &a.version == v))
+        .collect())
+}
+
+fn names<DB: diesel::backend::Backend>(
+    migrations: diesel::migration::Result<Vec<Box<dyn Migration<DB>>>>,
+) -> diesel::migration::Result<Vec<String>> {
+    migrations.map(|all| all.iter().map(|m| m.name().version().to_string()).collect())
+}
+
+fn versions(applied: Vec<diesel::migration::MigrationVersion<'_>>) -> Vec<String> {
     applied.iter().map(|v| v.to_string()).collect()
+}
+
+/// diesel_migrations boxes diesel's own errors; unboxed, a connection lost
+/// during a migration is classified and retried like any other.
+fn unbox(e: Box<dyn std::error::Error + Send + Sync>) -> diesel::result::Error {
+    match e.downcast::<diesel::result::Error>() {
+        Ok(e) => *e,
+        Err(e) => diesel::result::Error::QueryBuilderError(e),
+    }
 }

@@ -379,3 +379,58 @@ fn serve_waits_out_an_outage_as_long_as_it_takes_by_default() {
     );
     wait_for(&["status"], &format!("waiting for {url} until "));
 }
+
+/// README "Running on PostgreSQL": after the migrations, a role needs only
+/// SELECT, INSERT, UPDATE, DELETE on the tables and USAGE on their
+/// sequences. With exactly those grants every command runs; with
+/// `--no-migrate` a schema that is not up to date is one clear error.
+#[test]
+fn a_role_with_only_row_rights_runs_every_command_once_the_schema_is_up_to_date() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let cluster = pg::PgCluster::start_new();
+    let dir = tempfile::tempdir().unwrap();
+    let owner_url = cluster.create_database();
+    let database = owner_url.rsplit('/').next().unwrap().to_string();
+    let migrated = normalizer(dir.path(), &["--database-url", &owner_url, "migrate"]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    diesel::PgConnection::establish(&owner_url)
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE dml LOGIN;
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             GRANT USAGE ON SCHEMA public TO dml;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO dml;
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO dml;",
+        )
+        .unwrap();
+    let url = format!("postgres://dml@127.0.0.1:{}/{database}", cluster.port);
+    let (devices, messages) = (examples("devices.json"), examples("messages.jsonl"));
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["provision", &devices],
+        vec!["ingest", &messages],
+        vec!["status"],
+        vec!["dead-letters", "list"],
+        vec!["dead-letters", "replay"],
+        vec!["ingest", "--provision", &devices, &messages],
+    ];
+    for args in commands {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend(&args);
+        let out = normalizer(dir.path(), &all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+
+    let fresh = cluster.create_database();
+    let out = normalizer(
+        dir.path(),
+        &["--database-url", &fresh, "--no-migrate", "status"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is not up to date") && err.contains("normalizer migrate"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
