@@ -21,8 +21,9 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// Log level (error, warn, info, debug, trace) [default: info]; RUST_LOG wins.
-    #[arg(long, global = true)]
+    /// Log level (error, warn, info, debug, trace, off) or a filter such as
+    /// normalizer::db=debug [default: info]; RUST_LOG wins.
+    #[arg(long, global = true, value_parser = parse_log_level)]
     pub log_level: Option<String>,
 
     /// Append the log to this file instead of stderr; SIGHUP reopens it.
@@ -50,7 +51,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Most messages per transaction; 1 is one message per transaction [default: 1000].
-    #[arg(long, env = "NORMALIZER_BATCH_SIZE")]
+    #[arg(long, env = "NORMALIZER_BATCH_SIZE", hide_env_values = true)]
     pub batch_size: Option<usize>,
     /// How long a worker waits for more messages to fill a batch [default: 2ms].
     #[arg(long, value_parser = parse_duration)]
@@ -61,7 +62,11 @@ pub struct WorkerArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the database migrations and nothing else.
-    Migrate,
+    Migrate {
+        /// Print what was applied as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a provisioning file (profiles, devices, sensors, alarms).
     Provision {
         /// The provisioning JSON file.
@@ -130,9 +135,9 @@ pub enum Command {
     DeadLetters(DeadLetterCommand),
     /// Generate a provisioning file and a message stream for benchmarks.
     Gen {
-        /// Devices to provision.
-        #[arg(long, default_value_t = 100)]
-        devices: usize,
+        /// Devices to provision (at least 1).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        devices: u32,
         /// Lines to write.
         #[arg(long, default_value_t = 10_000)]
         messages: usize,
@@ -184,7 +189,32 @@ pub enum DeadLetterCommand {
         /// Only those last filed longer ago than this (e.g. 30d).
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<Duration>,
+        /// Print what was purged as JSON.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// A level, or a filter in RUST_LOG syntax whose targets are this crate's
+/// (a bare word that is neither, like "verbose", would silently log
+/// nothing of ours).
+fn parse_log_level(s: &str) -> Result<String, String> {
+    let valid = s.split(',').all(|directive| {
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (Some(target), Some(level)),
+            None if directive.parse::<log::LevelFilter>().is_ok() => (None, Some(directive)),
+            None => (Some(directive), None),
+        };
+        target.is_none_or(|t| t == "normalizer" || t.starts_with("normalizer::"))
+            && level.is_none_or(|l| l.parse::<log::LevelFilter>().is_ok())
+    });
+    if valid {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a level (error, warn, info, debug, trace, off) nor a filter such as normalizer::db=debug"
+        ))
+    }
 }
 
 fn parse_kind(s: &str) -> Result<DeadLetterKind, String> {

@@ -19,10 +19,14 @@ use crate::pipeline::{self, IngestOptions, Progress, Summary};
 use crate::service::{self, ServeOptions};
 
 /// `migrate`.
-pub(super) fn migrate(context: &Context) -> Result<(), RunError> {
+pub(super) fn migrate(context: &Context, json: bool) -> Result<(), RunError> {
     let db = context.open(Pool::One, context.policy.clone());
     let applied = migrations::run(&db)?;
-    println!("{} migrations applied to {}", applied.len(), db.url());
+    if json {
+        print_json(&serde_json::json!({"applied": applied, "database": db.url().to_string()}));
+    } else {
+        println!("{} migrations applied to {}", applied.len(), db.url());
+    }
     Ok(())
 }
 
@@ -129,12 +133,17 @@ pub(super) fn dead_letters(context: &Context, command: DeadLetterCommand) -> Res
     match command {
         DeadLetterCommand::List { kind, limit, json } => {
             let db = context.open_migrated(Pool::One)?;
-            let rows =
-                db.transaction(|c| dead_letters::list(c, kind.map(|k| k.as_str()), limit))?;
+            let kind = kind.map(|k| k.as_str());
+            let (rows, total) = db.transaction(|c| {
+                Ok((
+                    dead_letters::list(c, kind, limit)?,
+                    dead_letters::count(c, kind)?,
+                ))
+            })?;
             if json {
                 print_json(&rows);
             } else {
-                println!("{}", dead_letters::to_text(&rows));
+                println!("{}", dead_letters::to_text(&rows, total));
             }
         }
         DeadLetterCommand::Replay { kind, json, .. } => {
@@ -159,14 +168,22 @@ pub(super) fn dead_letters(context: &Context, command: DeadLetterCommand) -> Res
             }
             print_summary(&summary, json);
         }
-        DeadLetterCommand::Purge { kind, older_than } => {
+        DeadLetterCommand::Purge {
+            kind,
+            older_than,
+            json,
+        } => {
             let db = context.open_migrated(Pool::One)?;
             let before = older_than
                 .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() - d))
                 .transpose()
                 .map_err(|e| anyhow!("--older-than is too large: {e}"))?;
             let n = db.transaction(|c| dead_letters::purge(c, kind.as_str(), before))?;
-            println!("purged {n} dead letters of kind {kind}");
+            if json {
+                print_json(&serde_json::json!({"purged": n, "kind": kind.as_str()}));
+            } else {
+                println!("purged {n} dead letters of kind {kind}");
+            }
         }
     }
     Ok(())

@@ -93,7 +93,7 @@ fn say_last(text: &str) {
 pub fn run(cli: Cli) -> Result<(), RunError> {
     let mut context = Context::new(&cli)?;
     match cli.command {
-        Command::Migrate => commands::migrate(&context),
+        Command::Migrate { json } => commands::migrate(&context, json),
         Command::Provision { file, json } => commands::provision(&context, &file, json),
         Command::Ingest {
             file,
@@ -113,7 +113,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             out,
         } => commands::gen(
             crate::gen::GenOptions {
-                devices,
+                devices: devices as usize,
                 messages,
                 seed,
                 ..Default::default()

@@ -434,3 +434,68 @@ fn a_role_with_only_row_rights_runs_every_command_once_the_schema_is_up_to_date(
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// What the README and `--help` say is what the commands do.
+#[test]
+fn the_command_line_keeps_its_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ["--database-url", "sqlite://n.db"];
+    let run = |args: &[&str]| {
+        let mut all = db.to_vec();
+        all.extend(args);
+        normalizer(dir.path(), &all)
+    };
+    // A level that is not one is refused, not silently ignored.
+    let out = run(&["--log-level", "verbose", "status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not a level"), "{}", stderr(&out));
+    assert!(run(&["--log-level", "normalizer::db=debug,warn", "status"])
+        .status
+        .success());
+    // Generating for no device is a usage error, not dev-00000.
+    let out = run(&["gen", "--devices", "0", "--messages", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // The help does not show an empty environment value.
+    let help = String::from_utf8_lossy(&run(&["ingest", "--help"]).stdout).into_owned();
+    assert!(
+        help.contains("NORMALIZER_BATCH_SIZE") && !help.contains("NORMALIZER_BATCH_SIZE="),
+        "{help}"
+    );
+    // Every command that reports takes --json.
+    let (devices, messages) = (examples("devices.json"), examples("messages.jsonl"));
+    for args in [
+        vec!["migrate", "--json"],
+        vec!["provision", &devices, "--json"],
+        vec!["ingest", &messages, "--json"],
+        vec!["status", "--json"],
+        vec!["dead-letters", "list", "--json"],
+        vec!["dead-letters", "replay", "--json"],
+        vec![
+            "dead-letters",
+            "purge",
+            "--kind",
+            "malformed",
+            "--older-than",
+            "30d",
+            "--json",
+        ],
+    ] {
+        let out = run(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str::<serde_json::Value>(text.trim())
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {text}"));
+    }
+    // A limited list says how many of how many.
+    let all = run(&["dead-letters", "list", "--json"]);
+    let total = serde_json::from_slice::<Vec<serde_json::Value>>(&all.stdout)
+        .unwrap()
+        .len();
+    assert!(total > 2, "the example has more than 2 dead letters");
+    let out = run(&["dead-letters", "list", "--limit", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("2 of {total} dead letters")),
+        "{text}"
+    );
+}

@@ -82,8 +82,9 @@ pub struct Stored {
     pub raw: String,
 }
 
-/// Dead letters as `dead-letters list` prints them: a table, then a count.
-pub fn to_text(rows: &[Stored]) -> String {
+/// Dead letters as `dead-letters list` prints them: a table, then how many
+/// of how many (`total`, of that kind).
+pub fn to_text(rows: &[Stored], total: i64) -> String {
     let mut text = format!(
         "{:>6}  {:<14}  {:>8}  {:<20}  {:<16}  error\n",
         "id", "kind", "attempts", "message", "device"
@@ -99,7 +100,11 @@ pub fn to_text(rows: &[Stored]) -> String {
             r.error
         ));
     }
-    text.push_str(&format!("{} dead letters", rows.len()));
+    if rows.len() as i64 == total {
+        text.push_str(&format!("{total} dead letters"));
+    } else {
+        text.push_str(&format!("{} of {total} dead letters", rows.len()));
+    }
     text
 }
 
@@ -145,6 +150,14 @@ pub fn list(conn: &mut AnyConnection, kind: Option<&str>, limit: i64) -> QueryRe
             },
         )
         .collect())
+}
+
+/// How many dead letters there are (of `kind`).
+pub fn count(conn: &mut AnyConnection, kind: Option<&str>) -> QueryResult<i64> {
+    dispatch!(conn, c => match kind {
+        Some(kind) => dl::dead_letters.filter(dl::kind.eq(kind)).count().get_result(c),
+        None => dl::dead_letters.count().get_result(c),
+    })
 }
 
 /// Deletes the dead letters of one kind, optionally only those last filed
