@@ -114,7 +114,7 @@ impl Default for Settings {
             socket: PathBuf::from("/run/normalizer/normalizer.sock"),
             socket_mode: 0o660,
             max_connections: 64,
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout: pipeline.shutdown_timeout,
             stats_interval: Duration::from_secs(60),
             metrics_file: None,
         }

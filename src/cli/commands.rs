@@ -3,11 +3,13 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::{Context, DeadLetterCommand, Pool, RunError};
 use crate::core::provisioning::Provisioning;
@@ -58,7 +60,19 @@ pub(super) fn ingest(
     if let Some((file, path)) = &provisioning {
         log::info!("{}", load_provisioning(&db, file, path)?);
     }
-    let summary = ingest_with_progress(&db, input, size, &context.options)?;
+    // Ctrl-C or SIGTERM: stop reading, finish what is in flight, say where
+    // to resume. A second one ends the process at once.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, interrupt.clone())
+            .and_then(|_| signal_hook::flag::register(signal, interrupt.clone()))
+            .context("cannot install signal handlers")?;
+    }
+    let options = IngestOptions {
+        interrupt: Some(interrupt),
+        ..context.options.clone()
+    };
+    let summary = ingest_with_progress(&db, input, size, &options)?;
     print_summary(&summary, json);
     Ok(())
 }

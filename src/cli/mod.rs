@@ -22,6 +22,9 @@ use crate::service::logfile::{self, LogFile};
 /// Exit code of a run that gave up on an unreachable database.
 pub const EXIT_GAVE_UP: u8 = 3;
 
+/// Exit code of a run interrupted by a signal (128 + SIGINT, as shells do).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
 /// What `main` turns into an exit code.
 #[derive(Debug)]
 pub enum RunError {
@@ -29,6 +32,8 @@ pub enum RunError {
     Failed(anyhow::Error),
     /// The database stayed unreachable: exit [`EXIT_GAVE_UP`].
     GaveUp(anyhow::Error),
+    /// Interrupted by SIGINT or SIGTERM: exit [`EXIT_INTERRUPTED`].
+    Interrupted(anyhow::Error),
 }
 
 impl From<anyhow::Error> for RunError {
@@ -59,6 +64,10 @@ impl From<IngestError> for RunError {
                     RunError::Failed(anyhow!(stopped))
                 }
             }
+            IngestError::Interrupted(interrupted) => {
+                eprintln!("{}", interrupted.summary.to_text());
+                RunError::Interrupted(anyhow!(interrupted))
+            }
             read_failed => RunError::Failed(read_failed.into()),
         }
     }
@@ -76,6 +85,10 @@ pub fn main() -> ExitCode {
         Err(RunError::GaveUp(e)) => {
             say_last(&format!("gave up: {e:#}"));
             ExitCode::from(EXIT_GAVE_UP)
+        }
+        Err(RunError::Interrupted(e)) => {
+            say_last(&format!("{e:#}"));
+            ExitCode::from(EXIT_INTERRUPTED)
         }
     }
 }
@@ -175,6 +188,7 @@ impl Context {
             workers: settings.workers,
             batch_size: settings.batch_size,
             batch_wait: settings.batch_wait,
+            shutdown_timeout: settings.shutdown_timeout,
             ..IngestOptions::default()
         };
         Ok(Context {

@@ -66,6 +66,17 @@ pub struct ReadFailed {
     source: std::io::Error,
 }
 
+/// A run interrupted by a signal: reading stopped, the work in flight was
+/// finished (or, after the shutdown timeout, handed back).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted at line {resume_from}; every line before it is done ({} of {} lines read were completed); running the same input again is safe", summary.completed, summary.lines)]
+pub struct Interrupted {
+    /// The lowest line number not known to be done.
+    pub resume_from: u64,
+    /// What was done.
+    pub summary: Box<Summary>,
+}
+
 /// Why [`ingest`] did not account for every line.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -75,12 +86,53 @@ pub enum IngestError {
     /// The input could not be read.
     #[error(transparent)]
     ReadFailed(ReadFailed),
+    /// [`IngestOptions::interrupt`] was raised.
+    #[error(transparent)]
+    Interrupted(Interrupted),
+}
+
+/// What one run shares between the reader, the workers and the collector.
+struct Run<'a> {
+    /// Workers hand jobs back unrun; the reader stops.
+    stop: AtomicBool,
+    /// Lines submitted and not yet done.
+    in_flight: Mutex<BTreeSet<u64>>,
+    /// Raised from outside (a signal): stop reading, finish what is queued.
+    interrupt: Option<&'a AtomicBool>,
+}
+
+impl Run<'_> {
+    fn interrupted(&self) -> bool {
+        self.interrupt.is_some_and(|i| i.load(Ordering::SeqCst))
+    }
+
+    /// The lowest line not known to be done, `next` when all read are.
+    fn resume_from(self, next: u64) -> u64 {
+        let first_open = self
+            .in_flight
+            .into_inner()
+            .expect("in-flight lock")
+            .first()
+            .copied();
+        first_open.unwrap_or(next).min(next)
+    }
+}
+
+/// How the collecting ended.
+enum Ending {
+    /// Every line read was accounted for.
+    Done,
+    /// A line's transaction failed in a way that stops the run.
+    Stopped(u64, Failure),
+    /// Interrupted from outside.
+    Interrupted,
 }
 
 /// Runs every line of `input` and returns the tally; `on_done` sees the tally
 /// after each line. Returns [`Stopped`] when the database stayed unreachable
 /// beyond the retry policy's `max_outage` (or a dead letter could not be
-/// written), after the work in flight has been handed back.
+/// written), after the work in flight has been handed back, and
+/// [`Interrupted`] when `options.interrupt` was raised.
 pub fn ingest(
     db: &Database,
     input: impl BufRead + Send,
@@ -89,87 +141,129 @@ pub fn ingest(
     mut on_done: impl FnMut(&Summary),
 ) -> Result<Summary, IngestError> {
     let started = Instant::now();
-    let stop = AtomicBool::new(false);
-    let in_flight = Mutex::new(BTreeSet::new());
+    let run = Run {
+        stop: AtomicBool::new(false),
+        in_flight: Mutex::new(BTreeSet::new()),
+        interrupt: options.interrupt.as_deref(),
+    };
     let mut summary = Summary::new();
-    let mut stopped: Option<(u64, Failure)> = None;
     let (done_tx, done_rx) = bounded::<Done>(options.workers.max(1) * options.queue_per_worker);
-
-    let read_result = std::thread::scope(|scope| {
-        let workers = Workers::spawn(scope, db, options, &stop);
+    let (read_result, ending) = std::thread::scope(|scope| {
+        let workers = Workers::spawn(scope, db, options, &run.stop);
         let reader = std::thread::Builder::new()
             .name("reader".into())
-            .spawn_scoped(scope, || {
-                read(input, workers, done_tx, &stop, &in_flight, progress)
-            })
+            .spawn_scoped(scope, || read(input, workers, done_tx, &run, progress))
             .expect("spawn the reader");
-        for done in done_rx.iter() {
-            in_flight
-                .lock()
-                .expect("in-flight lock")
-                .remove(&done.ticket);
-            match done.result {
-                Ok(outcome) => {
-                    summary.record(&outcome);
-                    on_done(&summary);
-                }
-                Err(failure) => {
-                    stop.store(true, Ordering::SeqCst);
-                    if stopped.is_none() {
-                        stopped = Some((done.ticket, failure));
-                    }
-                }
-            }
-        }
-        reader.join().expect("the reader does not panic")
+        let ending = collect(db, options, &done_rx, &run, &mut summary, &mut on_done);
+        let read = reader.join().expect("the reader does not panic");
+        (read, ending)
     });
-    match read_result {
-        Ok(non_blank) => summary.lines = non_blank,
+    let next = match read_result {
+        Ok(read) => {
+            summary.lines = read.non_blank;
+            read.next
+        }
         Err(e) => {
             summary.lines = e.line;
             summary.finish(db.counters(), started.elapsed());
             return Err(IngestError::ReadFailed(e));
         }
-    }
+    };
     summary.finish(db.counters(), started.elapsed());
-    if let Some((line, failure)) = stopped {
-        let first_open = in_flight
-            .into_inner()
-            .expect("in-flight lock")
-            .first()
-            .copied();
-        let resume_from = first_open.unwrap_or(line).min(line);
-        return Err(IngestError::Stopped(Stopped {
+    match ending {
+        Ending::Done => Ok(summary),
+        Ending::Stopped(line, failure) => Err(IngestError::Stopped(Stopped {
             line,
             failure,
-            resume_from,
+            resume_from: run.resume_from(line),
             summary: Box::new(summary),
-        }));
+        })),
+        Ending::Interrupted => Err(IngestError::Interrupted(Interrupted {
+            resume_from: run.resume_from(next),
+            summary: Box::new(summary),
+        })),
     }
-    Ok(summary)
 }
 
-/// Reads and submits every line; returns the count of non-blank lines. Owns
-/// the pool and the reply sender: dropping them at the end lets the workers
-/// and then the collector finish.
+/// Takes each line's outcome until the workers are gone. After an
+/// interrupt, the work in flight gets `options.shutdown_timeout` to finish;
+/// then it is handed back and retries stop.
+fn collect(
+    db: &Database,
+    options: &IngestOptions,
+    done_rx: &crossbeam_channel::Receiver<Done>,
+    run: &Run<'_>,
+    summary: &mut Summary,
+    on_done: &mut impl FnMut(&Summary),
+) -> Ending {
+    let mut ending = Ending::Done;
+    let mut deadline = None;
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(done) => {
+                run.in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&done.ticket);
+                match done.result {
+                    Ok(outcome) => {
+                        summary.record(&outcome);
+                        on_done(summary);
+                    }
+                    Err(failure) => {
+                        run.stop.store(true, Ordering::SeqCst);
+                        if matches!(ending, Ending::Done) {
+                            ending = Ending::Stopped(done.ticket, failure);
+                        }
+                    }
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return ending,
+        }
+        if run.interrupted() && matches!(ending, Ending::Done | Ending::Interrupted) {
+            ending = Ending::Interrupted;
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + options.shutdown_timeout);
+            if Instant::now() >= deadline && !run.stop.swap(true, Ordering::SeqCst) {
+                log::warn!("shutdown timeout: handing back the work in flight");
+                db.cancel_retries();
+            }
+        }
+    }
+}
+
+/// What the reader read.
+struct Read {
+    /// Non-blank lines submitted.
+    non_blank: u64,
+    /// The number of the first line not read.
+    next: u64,
+}
+
+/// Reads and submits every line (until stopped or interrupted). Owns the
+/// pool and the reply sender: dropping them at the end lets the workers and
+/// then the collector finish.
 fn read(
     input: impl BufRead,
     workers: Workers,
     reply: Sender<Done>,
-    stop: &AtomicBool,
-    in_flight: &Mutex<BTreeSet<u64>>,
+    run: &Run<'_>,
     progress: &Progress,
-) -> Result<u64, ReadFailed> {
+) -> Result<Read, ReadFailed> {
     let mut reader = LineReader::new(input);
-    let mut non_blank = 0u64;
-    while !stop.load(Ordering::SeqCst) {
+    let mut read = Read {
+        non_blank: 0,
+        next: 1,
+    };
+    while !run.stop.load(Ordering::SeqCst) && !run.interrupted() {
         let line = match reader.next_line() {
             Ok(Some(line)) => line,
             Ok(None) => break,
             Err(source) => {
-                stop.store(true, Ordering::SeqCst);
+                run.stop.store(true, Ordering::SeqCst);
                 return Err(ReadFailed {
-                    line: non_blank,
+                    line: read.non_blank,
                     source,
                 });
             }
@@ -178,15 +272,19 @@ fn read(
             .bytes_read
             .store(reader.consumed(), Ordering::Relaxed);
         let number = line.number;
+        read.next = number + 1;
         // Marked in flight before it can complete.
-        in_flight.lock().expect("in-flight lock").insert(number);
+        run.in_flight.lock().expect("in-flight lock").insert(number);
         match workers.submit(number, line, &reply) {
             None => {
-                in_flight.lock().expect("in-flight lock").remove(&number);
+                run.in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&number);
             }
-            Some(true) => non_blank += 1,
+            Some(true) => read.non_blank += 1,
             Some(false) => break,
         }
     }
-    Ok(non_blank)
+    Ok(read)
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::core::Message;
 use crate::db::Failure;
 use crate::outcome::Outcome;
-pub use ingest::{ingest, IngestError, Progress, Stopped, PROGRESS_INTERVAL};
+pub use ingest::{ingest, IngestError, Interrupted, Progress, Stopped, PROGRESS_INTERVAL};
 pub use summary::Summary;
 pub use workers::{route, Budget, Job, Workers};
 
@@ -46,6 +46,12 @@ pub struct IngestOptions {
     pub batch_wait: std::time::Duration,
     /// See [`ApplyHook`].
     pub hook: Option<ApplyHook>,
+    /// Raised from outside (a signal handler), `ingest` stops reading and
+    /// ends as [`IngestError::Interrupted`] once the work in flight is done.
+    pub interrupt: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// How long the work in flight may take after an interrupt before it
+    /// is handed back.
+    pub shutdown_timeout: std::time::Duration,
 }
 
 impl Default for IngestOptions {
@@ -57,6 +63,8 @@ impl Default for IngestOptions {
             batch_size: 1000,
             batch_wait: std::time::Duration::from_millis(2),
             hook: None,
+            interrupt: None,
+            shutdown_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -499,3 +499,55 @@ fn the_command_line_keeps_its_word() {
         "{text}"
     );
 }
+
+/// Ctrl-C during `ingest`: reading stops, what is in flight is finished,
+/// the summary and the line to resume from are printed, exit 130; running
+/// the same input again completes it.
+#[test]
+fn ctrl_c_during_ingest_finishes_what_is_in_flight_and_says_where_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (devices, text) = crate::chaos::input(100_000);
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, &text).unwrap();
+    let url = format!("sqlite://{}", dir.path().join("n.db").display());
+    let faulty = crate::support::TestDb::open(&url, Default::default());
+    faulty.provision(&devices);
+    let child = Command::new(env!("CARGO_BIN_EXE_normalizer"))
+        .args(["--database-url", &url, "ingest", "--workers", "2"])
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while faulty.status().processed_messages == 0 {
+        assert!(std::time::Instant::now() < deadline, "the run started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted at line ")
+            && err.contains("running the same input again is safe"),
+        "{err}"
+    );
+    assert!(err.contains("lines "), "the summary is printed: {err}");
+    let done_before = faulty.status().processed_messages;
+    assert!(
+        done_before > 0 && done_before < 90_000,
+        "stopped mid-run: {done_before}"
+    );
+
+    let rerun = normalizer(
+        dir.path(),
+        &["--database-url", &url, "ingest", input.to_str().unwrap()],
+    );
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let clean = crate::support::sqlite();
+    clean.provision(&devices);
+    clean.ingest(&text);
+    crate::support::same_as_clean_after_a_rerun(&clean.snapshot(), &faulty.snapshot());
+}

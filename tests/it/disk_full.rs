@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 
-use normalizer::db::repo::snapshot::Snapshot;
-
 use crate::chaos::{compare, input};
 use crate::pg::PgCluster;
 use crate::service::{bin, Server};
-use crate::support::TestDb;
+use crate::support::{same_as_clean_after_a_rerun, TestDb};
 
 /// A tmpfs of a few MiB of the test's own, with a ballast file that eats
 /// all but a little of it. Unmounted when dropped.
@@ -120,32 +118,6 @@ fn check(name: &str, clean: &TestDb, url: &str, text: &str, disk: &SmallDisk) {
     );
     let faulty = TestDb::open(url, Default::default());
     same_as_clean_after_a_rerun(&clean.snapshot(), &faulty.snapshot());
-}
-
-/// The end state of a run stopped and then run again in whole equals the
-/// clean run's, but for what the contract says a rerun does to dead
-/// letters: a bad line seen twice counts two attempts (or, without a
-/// readable id, adds a row).
-fn same_as_clean_after_a_rerun(clean: &Snapshot, faulty: &Snapshot) {
-    let (lost, _, wrongly_dead_lettered) = compare(clean, faulty);
-    assert_eq!((lost, wrongly_dead_lettered), (0, 0));
-    assert_eq!(
-        faulty.readings, clean.readings,
-        "no reading lost or doubled"
-    );
-    assert_eq!(faulty.alerts, clean.alerts, "no alert lost or doubled");
-    assert_eq!(faulty.processed, clean.processed);
-    assert_eq!(faulty.devices, clean.devices);
-    let kinds = |s: &Snapshot| {
-        let mut k: Vec<_> = s
-            .dead_letters
-            .iter()
-            .map(|d| (d.0.clone(), d.2.clone(), d.4.clone()))
-            .collect();
-        k.dedup();
-        k
-    };
-    assert_eq!(kinds(faulty), kinds(clean), "the same dead letters");
 }
 
 /// The input, a clean SQLite run of it (in the folder returned), and a
