@@ -172,11 +172,18 @@ impl Context {
         if settings.max_connections == 0 {
             return Err(anyhow!("--max-connections must be at least 1").into());
         }
-        let log_file = logfile::init(&settings.log_level, settings.log_file.as_deref())
-            .with_context(|| match &settings.log_file {
+        // The service's log file is the service's: a one-off command writes
+        // there only when told so on its own command line.
+        let log_path = match cli.command {
+            Command::Serve { .. } => settings.log_file.clone(),
+            _ => cli.log_file.clone(),
+        };
+        let log_file = logfile::init(&settings.log_level, log_path.as_deref()).with_context(
+            || match &log_path {
                 Some(path) => format!("cannot open the log file {}", path.display()),
                 None => "cannot set up logging".to_string(),
-            })?;
+            },
+        )?;
         let url = DatabaseUrl::parse(&settings.database_url).map_err(|e| anyhow!(e))?;
         url.check().map_err(|e| anyhow!(e))?;
         let defaults = RetryPolicy::default();

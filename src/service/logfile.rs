@@ -66,10 +66,23 @@ pub fn to_file() -> bool {
 /// `file` or stderr. Panics are logged too, so that they reach the file.
 pub fn init(filter: &str, file: Option<&Path>) -> io::Result<Option<Arc<LogFile>>> {
     let mut builder = env_logger::Builder::new();
+    // Each line carries the process id: a service and a one-off command
+    // (or two services) never read as one another.
+    let pid = std::process::id();
     builder
         .parse_filters(filter)
         .parse_env("RUST_LOG")
-        .format_timestamp_millis();
+        .format(move |buf, record| {
+            use std::io::Write as _;
+            writeln!(
+                buf,
+                "[{} {:<5} {pid} {}] {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        });
     let log_file = match file {
         Some(path) => {
             let log_file = LogFile::open(path)?;

@@ -551,3 +551,45 @@ fn ctrl_c_during_ingest_finishes_what_is_in_flight_and_says_where_to_resume() {
     clean.ingest(&text);
     crate::support::same_as_clean_after_a_rerun(&clean.snapshot(), &faulty.snapshot());
 }
+
+/// A one-off command run with the service's config does not write into the
+/// service's log file unless told so; every log line names its process.
+#[test]
+fn one_off_commands_stay_out_of_the_service_log_and_each_line_names_its_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("service.log");
+    let config = dir.path().join("n.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"sqlite://{}\"\nlog_file = \"{}\"\nlog_level = \"debug\"\n",
+            dir.path().join("n.db").display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let out = normalizer(dir.path(), &["--config", cfg, "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !log.exists(),
+        "the one-off command kept out of the service log"
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_normalizer"))
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .args(["--config", cfg, "--log-file"])
+        .arg(&log)
+        .arg("status")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(line.contains(&format!(" {pid} normalizer")), "{line}");
+    }
+}
