@@ -78,6 +78,10 @@ struct Shared {
     socket: PathBuf,
     /// Producers connected now.
     active: AtomicUsize,
+    /// Lines read and never acknowledged, of producers cut off.
+    unacknowledged: AtomicU64,
+    /// Producers cut off with lines unacknowledged.
+    cut_off: AtomicU64,
 }
 
 impl Shared {
@@ -185,6 +189,8 @@ pub fn run(
         summary: Mutex::new(Summary::new()),
         socket: options.socket.clone(),
         active: AtomicUsize::new(0),
+        unacknowledged: AtomicU64::new(0),
+        cut_off: AtomicU64::new(0),
     };
     let stop = AtomicBool::new(false);
     log::info!(
@@ -224,8 +230,15 @@ pub fn run(
         });
     });
     let summary = shared.summary.lock().expect("summary lock");
+    let unacknowledged = match shared.unacknowledged.load(Ordering::SeqCst) {
+        0 => String::new(),
+        n => format!(
+            "; {n} lines of {} producers left unacknowledged (sending them again is safe)",
+            shared.cut_off.load(Ordering::SeqCst)
+        ),
+    };
     log::info!(
-        "stopped: processed {}, duplicate {}, dead letter {}",
+        "stopped: processed {}, duplicate {}, dead letter {}{unacknowledged}",
         summary.processed,
         summary.duplicates,
         summary.dead_letters
@@ -261,7 +274,8 @@ fn accept<'scope>(
         };
         if shared.active.load(Ordering::SeqCst) >= options.max_connections {
             log::warn!(
-                "refused a producer: {} connected, the limit",
+                "refused a producer ({}): {} connected, the limit",
+                peer(&stream),
                 options.max_connections
             );
             let refusal = Refusal {
@@ -331,14 +345,16 @@ fn serve_connection(
     shared: &Shared,
     options: &ServeOptions,
 ) {
-    log::debug!("producer {id} connected");
+    let who = peer(&stream);
+    log::debug!("producer {id} ({who}) connected");
     let Ok(write_half) = stream.try_clone() else {
-        log::warn!("producer {id}: cannot clone the stream");
+        log::warn!("producer {id} ({who}): cannot clone the stream");
         return;
     };
     let (reply, acks) = bounded::<Done>(options.workers.queue_per_worker.max(16));
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
+    let mut submitted = 0u64;
+    let committed = std::thread::scope(|scope| {
+        let writer = std::thread::Builder::new()
             .name(format!("acks-{id}"))
             .spawn_scoped(scope, || write_acks(id, write_half, acks, shared))
             .expect("spawn an ack writer");
@@ -349,29 +365,70 @@ fn serve_connection(
                     if shared.shutting_down.load(Ordering::SeqCst) {
                         break;
                     }
-                    if workers.submit(line.number, line, &reply) == Some(false) {
-                        break;
+                    match workers.submit(line.number, line, &reply) {
+                        Some(true) => submitted += 1,
+                        Some(false) => break,
+                        None => {}
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    log::info!("producer {id}: read failed: {e}");
+                    log::info!("producer {id} ({who}): read failed: {e}");
                     break;
                 }
             }
         }
         drop(reply);
+        writer.join().expect("the ack writer does not panic")
     });
     let _ = stream.shutdown(Shutdown::Both);
+    let unacknowledged = submitted.saturating_sub(committed);
+    if unacknowledged > 0 {
+        log::warn!(
+            "producer {id} ({who}) cut off with {unacknowledged} lines unacknowledged; sending them again is safe"
+        );
+        shared
+            .unacknowledged
+            .fetch_add(unacknowledged, Ordering::SeqCst);
+        shared.cut_off.fetch_add(1, Ordering::SeqCst);
+    }
     log::debug!("producer {id} done");
 }
 
-fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared) {
+/// Who is at the other end of a producer's socket, from its credentials.
+fn peer(stream: &UnixStream) -> String {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        format!("uid {}, pid {}", cred.uid, cred.pid)
+    } else {
+        "peer unknown".to_string()
+    }
+}
+
+/// Writes each committed line's ack; returns how many were committed.
+fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared) -> u64 {
     let mut out = BufWriter::new(stream);
     let mut broken = false;
+    let mut committed = 0;
     for done in acks.iter() {
         let line = match done.result {
             Ok(outcome) => {
+                committed += 1;
                 shared
                     .summary
                     .lock()
@@ -406,6 +463,7 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
         }
     }
     let _ = out.flush();
+    committed
 }
 
 fn report_stats(

@@ -369,6 +369,13 @@ fn oversize_lines_and_too_many_connections_get_clear_errors() {
     drop(holder);
     server.signal(libc::SIGTERM);
     assert!(server.wait().status.success());
+    let log = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    assert!(
+        log.contains(&format!("refused a producer (uid {uid}, pid ")),
+        "refused producers are identified: {log}"
+    );
 }
 
 #[test]
@@ -577,6 +584,17 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
     );
     let log = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
     assert!(log.contains("shutdown timeout: handing back"), "{log}");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let me = format!("(uid {uid}, pid {})", std::process::id());
+    assert!(
+        log.contains(&format!("{me} cut off with 20 lines unacknowledged")),
+        "the producer is named with what it lost: {log}"
+    );
+    assert!(
+        log.contains("stopped: processed 0, duplicate 0, dead letter 0; 20 lines of 1 producers left unacknowledged"),
+        "{log}"
+    );
 }
 
 /// The service loop in-process, on a listener and a shutdown channel of the
