@@ -91,6 +91,7 @@ impl Shared {
         if self.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
+        notify("STOPPING=1");
         // Wake the accept loop.
         let _ = UnixStream::connect(&self.socket);
         for stream in self.streams.lock().expect("streams lock").values() {
@@ -149,10 +150,35 @@ pub fn serve(
             .name("signals".into())
             .spawn_scoped(scope, || handle_signals(signals, log, shutdown))
             .expect("spawn the signal thread");
+        // The socket listens and the database answered (its migrations ran).
+        notify("READY=1");
         let exit = run(db, options, listener, on_shutdown);
         signal_handle.close();
         exit
     }))
+}
+
+/// Tells systemd (a `Type=notify` unit) how the service is: a datagram to
+/// `$NOTIFY_SOCKET`, when there is one (sd_notify(3)).
+fn notify(state: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        let bytes = path.as_encoded_bytes();
+        match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => socket.send_to(state.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        log::warn!("cannot tell systemd {state}: {e}");
+    }
 }
 
 fn handle_signals(mut signals: Signals, log: Option<Arc<LogFile>>, shutdown: Sender<()>) {

@@ -593,3 +593,29 @@ fn one_off_commands_stay_out_of_the_service_log_and_each_line_names_its_process(
         assert!(line.contains(&format!(" {pid} normalizer")), "{line}");
     }
 }
+
+/// Packaging stages a prebuilt binary without building anything.
+#[test]
+fn install_stages_a_prebuilt_binary_without_building() {
+    let stage = tempfile::tempdir().unwrap();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install"))
+        .env("DESTDIR", stage.path())
+        .env("BIN", env!("CARGO_BIN_EXE_normalizer"))
+        // No cargo on this PATH: building would fail.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let staged = std::fs::read(stage.path().join("usr/local/bin/normalizer")).unwrap();
+    assert_eq!(
+        staged,
+        std::fs::read(env!("CARGO_BIN_EXE_normalizer")).unwrap()
+    );
+    for file in [
+        "etc/systemd/system/normalizer.service",
+        "etc/normalizer/normalizer.toml",
+        "etc/logrotate.d/normalizer",
+    ] {
+        assert!(stage.path().join(file).exists(), "{file}");
+    }
+}

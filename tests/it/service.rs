@@ -27,6 +27,15 @@ pub(crate) fn bin() -> Command {
 
 impl Server {
     pub(crate) fn start(dir: &Path, db: &str, extra: &[&str]) -> Server {
+        Self::start_with_env(dir, db, extra, &[])
+    }
+
+    pub(crate) fn start_with_env(
+        dir: &Path,
+        db: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Server {
         let socket = dir.join("n.sock");
         // Ready when it says so in its log (a probe connection would count
         // against --max-connections); counted before it starts.
@@ -44,6 +53,7 @@ impl Server {
             .args(["serve", "--socket"])
             .arg(&socket)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -648,4 +658,60 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
     assert_eq!(exit, service::Exit::Clean);
     assert!(!socket.exists(), "the socket file is removed");
     assert_eq!(t.status().processed_messages, 1);
+}
+
+/// A `Type=notify` unit: READY=1 once the socket listens and the database
+/// answered, STOPPING=1 when the shutdown begins.
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let db = format!("sqlite://{}", dir.path().join("n.db").display());
+    let server = Server::start_with_env(dir.path(), &db, &[], &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 arrives");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        UnixStream::connect(&server.socket).is_ok(),
+        "ready means listening"
+    );
+    server.signal(libc::SIGTERM);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 arrives");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(server.wait().status.success());
+}
+
+/// The shipped unit passes `systemd-analyze verify` and scores at most 3.0
+/// in `systemd-analyze security`.
+#[test]
+fn the_shipped_unit_is_valid_and_hardened() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/normalizer.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", unit])
+        .output()
+        .expect("systemd-analyze runs (scripts/test installs systemd)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("normalizer.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level: {text}"));
+    println!("systemd-analyze security: {score}");
+    assert!(score <= 3.0, "exposure {score}: {text}");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", unit])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Only the binary's absence at its installed path is allowed here.
+    let problems: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("/usr/local/bin/normalizer") && !l.trim().is_empty())
+        .collect();
+    assert!(problems.is_empty(), "{err}");
 }
