@@ -171,6 +171,12 @@ pub(crate) fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usi
     summary.expect("the run finishes by itself")
 }
 
+/// The end state, read with default settings: a fault's own settings (a
+/// 300 ms statement_timeout) are for the run, not for reading its result.
+fn snapshot_of(url: &str) -> Snapshot {
+    TestDb::open(url, PoolSettings::default()).snapshot()
+}
+
 /// Runs one case: `prepare` may change the faulty database before the run,
 /// `inject` runs beside the faulty run until it returns. With `role`, the
 /// normalizer connects as that role (not a superuser).
@@ -195,7 +201,7 @@ fn case(
         let clean = open(&clean_url);
         clean.provision(&devices);
         let summary = ingest_observed(&clean.db, &text, &Run::default(), workers);
-        (summary, clean.snapshot())
+        (summary, snapshot_of(&clean_url))
     };
     let faulty = open(&faulty_url);
     faulty.provision(&devices);
@@ -208,7 +214,7 @@ fn case(
         injector.join().expect("the injector does not panic");
         summary
     });
-    let faulty_snap = faulty.snapshot();
+    let faulty_snap = snapshot_of(&faulty.url);
     let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
     let recovery = match (
         *run.back_at.lock().unwrap(),
