@@ -197,12 +197,13 @@ fn case(
         None => cluster.create_database(),
     };
     let (clean_url, faulty_url) = (create(), create());
-    let (clean_summary, clean_snap) = {
+    let clean_summary = {
         let clean = open(&clean_url);
         clean.provision(&devices);
-        let summary = ingest_observed(&clean.db, &text, &Run::default(), workers);
-        (summary, snapshot_of(&clean_url))
+        ingest_observed(&clean.db, &text, &Run::default(), workers)
     };
+    // Its pool is closed by now: a role with few slots has them back.
+    let clean_snap = snapshot_of(&clean_url);
     let faulty = open(&faulty_url);
     faulty.provision(&devices);
     prepare(&faulty.url);
@@ -214,7 +215,8 @@ fn case(
         injector.join().expect("the injector does not panic");
         summary
     });
-    let faulty_snap = snapshot_of(&faulty.url);
+    drop(faulty);
+    let faulty_snap = snapshot_of(&faulty_url);
     let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
     let recovery = match (
         *run.back_at.lock().unwrap(),
