@@ -121,6 +121,30 @@ impl std::fmt::Display for Figures {
     }
 }
 
+impl Figures {
+    /// Prints the line of figures and checks what every fault case holds:
+    /// the fault hit the run and was felt, nothing was lost, doubled or
+    /// wrongly dead-lettered, and the end state is the clean run's.
+    pub(crate) fn check(&self, run: &Run, clean: &Snapshot, faulty: &Snapshot) {
+        let fault = self.fault;
+        println!("{self}");
+        assert!(
+            run.injected_while_running.load(Ordering::SeqCst),
+            "{fault}: the fault hit the run"
+        );
+        assert_eq!(
+            (self.lost, self.doubled, self.wrongly_dead_lettered),
+            (0, 0, 0),
+            "{self}"
+        );
+        assert_eq!(faulty, clean, "{fault}: end state equals the clean run");
+        assert!(
+            self.summary.database.total_retries() > 0,
+            "{fault}: the fault was felt: {self}"
+        );
+    }
+}
+
 pub(crate) fn compare(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
     use std::collections::HashSet;
     let clean_ids: HashSet<&String> = clean.processed.iter().collect();
@@ -236,20 +260,7 @@ fn case(
         recovery,
         max_stall: *run.max_stall.lock().unwrap(),
     };
-    println!("{figures}");
-    assert!(
-        run.injected_while_running.load(Ordering::SeqCst),
-        "{fault}: the fault hit the run"
-    );
-    assert_eq!((lost, doubled, wrong), (0, 0, 0), "{figures}");
-    assert_eq!(
-        faulty_snap, clean_snap,
-        "{fault}: end state equals the clean run"
-    );
-    assert!(
-        figures.summary.database.total_retries() > 0,
-        "{fault}: the fault was felt: {figures}"
-    );
+    figures.check(&run, &clean_snap, &faulty_snap);
 }
 
 #[test]

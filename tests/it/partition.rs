@@ -143,17 +143,7 @@ fn check(placement: Placement) {
         recovery,
         max_stall: *run.max_stall.lock().unwrap(),
     };
-    println!("{figures}");
-    assert!(
-        run.injected_while_running.load(Ordering::SeqCst),
-        "the cut hit the run"
-    );
-    assert_eq!((lost, doubled, wrong), (0, 0, 0), "{figures}");
-    assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
-    assert!(
-        figures.summary.database.total_retries() > 0,
-        "the cut was felt: {figures}"
-    );
+    figures.check(&run, &clean_snap, &faulty_snap);
     // Liveness, not speed: without a deadline the run waited for TCP's
     // retransmission backoff (minutes) or for ever. The bound is the
     // deadline itself (statement_timeout + margin) plus 10 s.
