@@ -469,40 +469,46 @@ fn classify_query(error: &Error) -> Classified {
     }
 }
 
+/// A database error known by its text alone: what diesel_migrations' boxed
+/// errors become (and, in tests, real-looking diesel errors).
+#[derive(Debug)]
+pub(crate) struct Said(pub(crate) String);
+
+impl diesel::result::DatabaseErrorInformation for Said {
+    fn message(&self) -> &str {
+        &self.0
+    }
+    fn details(&self) -> Option<&str> {
+        None
+    }
+    fn hint(&self) -> Option<&str> {
+        None
+    }
+    fn table_name(&self) -> Option<&str> {
+        None
+    }
+    fn column_name(&self) -> Option<&str> {
+        None
+    }
+    fn constraint_name(&self) -> Option<&str> {
+        None
+    }
+    fn statement_position(&self) -> Option<i32> {
+        None
+    }
+}
+
 /// Real-looking diesel errors for tests of the classifier and the retry loop.
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::{DatabaseErrorKind, DbError, Error};
 
-    #[derive(Debug)]
-    struct Info(&'static str);
-    impl diesel::result::DatabaseErrorInformation for Info {
-        fn message(&self) -> &str {
-            self.0
-        }
-        fn details(&self) -> Option<&str> {
-            None
-        }
-        fn hint(&self) -> Option<&str> {
-            None
-        }
-        fn table_name(&self) -> Option<&str> {
-            None
-        }
-        fn column_name(&self) -> Option<&str> {
-            None
-        }
-        fn constraint_name(&self) -> Option<&str> {
-            None
-        }
-        fn statement_position(&self) -> Option<i32> {
-            None
-        }
-    }
-
     /// A database error of `kind` with PostgreSQL's or SQLite's `message`.
     pub(crate) fn db(kind: DatabaseErrorKind, message: &'static str) -> DbError {
-        DbError::Query(Error::DatabaseError(kind, Box::new(Info(message))))
+        DbError::Query(Error::DatabaseError(
+            kind,
+            Box::new(super::Said(message.into())),
+        ))
     }
 }
 

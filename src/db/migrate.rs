@@ -94,11 +94,34 @@ fn versions(applied: Vec<diesel::migration::MigrationVersion<'_>>) -> Vec<String
     applied.iter().map(|v| v.to_string()).collect()
 }
 
-/// diesel_migrations boxes diesel's own errors; unboxed, a connection lost
-/// during a migration is classified and retried like any other.
+/// diesel_migrations boxes diesel's errors. The classifier reads an
+/// error's text anyway (diesel has no SQLSTATE), so the boxed error goes on
+/// as a database error with its own words: a connection lost during a
+/// migration is still retried like any other, and nothing is downcast.
 fn unbox(e: Box<dyn std::error::Error + Send + Sync>) -> diesel::result::Error {
-    match e.downcast::<diesel::result::Error>() {
-        Ok(e) => *e,
-        Err(e) => diesel::result::Error::QueryBuilderError(e),
+    diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::Unknown,
+        Box::new(super::classify::Said(e.to_string())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{classify, ErrorClass};
+
+    #[test]
+    fn a_boxed_error_keeps_its_meaning() {
+        let lost: Box<dyn std::error::Error + Send + Sync> =
+            "server closed the connection unexpectedly".into();
+        let error = crate::db::DbError::Query(unbox(lost));
+        assert_eq!(classify(&error).class, ErrorClass::Connection);
+        let denied: Box<dyn std::error::Error + Send + Sync> =
+            "permission denied for schema public".into();
+        let error = crate::db::DbError::Query(unbox(denied));
+        assert_eq!(classify(&error).class, ErrorClass::Permanent);
+        assert!(error
+            .to_string()
+            .contains("permission denied for schema public"));
     }
 }

@@ -6,7 +6,7 @@ use chrono::Utc;
 use diesel::prelude::*;
 
 use crate::core::alarm::{evaluates_alarms, transition, Condition, Transition};
-use crate::core::normalize::{normalize, DeviceSpec, FieldMapping, Quality, Reading, SensorSpec};
+use crate::core::normalize::{normalize, DeviceSpec, Quality, Reading};
 use crate::core::{DeadLetterKind, Message};
 use crate::db::schema::{
     alarms, alerts, devices, processed_messages, profile_fields, readings, sensors,
@@ -16,6 +16,7 @@ use crate::db::{dispatch, AnyConnection};
 use crate::outcome::{Applied, DeadLetter, Outcome};
 
 use super::dead_letters;
+use super::reference::{add_sensor, map_field};
 
 /// Applies one message inside the caller's transaction. `raw` is the line as
 /// read, for a dead letter; `token` names this write (see
@@ -133,27 +134,11 @@ fn device_spec(
         .load(c))?;
     let mut spec = DeviceSpec::default();
     for (field, metric, scale, offset) in fields {
-        spec.fields.insert(
-            field,
-            FieldMapping {
-                metric,
-                scale,
-                offset,
-            },
-        );
+        map_field(&mut spec.fields, field, (metric, scale, offset));
     }
     let mut latest = HashMap::new();
     for (id, metric, scale, offset, min, max, last_good) in sensors {
-        spec.sensors.insert(
-            metric,
-            SensorSpec {
-                id,
-                scale,
-                offset,
-                min,
-                max,
-            },
-        );
+        add_sensor(&mut spec, metric, (id, scale, offset, min, max));
         latest.insert(id, last_good);
     }
     Ok((spec, latest))

@@ -97,13 +97,10 @@ fn load(conn: &mut AnyConnection, version: i64) -> QueryResult<Reference> {
 
     let mut fields: HashMap<i64, HashMap<String, FieldMapping>> = HashMap::new();
     for (profile, field, metric, scale, offset) in field_rows {
-        fields.entry(profile).or_default().insert(
+        map_field(
+            fields.entry(profile).or_default(),
             field,
-            FieldMapping {
-                metric,
-                scale,
-                offset,
-            },
+            (metric, scale, offset),
         );
     }
     let mut reference = Reference {
@@ -120,16 +117,7 @@ fn load(conn: &mut AnyConnection, version: i64) -> QueryResult<Reference> {
     }
     for (id, device, metric, scale, offset, min, max) in sensor_rows {
         if let Some(spec) = reference.specs.get_mut(&device) {
-            spec.sensors.insert(
-                metric,
-                SensorSpec {
-                    id,
-                    scale,
-                    offset,
-                    min,
-                    max,
-                },
-            );
+            add_sensor(spec, metric, (id, scale, offset, min, max));
         }
     }
     for (id, sensor, condition, threshold) in alarm_rows {
@@ -143,4 +131,38 @@ fn load(conn: &mut AnyConnection, version: i64) -> QueryResult<Reference> {
         }
     }
     Ok(reference)
+}
+
+/// A profile field's row into its mapping: (metric, scale, offset).
+pub(super) fn map_field(
+    fields: &mut HashMap<String, FieldMapping>,
+    field: String,
+    (metric, scale, offset): (String, f64, f64),
+) {
+    fields.insert(
+        field,
+        FieldMapping {
+            metric,
+            scale,
+            offset,
+        },
+    );
+}
+
+/// A sensor's row into the device's spec: (id, scale, offset, min, max).
+pub(super) fn add_sensor(
+    spec: &mut DeviceSpec,
+    metric: String,
+    (id, scale, offset, min, max): (i64, f64, f64, Option<f64>, Option<f64>),
+) {
+    spec.sensors.insert(
+        metric,
+        SensorSpec {
+            id,
+            scale,
+            offset,
+            min,
+            max,
+        },
+    );
 }
