@@ -33,6 +33,8 @@ pub(super) enum Outage {
     DiskFull,
     /// The server is out of memory.
     OutOfMemory,
+    /// The database cannot be written (SQLite: a read-only file).
+    ReadOnly,
 }
 
 impl Outage {
@@ -40,6 +42,9 @@ impl Outage {
     pub(super) fn of(classified: &Classified) -> Option<Outage> {
         match (classified.class, classified.cause) {
             (ErrorClass::Connection, _) => Some(Outage::Unreachable),
+            (ErrorClass::Resource, _) if classified.sqlstate == Some("SQLITE_READONLY") => {
+                Some(Outage::ReadOnly)
+            }
             (ErrorClass::Resource, Cause::OutOfMemory) => Some(Outage::OutOfMemory),
             (ErrorClass::Resource, _) => Some(Outage::DiskFull),
             _ => None,
@@ -51,6 +56,7 @@ impl Outage {
             Outage::Unreachable => "database unreachable",
             Outage::DiskFull => "the database's disk is full",
             Outage::OutOfMemory => "the database is out of memory",
+            Outage::ReadOnly => "the database is read-only",
         }
     }
 
@@ -59,13 +65,14 @@ impl Outage {
             Outage::Unreachable => "database back",
             Outage::DiskFull => "the database's disk has space again",
             Outage::OutOfMemory => "the database has memory again",
+            Outage::ReadOnly => "the database is writable again",
         }
     }
 
     fn limit(self, policy: &RetryPolicy) -> Option<Duration> {
         match self {
             Outage::Unreachable => Some(policy.max_outage),
-            Outage::DiskFull | Outage::OutOfMemory => policy.resource_wait,
+            Outage::DiskFull | Outage::OutOfMemory | Outage::ReadOnly => policy.resource_wait,
         }
     }
 }

@@ -304,6 +304,12 @@ const MESSAGES: &[(&str, Classified)] = &[
         "database or disk is full",
         c(Resource, Cause::DiskFull, Some("SQLITE_FULL")),
     ),
+    // A database that cannot be written (a read-only file or file system)
+    // is nobody's message's fault either: stop, or wait until it is fixed.
+    (
+        "attempt to write a readonly database",
+        c(Resource, Cause::Other, Some("SQLITE_READONLY")),
+    ),
     // SQLite: another writer holds the lock.
     (
         "database is locked",
@@ -352,10 +358,6 @@ const MESSAGES: &[(&str, Classified)] = &[
     (
         "file is not a database",
         c(Permanent, Cause::Other, Some("SQLITE_NOTADB")),
-    ),
-    (
-        "attempt to write a readonly database",
-        c(Permanent, Cause::Other, Some("SQLITE_READONLY")),
     ),
     // Data, integrity and syntax errors (classes 22, 23, 42).
     ("violates", c(Permanent, Cause::Other, Some("23000"))),
@@ -581,6 +583,7 @@ mod tests {
             (db(Unknown, "could not write to file \"pg_wal/xlogtemp.123\": No space left on device"), Resource, Cause::DiskFull, Some("53100")),
             (db(Unknown, "database or disk is full"), Resource, Cause::DiskFull, Some("SQLITE_FULL")),
             (db(Unknown, "out of memory"), Resource, Cause::OutOfMemory, Some("53200")),
+            (db(Unknown, "attempt to write a readonly database"), Resource, Cause::Other, Some("SQLITE_READONLY")),
             (DbError::Unavailable("the database's disk is full since 2026-11-30T04:00:00Z: database or disk is full".into()), Resource, Cause::DiskFull, Some("SQLITE_FULL")),
             (DbError::Unavailable("database unreachable since 2026-11-30T04:00:00Z: cannot get a connection: Connection refused".into()), Connection, Cause::ConnectionLost, Some("08001")),
             (DbError::NoAnswer(std::time::Duration::from_secs(35)), Connection, Cause::NoAnswer, None),

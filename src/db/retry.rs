@@ -212,7 +212,11 @@ impl Failure {
 /// What a resource error is short of, and what the operator must do: for
 /// messages ("the database's disk is full", "free space").
 pub(crate) fn shortage_of(error: &Reason) -> (&'static str, &'static str) {
-    match error.classified().cause {
+    let classified = error.classified();
+    match classified.cause {
+        _ if classified.sqlstate == Some("SQLITE_READONLY") => {
+            ("the database is read-only", "make it writable")
+        }
         crate::metrics::Cause::OutOfMemory => ("the database is out of memory", "free memory"),
         _ => ("the database's disk is full", "free space"),
     }

@@ -74,6 +74,15 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Unmounts a mount point when dropped, also when the test fails.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).output();
+    }
+}
+
 fn ingest(url: &str, file: &Path) -> (Output, Duration) {
     let started = Instant::now();
     let out = bin()
@@ -246,4 +255,63 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
     assert_eq!(compare(&clean_snap, &faulty_snap), (0, 0, 0));
     assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
+}
+
+/// A database that cannot be written (here: seen through a read-only bind
+/// mount while a writer holds it open elsewhere) is not the messages' fault
+/// either: `ingest` stops at once with one sentence, nothing is bisected or
+/// dead-lettered, and the same input completes where it is writable.
+#[test]
+fn a_read_only_sqlite_database_stops_ingest_at_once_and_a_rerun_after_fixing_it_completes() {
+    let (devices, text) = input(2_000);
+    let disk = SmallDisk::new(24);
+    let writable = format!("sqlite://{}", disk.path().join("n.db").display());
+    // Held open: its -wal and -shm stay, as under a running service.
+    let holder = TestDb::open(&writable, Default::default());
+    holder.provision(&devices);
+    let view = tempfile::tempdir().unwrap();
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(disk.path())
+        .arg(view.path()));
+    let bound = Unmount(view.path());
+    run(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(view.path()));
+    let read_only = format!("sqlite://{}", view.path().join("n.db").display());
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let (out, took) = ingest(&read_only, &file);
+    drop(bound);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
+    println!(
+        "fault=read-only-sqlite stopped_after={:.2}s exit={:?} log_lines={lines}\n{stderr}",
+        took.as_secs_f64(),
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("the database is read-only; every line before line ")
+            && stderr.contains("make it writable and run the same input again"),
+        "{stderr}"
+    );
+    assert!(lines <= 4, "a handful of log lines: {stderr}");
+    assert!(!stderr.contains("splitting"), "never bisected: {stderr}");
+    assert_eq!(
+        holder.status().dead_letters.len(),
+        0,
+        "nothing dead-lettered"
+    );
+    let (out, _) = ingest(&writable, &file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let clean = crate::support::sqlite();
+    clean.provision(&devices);
+    clean.ingest(&text);
+    same_as_clean_after_a_rerun(&clean.snapshot(), &holder.snapshot());
 }
