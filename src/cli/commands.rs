@@ -133,7 +133,7 @@ pub(super) fn send(context: &Context, file: Option<&Path>, json: bool) -> Result
 /// `status`.
 pub(super) fn status(context: &Context, json: bool) -> Result<(), RunError> {
     let db = context.open_migrated(Pool::One)?;
-    let s = db.transaction(status::read)?;
+    let s = db.read(status::read)?;
     if json {
         print_json(&s);
     } else {
@@ -148,7 +148,7 @@ pub(super) fn dead_letters(context: &Context, command: DeadLetterCommand) -> Res
         DeadLetterCommand::List { kind, limit, json } => {
             let db = context.open_migrated(Pool::One)?;
             let kind = kind.map(|k| k.as_str());
-            let (rows, total) = db.transaction(|c| {
+            let (rows, total) = db.read(|c| {
                 Ok((
                     dead_letters::list(c, kind, limit)?,
                     dead_letters::count(c, kind)?,

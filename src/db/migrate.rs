@@ -19,6 +19,10 @@ const SQLITE: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 /// migrate once. Returns the versions applied; with none pending it writes
 /// nothing at all.
 pub fn run(db: &Database) -> Result<Vec<String>, Failure> {
+    // Read first: a database that is up to date may well be read-only.
+    if pending(db)?.is_empty() {
+        return Ok(vec![]);
+    }
     db.transaction(|conn| {
         if pending_in(conn)?.is_empty() {
             return Ok(vec![]);
@@ -36,7 +40,7 @@ pub fn run(db: &Database) -> Result<Vec<String>, Failure> {
 
 /// The versions of the migrations not applied yet, with reads only.
 pub fn pending(db: &Database) -> Result<Vec<String>, Failure> {
-    db.transaction(pending_in)
+    db.read(pending_in)
 }
 
 fn pending_in(conn: &mut AnyConnection) -> QueryResult<Vec<String>> {

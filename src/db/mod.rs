@@ -29,6 +29,7 @@ use diesel::QueryResult;
 use self::breaker::{Breaker, Outage};
 pub use self::classify::{classify, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
+use self::pool::Access;
 pub use self::pool::{AnyConnection, PoolSettings};
 use self::pool::{Manager, PooledConn, QuietErrors, Session};
 pub(crate) use self::retry::shortage_of;
@@ -140,7 +141,17 @@ impl Database {
         &self,
         body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
-        self.run(&self.policy, body)
+        self.run(&self.policy, Access::Write, body)
+    }
+
+    /// Like [`Database::transaction`], for a body that only reads: on
+    /// SQLite a deferred `BEGIN` (no write lock, so a file that cannot be
+    /// written can still be read), on PostgreSQL `BEGIN READ ONLY`.
+    pub fn read<T>(
+        &self,
+        body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
+    ) -> Result<T, Failure> {
+        self.run(&self.policy, Access::Read, body)
     }
 
     /// Like [`Database::transaction`], but transient errors end the call as
@@ -155,18 +166,19 @@ impl Database {
             transient_attempts: Some(attempts),
             ..self.policy.clone()
         };
-        self.run(&policy, body)
+        self.run(&policy, Access::Write, body)
     }
 
     fn run<T>(
         &self,
         policy: &RetryPolicy,
+        access: Access,
         mut body: impl FnMut(&mut AnyConnection) -> QueryResult<T>,
     ) -> Result<T, Failure> {
         let mut observer = TxObserver { db: self };
         let mut call = self.breaker.call();
         retry::run(policy, &mut SystemClock, &mut observer, |_| {
-            self.attempt(&mut body, &mut call)
+            self.attempt(access, &mut body, &mut call)
         })
     }
 
@@ -174,6 +186,7 @@ impl Database {
     /// unreachable, this waits for the one probe instead of connecting.
     fn attempt<T>(
         &self,
+        access: Access,
         body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
         call: &mut breaker::Call<'_, SystemClock>,
     ) -> Result<T, AttemptError> {
@@ -187,7 +200,7 @@ impl Database {
             .map_err(|e| AttemptError::failed(DbError::Connect(e.to_string()), Stage::Checkout))
             .and_then(|mut conn| {
                 self.end_abandoned_sessions(&mut conn);
-                let result = run_transaction(&mut conn, body);
+                let result = run_transaction(&mut conn, access, body);
                 conn.touch();
                 if conn.discard || conn.cut_after().is_some() {
                     if let Some(session) = conn.session.take() {
@@ -241,6 +254,7 @@ impl Database {
 /// (the "pending rollback" state that wedged the old service), a panic.
 fn run_transaction<T>(
     pooled: &mut PooledConn,
+    access: Access,
     body: &mut impl FnMut(&mut AnyConnection) -> QueryResult<T>,
 ) -> Result<T, AttemptError> {
     let failed = |pooled: &mut PooledConn, error: diesel::result::Error, stage: Stage| {
@@ -262,7 +276,7 @@ fn run_transaction<T>(
         }
         failure
     };
-    if let Err(e) = pooled.conn.begin() {
+    if let Err(e) = pooled.conn.begin(access) {
         return Err(failed(pooled, e, Stage::Begin));
     }
     match catch_unwind(AssertUnwindSafe(|| body(&mut pooled.conn))) {

@@ -22,6 +22,15 @@ use super::deadline::{self, Registry, Watch};
 use super::url::DatabaseUrl;
 use crate::metrics::DbMetrics;
 
+/// What a transaction will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// Reads and writes.
+    Write,
+    /// Only reads.
+    Read,
+}
+
 /// A connection to either backend. Database code matches on it once and runs
 /// the same diesel code for both (see the `dispatch!` macro).
 pub enum AnyConnection {
@@ -32,13 +41,20 @@ pub enum AnyConnection {
 }
 
 impl AnyConnection {
-    /// BEGIN; on SQLite `BEGIN IMMEDIATE`, so that a write transaction takes
-    /// the write lock up front instead of failing to upgrade a read lock.
-    pub(crate) fn begin(&mut self) -> QueryResult<()> {
-        match self {
-            AnyConnection::Pg(c) => AnsiTransactionManager::begin_transaction(c),
-            AnyConnection::Sqlite(c) => {
+    /// BEGIN. A write transaction on SQLite is `BEGIN IMMEDIATE`, so that it
+    /// takes the write lock up front instead of failing to upgrade a read
+    /// lock; a read takes no write lock at all.
+    pub(super) fn begin(&mut self, access: Access) -> QueryResult<()> {
+        match (self, access) {
+            (AnyConnection::Pg(c), Access::Write) => AnsiTransactionManager::begin_transaction(c),
+            (AnyConnection::Pg(c), Access::Read) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN READ ONLY")
+            }
+            (AnyConnection::Sqlite(c), Access::Write) => {
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")
+            }
+            (AnyConnection::Sqlite(c), Access::Read) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")
             }
         }
     }

@@ -283,6 +283,19 @@ fn a_read_only_sqlite_database_stops_ingest_at_once_and_a_rerun_after_fixing_it_
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, &text).unwrap();
     let (out, took) = ingest(&read_only, &file);
+    // What only reads works on a database that cannot be written.
+    for args in [vec!["status"], vec!["dead-letters", "list"]] {
+        let out = crate::service::bin()
+            .args(["--database-url", &read_only])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} on a read-only database: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     drop(bound);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
