@@ -94,29 +94,41 @@ fn ingest(url: &str, file: &Path) -> (Output, Duration) {
     (out, started.elapsed())
 }
 
+/// An `ingest` that stopped at once (exit 3) with a handful of log lines
+/// and the one sentence: what is wrong, where to resume, what to do.
+fn stopped_at_once(name: &str, out: &Output, took: Duration, what: &str, remedy: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Log lines; the summary of what was done (a few lines) follows a stop
+    // by design.
+    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
+    println!(
+        "fault={name} stopped_after={:.2}s exit={:?} log_lines={lines}\n{stderr}",
+        took.as_secs_f64(),
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{what}; every line before line "))
+            && stderr.contains(&format!("{remedy} and run the same input again")),
+        "{stderr}"
+    );
+    assert!(lines <= 4, "a handful of log lines, not a flood: {stderr}");
+    assert!(!stderr.contains("splitting"), "never bisected: {stderr}");
+}
+
 /// Runs the case on `url`, prepared by the caller; `free` frees space.
 fn check(name: &str, clean: &TestDb, url: &str, text: &str, disk: &SmallDisk) {
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, text).unwrap();
     let (out, took) = ingest(url, &file);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    // Log lines; the summary of what was done (a few lines) follows a stop
-    // by design.
-    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
-    println!(
-        "fault=disk-full-{name} stopped_after={:.2}s exit={:?} log_lines={lines}\n{stderr}",
-        took.as_secs_f64(),
-        out.status.code()
+    stopped_at_once(
+        &format!("disk-full-{name}"),
+        &out,
+        took,
+        "the database's disk is full",
+        "free space",
     );
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("the database's disk is full; every line before line ")
-            && stderr.contains("free space and run the same input again"),
-        "{stderr}"
-    );
-    assert!(lines <= 4, "a handful of log lines, not a flood: {stderr}");
-    assert!(!stderr.contains("splitting"), "never bisected: {stderr}");
 
     disk.free();
     let (out, _) = ingest(url, &file);
@@ -297,21 +309,13 @@ fn a_read_only_sqlite_database_stops_ingest_at_once_and_a_rerun_after_fixing_it_
         );
     }
     drop(bound);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
-    println!(
-        "fault=read-only-sqlite stopped_after={:.2}s exit={:?} log_lines={lines}\n{stderr}",
-        took.as_secs_f64(),
-        out.status.code()
+    stopped_at_once(
+        "read-only-sqlite",
+        &out,
+        took,
+        "the database is read-only",
+        "make it writable",
     );
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("the database is read-only; every line before line ")
-            && stderr.contains("make it writable and run the same input again"),
-        "{stderr}"
-    );
-    assert!(lines <= 4, "a handful of log lines: {stderr}");
-    assert!(!stderr.contains("splitting"), "never bisected: {stderr}");
     assert_eq!(
         holder.status().dead_letters.len(),
         0,
