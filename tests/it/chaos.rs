@@ -122,6 +122,39 @@ impl std::fmt::Display for Figures {
 }
 
 impl Figures {
+    /// The figures of a faulty run against the clean one: what was lost,
+    /// doubled or wrongly dead-lettered, and how soon after the server (or
+    /// the link) was back the first line committed.
+    pub(crate) fn of(
+        fault: &'static str,
+        how: String,
+        messages: usize,
+        summary: Summary,
+        run: &Run,
+        clean: &Snapshot,
+        faulty: &Snapshot,
+    ) -> Figures {
+        let (lost, doubled, wrongly_dead_lettered) = compare(clean, faulty);
+        let recovery = match (
+            *run.back_at.lock().unwrap(),
+            *run.first_after_back.lock().unwrap(),
+        ) {
+            (Some(back), Some(first)) => Some(first.saturating_duration_since(back)),
+            _ => None,
+        };
+        Figures {
+            fault,
+            how,
+            messages,
+            lost,
+            doubled,
+            wrongly_dead_lettered,
+            summary,
+            recovery,
+            max_stall: *run.max_stall.lock().unwrap(),
+        }
+    }
+
     /// Prints the line of figures and checks what every fault case holds:
     /// the fault hit the run and was felt, nothing was lost, doubled or
     /// wrongly dead-lettered, and the end state is the clean run's.
@@ -241,25 +274,16 @@ fn case(
     });
     drop(faulty);
     let faulty_snap = snapshot_of(&faulty_url);
-    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
-    let recovery = match (
-        *run.back_at.lock().unwrap(),
-        *run.first_after_back.lock().unwrap(),
-    ) {
-        (Some(back), Some(first)) => Some(first.saturating_duration_since(back)),
-        _ => None,
-    };
-    let figures = Figures {
+    let how = run.note.lock().unwrap().clone();
+    let figures = Figures::of(
         fault,
-        how: run.note.lock().unwrap().clone(),
+        how,
         messages,
-        lost,
-        doubled,
-        wrongly_dead_lettered: wrong,
         summary,
-        recovery,
-        max_stall: *run.max_stall.lock().unwrap(),
-    };
+        &run,
+        &clean_snap,
+        &faulty_snap,
+    );
     figures.check(&run, &clean_snap, &faulty_snap);
 }
 

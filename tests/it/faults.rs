@@ -322,19 +322,9 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
             max_outage,
             ..RetryPolicy::default()
         };
-        Database::open(
-            DatabaseUrl::parse(&url).unwrap(),
-            PoolSettings::default(),
-            policy,
-        )
+        TestDb::open_with_policy(&url, PoolSettings::default(), policy)
     };
-    let t = TestDb {
-        db: open(Duration::from_secs(2)),
-        url: url.clone(),
-        name: "postgres",
-        _dir: None,
-    };
-    normalizer::db::migrate::run(&t.db).unwrap();
+    let t = open(Duration::from_secs(2));
     t.provision(DEVICES);
     let input = messages(200, "o");
     let stopper = std::thread::scope(|s| {
@@ -360,12 +350,7 @@ fn an_outage_beyond_max_outage_stops_the_run_and_a_rerun_completes_it() {
         "{stopped}"
     );
     cluster.start();
-    let t2 = TestDb {
-        db: open(Duration::from_secs(60)),
-        url,
-        name: "postgres",
-        _dir: None,
-    };
+    let t2 = open(Duration::from_secs(60));
     let s = t2.ingest(&input);
     assert_eq!(
         s.dead_letters,

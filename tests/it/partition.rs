@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use normalizer::db::{migrate, Database, DatabaseUrl, PoolSettings, RetryPolicy};
+use normalizer::db::{PoolSettings, RetryPolicy};
 
 use crate::chaos::{compare, ingest_observed, input, size, Figures, Run};
 use crate::netns::{Link, Relay};
@@ -95,14 +95,7 @@ fn check(placement: Placement) {
             if placement == Placement::Direct {
                 link.enter();
             }
-            let db = Database::open(DatabaseUrl::parse(&url).unwrap(), settings.clone(), policy);
-            migrate::run(&db).expect("migrations run");
-            let faulty = TestDb {
-                db,
-                url: url.clone(),
-                name: "postgres",
-                _dir: None,
-            };
+            let faulty = TestDb::open_with_policy(&url, settings.clone(), policy);
             faulty.provision(&devices);
             let summary = ingest_observed(&faulty.db, &text, &run, workers);
             let finished = Instant::now();
@@ -113,42 +106,37 @@ fn check(placement: Placement) {
         (summary, snap, finished, healed, done_at_cut)
     });
 
-    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
-    let recovery = run
-        .first_after_back
-        .lock()
-        .unwrap()
-        .map(|first| first.saturating_duration_since(healed));
     let after_heal = finished.saturating_duration_since(healed);
     let remaining = 1.0 - done_at_cut as f64 / clean_summary.lines.max(1) as f64;
     let budget = Duration::from_secs(10) + clean_elapsed.mul_f64(remaining);
-    let figures = Figures {
-        fault: if placement == Placement::Relay {
-            "partition-relay"
-        } else {
-            "partition-direct"
-        },
-        how: format!(
-            "link cut for {} s at 20% ({name}); finished {:.1} s after the heal (target {:.1} s: 10 s + the clean run's time for the {:.0}% left)",
-            down.as_secs(),
-            after_heal.as_secs_f64(),
-            budget.as_secs_f64(),
-            remaining * 100.0
-        ),
-        messages,
-        lost,
-        doubled,
-        wrongly_dead_lettered: wrong,
-        summary,
-        recovery,
-        max_stall: *run.max_stall.lock().unwrap(),
+    let fault = match placement {
+        Placement::Relay => "partition-relay",
+        Placement::Direct => "partition-direct",
     };
+    let how = format!(
+        "link cut for {} s at 20% ({name}); finished {:.1} s after the heal (target {:.1} s: 10 s + the clean run's time for the {:.0}% left)",
+        down.as_secs(),
+        after_heal.as_secs_f64(),
+        budget.as_secs_f64(),
+        remaining * 100.0
+    );
+    let figures = Figures::of(
+        fault,
+        how,
+        messages,
+        summary,
+        &run,
+        &clean_snap,
+        &faulty_snap,
+    );
     figures.check(&run, &clean_snap, &faulty_snap);
     // Liveness, not speed: without a deadline the run waited for TCP's
     // retransmission backoff (minutes) or for ever. The bound is the
     // deadline itself (statement_timeout + margin) plus 10 s.
     let bound = settings.call_deadline().unwrap() + Duration::from_secs(10);
-    let recovery = recovery.expect("lines were committed after the heal");
+    let recovery = figures
+        .recovery
+        .expect("lines were committed after the heal");
     assert!(
         recovery <= bound,
         "the first commit came {recovery:?} after the heal (bound {bound:?}): {figures}"

@@ -51,7 +51,11 @@ pub fn open(url: &str, pool: u32) -> Database {
 
 /// A database with its migrations run, with the tests' retry policy.
 pub fn open_with(url: &str, settings: PoolSettings) -> Database {
-    let db = Database::open(DatabaseUrl::parse(url).unwrap(), settings, policy());
+    open_with_policy(url, settings, policy())
+}
+
+fn open_with_policy(url: &str, settings: PoolSettings, policy: RetryPolicy) -> Database {
+    let db = Database::open(DatabaseUrl::parse(url).unwrap(), settings, policy);
     migrate::run(&db).expect("migrations run");
     db
 }
@@ -87,13 +91,18 @@ pub fn both() -> Vec<TestDb> {
 impl TestDb {
     /// A migrated database at `url` (no folder to keep alive).
     pub fn open(url: &str, settings: PoolSettings) -> TestDb {
+        Self::open_with_policy(url, settings, policy())
+    }
+
+    /// The same, with a retry policy of the test's own.
+    pub fn open_with_policy(url: &str, settings: PoolSettings, policy: RetryPolicy) -> TestDb {
         let name = if url.starts_with("postgres") {
             "postgres"
         } else {
             "sqlite"
         };
         TestDb {
-            db: open_with(url, settings),
+            db: open_with_policy(url, settings, policy),
             url: url.to_string(),
             name,
             _dir: None,
