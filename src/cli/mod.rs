@@ -249,13 +249,12 @@ impl Context {
 
     /// A connection refused for good at set-up names the database.
     fn setup_failure(&self, failure: Failure) -> RunError {
-        let text = failure.to_string();
-        match text.strip_prefix("cannot connect to the database: ") {
-            Some(why) if !failure.is_gave_up() => RunError::Failed(anyhow!(
+        match failure.refused_connection() {
+            Some(why) => RunError::Failed(anyhow!(
                 "cannot connect to the database at {}: {why}",
                 self.url
             )),
-            _ => failure.into(),
+            None => failure.into(),
         }
     }
 }

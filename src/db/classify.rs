@@ -73,12 +73,20 @@ impl From<Error> for DbError {
 pub struct Reason {
     message: String,
     classified: Classified,
+    /// Why no connection could be had, when that was the error.
+    refused: Option<String>,
 }
 
 impl Reason {
     /// What the error means.
     pub fn classified(&self) -> Classified {
         self.classified
+    }
+
+    /// Why no connection could be had, when that was the error (in the
+    /// connect error's own words).
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
     }
 }
 
@@ -87,6 +95,10 @@ impl From<&DbError> for Reason {
         Reason {
             message: error.to_string(),
             classified: classify(error),
+            refused: match error {
+                DbError::Connect(text) => Some(connect_error(text)),
+                _ => None,
+            },
         }
     }
 }

@@ -366,7 +366,7 @@ impl Observer for TxObserver<'_> {
         match failure {
             Failure::GaveUp { .. } => log::error!("giving up after {attempts} attempts: {failure}"),
             // A connection refused for good: the caller says it, once.
-            Failure::Rejected { .. } if failure.to_string().starts_with("cannot connect") => {
+            Failure::Rejected { .. } if failure.refused_connection().is_some() => {
                 log::debug!("stopping after {attempts} attempts: {failure}")
             }
             Failure::Rejected { error } => {

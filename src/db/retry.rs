@@ -179,15 +179,22 @@ pub enum Failure {
 /// A connection refused for good (bad credentials, a bad URL) is not a
 /// transaction the database rejected: say what happened.
 fn rejected(error: &Reason) -> String {
-    let text = error.to_string();
-    if text.starts_with("cannot connect to the database") {
-        text
-    } else {
-        format!("the database rejected the transaction: {text}")
+    match error.refused() {
+        Some(_) => error.to_string(),
+        None => format!("the database rejected the transaction: {error}"),
     }
 }
 
 impl Failure {
+    /// Why no connection could be had, when that is why the call failed
+    /// for good (bad credentials, a bad URL).
+    pub fn refused_connection(&self) -> Option<&str> {
+        match self {
+            Failure::Rejected { error } => error.refused(),
+            _ => None,
+        }
+    }
+
     /// Whether this failure stops the run instead of dead-lettering a
     /// message: the database, not the message, is the problem (an outage
     /// waited out to its limit, a shutdown, a full disk). Such a failure is
