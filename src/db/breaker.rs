@@ -301,9 +301,20 @@ impl<C: Clock> Breaker<C> {
     }
 
     /// The database answered (a commit, or any error that is not about the
-    /// connection): closes the circuit. Returns how long it was open.
-    pub(super) fn reached(&self) -> Option<Duration> {
+    /// connection) to a transaction admitted as `admission`: closes the
+    /// circuit. Returns how long it was open. A shortage of space or memory
+    /// is over only when a probe says so: a small transaction let in before
+    /// the outage began may still fit, and would end it while the next one
+    /// fails again.
+    pub(super) fn reached(&self, admission: Admission) -> Option<Duration> {
         let mut open = self.open.lock().expect("breaker lock");
+        if admission != Admission::Probe
+            && open
+                .as_ref()
+                .is_some_and(|o| o.outage != Outage::Unreachable)
+        {
+            return None;
+        }
         let o = open.take()?;
         let down = self.now().saturating_duration_since(o.since);
         log::info!(
@@ -372,7 +383,7 @@ mod tests {
     fn a_closed_circuit_admits_everyone() {
         let b = Breaker::with_clock(ManualClock::new());
         assert_eq!(b.call().admit(&policy()).unwrap(), Admission::Closed);
-        assert!(b.reached().is_none());
+        assert!(b.reached(Admission::Closed).is_none());
     }
 
     #[test]
@@ -398,7 +409,7 @@ mod tests {
                                 if probes.fetch_add(1, Ordering::SeqCst) < 3 {
                                     b.failed(Admission::Probe, DOWN, "still refused", &p);
                                 } else {
-                                    b.reached();
+                                    b.reached(Admission::Probe);
                                 }
                             }
                         }
@@ -427,7 +438,7 @@ mod tests {
         assert_eq!(err.last_error, "refused");
         assert_eq!(err.to_string(), "database unreachable: refused");
         assert_eq!(
-            b.reached(),
+            b.reached(Admission::Probe),
             Some(Duration::from_secs(10)),
             "the outage lasted the clock's 10 s"
         );
@@ -464,8 +475,12 @@ mod tests {
             resource_wait: None,
             ..policy()
         };
+        // A transaction let in before the disk filled that still fit says
+        // nothing; the probe does.
+        assert!(b.reached(Admission::Closed).is_none());
+        assert!(b.down_since().is_some());
         assert_eq!(b.call().admit(&serve).unwrap(), Admission::Probe);
-        assert!(b.reached().is_some());
+        assert!(b.reached(Admission::Probe).is_some());
         assert_eq!(b.call().admit(&policy()).unwrap(), Admission::Closed);
     }
 

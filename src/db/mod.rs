@@ -221,7 +221,7 @@ impl Database {
                     .failed(admission, outage, &error.to_string(), &self.policy)
             }
             None => {
-                if let Some(down) = self.breaker.reached() {
+                if let Some(down) = self.breaker.reached(admission) {
                     self.metrics.outage_ended(down.as_millis() as u64);
                 }
             }
