@@ -388,6 +388,8 @@ impl Observer for TxObserver<'_> {
             Failure::Panicked(message) => {
                 log::error!("transaction panicked on attempt {attempts}: {message}")
             }
+            // Made by the feed's fence check, which logs it itself.
+            Failure::Fenced(_) => log::debug!("fenced after {attempts} attempts: {failure}"),
         }
     }
 }

@@ -166,6 +166,10 @@ pub enum Failure {
         /// The last error.
         error: Reason,
     },
+    /// The transaction ended at its fence: another instance took the
+    /// partition over, and nothing of it was committed here.
+    #[error("not committed: partition {0} is no longer this instance's (another instance claimed it)")]
+    Fenced(String),
     /// Connection or transient errors lasted longer than `max_outage`.
     #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]
     GaveUp {
@@ -202,7 +206,10 @@ impl Failure {
     pub fn is_stop(&self) -> bool {
         matches!(
             self,
-            Failure::GaveUp { .. } | Failure::Cancelled { .. } | Failure::OutOfResources { .. }
+            Failure::GaveUp { .. }
+                | Failure::Cancelled { .. }
+                | Failure::OutOfResources { .. }
+                | Failure::Fenced(_)
         )
     }
 

@@ -142,6 +142,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     dead_letters,
     processed_messages,
     reference_version,
+    feed_fences,
 );
 
 diesel::table! {
@@ -150,5 +151,17 @@ diesel::table! {
     reference_version (id) {
         id -> Integer,
         version -> BigInt,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::db::types::UtcTime;
+
+    feed_fences (partition_key) {
+        partition_key -> Text,
+        token -> BigInt,
+        owner -> Text,
+        claimed_at -> UtcTime,
     }
 }

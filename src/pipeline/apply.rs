@@ -9,8 +9,10 @@ use super::Done;
 use crate::core::message::raw_for_storage;
 use crate::core::{DeadLetterKind, Message};
 use crate::db::repo::reference::ReferenceCache;
+use crate::db::repo::fences::{self as fence_repo, Fence};
 use crate::db::repo::{batch, dead_letters, messages};
-use crate::db::{Database, Failure};
+use crate::db::{AnyConnection, Database, Failure};
+use diesel::QueryResult;
 use crate::outcome::{DeadLetter, Outcome};
 
 /// A job with its dead letter built and its write token drawn: both stay
@@ -19,6 +21,7 @@ pub(super) struct Prepared {
     job_ticket: u64,
     reply: Sender<Done>,
     token: String,
+    fence: Option<Fence>,
     kind: PreparedKind,
     _cost: Cost,
 }
@@ -43,10 +46,15 @@ impl From<Job> for Prepared {
                 },
             },
         };
+        let (token, fence) = match job.origin {
+            Some(origin) => (origin.token, Some(origin.fence)),
+            None => (new_token(), None),
+        };
         Prepared {
             job_ticket: job.ticket,
             reply: job.reply,
-            token: new_token(),
+            token,
+            fence,
             kind,
             _cost: job.cost,
         }
@@ -84,12 +92,40 @@ pub(super) fn run_alone(
     job: &Prepared,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
+    let fence = job.fence.as_ref();
     match &job.kind {
-        PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token),
+        PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token, fence),
         PreparedKind::Apply { message, raw } => {
-            apply_message(db, message, raw, &job.token, job.job_ticket, hook)
+            apply_message(db, message, raw, &job.token, fence, job.job_ticket, hook)
         }
     }
+}
+
+/// Runs `body`, then checks `fences` in the same transaction: if another
+/// instance has claimed one of them, the transaction rolls back and `lost`
+/// names the fences lost.
+fn fenced<T>(
+    conn: &mut AnyConnection,
+    fences: &[&Fence],
+    lost: &mut Vec<Fence>,
+    body: impl FnOnce(&mut AnyConnection) -> QueryResult<T>,
+) -> QueryResult<T> {
+    lost.clear();
+    let value = body(conn)?;
+    if fences.is_empty() {
+        return Ok(value);
+    }
+    let gone = fence_repo::check(conn, fences)?;
+    if gone.is_empty() {
+        return Ok(value);
+    }
+    lost.extend(gone.into_iter().cloned());
+    Err(diesel::result::Error::RollbackTransaction)
+}
+
+/// The failure of a transaction that ended at its fence.
+fn fenced_failure(lost: &[Fence]) -> Option<Failure> {
+    lost.first().map(|fence| Failure::Fenced(fence.key.to_string()))
 }
 
 /// Transient failures of one batch before it is split.
@@ -126,17 +162,38 @@ pub(super) fn run_batch(
             },
         })
         .collect();
+    let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
+    fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
+    fences.dedup();
+    let mut lost = Vec::new();
     let result = db.transaction_splittable(BATCH_TRANSIENT_ATTEMPTS, |conn| {
-        if let Some(hook) = hook {
-            for item in &items {
-                if let batch::Item::Message { message, .. } = item {
-                    hook(message);
+        fenced(conn, &fences, &mut lost, |conn| {
+            if let Some(hook) = hook {
+                for item in &items {
+                    if let batch::Item::Message { message, .. } = item {
+                        hook(message);
+                    }
                 }
             }
-        }
-        batch::apply(conn, &items, cache)
+            batch::apply(conn, &items, cache)
+        })
     });
     drop(items);
+    if !lost.is_empty() {
+        // The jobs of lost partitions end here, uncommitted; the others
+        // are applied without them.
+        let (gone, kept): (Vec<Prepared>, Vec<Prepared>) = jobs
+            .into_iter()
+            .partition(|j| j.fence.as_ref().is_some_and(|f| lost.contains(f)));
+        for job in &gone {
+            let key = job.fence.as_ref().map_or_else(String::new, |f| f.key.to_string());
+            job.reply(Err(Failure::Fenced(key)));
+        }
+        if !kept.is_empty() {
+            run_batch(db, cache, kept, hook);
+        }
+        return false;
+    }
     match result {
         Ok(outcomes) => {
             for (job, outcome) in jobs.iter().zip(outcomes) {
@@ -174,17 +231,25 @@ fn apply_message(
     message: &Message,
     raw: &[u8],
     token: &str,
+    fence: Option<&Fence>,
     ticket: u64,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
+    let fences: Vec<&Fence> = fence.into_iter().collect();
     let mut last_failure = None;
     for attempt in 1..=2 {
+        let mut lost = Vec::new();
         let result = db.transaction(|conn| {
-            if let Some(hook) = hook {
-                hook(message);
-            }
-            messages::apply(conn, message, raw, token)
+            fenced(conn, &fences, &mut lost, |conn| {
+                if let Some(hook) = hook {
+                    hook(message);
+                }
+                messages::apply(conn, message, raw, token)
+            })
         });
+        if let Some(failure) = fenced_failure(&lost) {
+            return Err(failure);
+        }
         match result {
             Ok(outcome) => return Ok(outcome),
             Err(failure) if failure.is_stop() => return Err(failure),
@@ -207,11 +272,26 @@ fn apply_message(
     let letter = DeadLetter::of(message, raw, kind, error);
     // A new write, so a new token: the message's own token may already
     // name a landed dead letter of it (an earlier line with the same id).
-    file_dead_letter(db, &letter, &new_token())
+    file_dead_letter(db, &letter, &new_token(), fence)
 }
 
-fn file_dead_letter(db: &Database, letter: &DeadLetter, token: &str) -> Result<Outcome, Failure> {
-    db.transaction(|conn| dead_letters::record(conn, letter, token))?;
+fn file_dead_letter(
+    db: &Database,
+    letter: &DeadLetter,
+    token: &str,
+    fence: Option<&Fence>,
+) -> Result<Outcome, Failure> {
+    let fences: Vec<&Fence> = fence.into_iter().collect();
+    let mut lost = Vec::new();
+    let result = db.transaction(|conn| {
+        fenced(conn, &fences, &mut lost, |conn| {
+            dead_letters::record(conn, letter, token)
+        })
+    });
+    if let Some(failure) = fenced_failure(&lost) {
+        return Err(failure);
+    }
+    result?;
     Ok(Outcome::DeadLetter(letter.kind))
 }
 

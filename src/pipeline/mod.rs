@@ -24,7 +24,7 @@ use crate::db::Failure;
 use crate::outcome::Outcome;
 pub use ingest::{ingest, IngestError, Interrupted, Progress, Stopped, PROGRESS_INTERVAL};
 pub use summary::Summary;
-pub use workers::{route, Budget, Job, Workers};
+pub use workers::{route, Budget, Job, Origin, Workers};
 
 /// A hook run inside each message's transaction, before it is applied: for
 /// injecting faults in tests. `None` in production.

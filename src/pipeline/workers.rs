@@ -12,6 +12,7 @@ use super::apply::{run_alone, run_batch, Prepared};
 use super::{Done, IngestOptions};
 use crate::core::message::{parse_line, MAX_RAW_BYTES};
 use crate::core::{Message, Parsed, Rejection};
+use crate::db::repo::fences::Fence;
 use crate::db::repo::reference::ReferenceCache;
 use crate::db::Database;
 use crate::input::Line;
@@ -27,6 +28,19 @@ pub struct Job {
     pub(super) work: Work,
     pub(super) reply: Sender<Done>,
     pub(super) cost: Cost,
+    pub(super) origin: Option<Origin>,
+}
+
+/// Where a line of a partitioned feed came from: what makes its writes
+/// exactly-once across redeliveries, and who may commit them.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The write token of this line: the same on every delivery of it (its
+    /// stream and sequence), so a redelivered line whose first delivery
+    /// committed finds its own token and changes nothing.
+    pub token: String,
+    /// The partition's fence, checked in every transaction of the line.
+    pub fence: Fence,
 }
 
 /// A job's share of the queue budget, given back when the job is dropped.
@@ -133,6 +147,17 @@ impl Workers {
     /// worker's queue is full or the queues' byte budget is spent. Returns `None` for a blank line (no job), or
     /// `Some(false)` when the workers are gone.
     pub fn submit(&self, ticket: u64, line: Line, reply: &Sender<Done>) -> Option<bool> {
+        self.submit_from(ticket, line, None, reply)
+    }
+
+    /// Like [`Workers::submit`], for a line of a partitioned feed.
+    pub fn submit_from(
+        &self,
+        ticket: u64,
+        line: Line,
+        origin: Option<Origin>,
+        reply: &Sender<Done>,
+    ) -> Option<bool> {
         let parsed = parse_line(&line.bytes, line.oversize);
         // Only a dead letter needs the line, and only its first 64 KiB.
         let mut raw = line.bytes;
@@ -164,6 +189,7 @@ impl Workers {
             work,
             reply: reply.clone(),
             cost,
+            origin,
         };
         Some(self.senders[worker].send(job).is_ok())
     }

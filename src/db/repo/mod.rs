@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod dead_letters;
+pub mod fences;
 pub mod messages;
 pub mod provisioning;
 pub mod reference;

@@ -1,0 +1,81 @@
+//! `feed_fences`: the fencing tokens of the NATS feed's partitions.
+//!
+//! An instance that takes a partition over [`claim`]s it with the revision
+//! of its ownership record, which only grows from one owner to the next.
+//! Every transaction that applies the partition's messages ends with
+//! [`check`]: if another instance has claimed since, the transaction rolls
+//! back. On PostgreSQL the check takes a share lock on the fence row, so a
+//! claim waits for a transaction that passed its check to commit, and a
+//! transaction that checks after a claim committed sees the new token (READ
+//! COMMITTED re-reads the row). On SQLite, write transactions run one at a
+//! time, so the check and the commit are never split by a claim.
+
+use chrono::Utc;
+use diesel::prelude::*;
+
+use crate::db::schema::feed_fences::dsl as f;
+use crate::db::types::Instant;
+use crate::db::{dispatch, AnyConnection};
+
+/// A partition's fencing token, as its owner holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The partition's name: `<stream>/<partition>`.
+    pub key: std::sync::Arc<str>,
+    /// The token: the revision of the ownership record that granted it.
+    pub token: i64,
+}
+
+/// Raises the partition's token to `fence.token`, for `owner`. Returns
+/// false when the stored token is already higher: someone claimed it after
+/// us, and we do not own it.
+pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResult<bool> {
+    let now = Instant(Utc::now());
+    let inserted = dispatch!(conn, c => diesel::insert_into(f::feed_fences)
+        .values((
+            f::partition_key.eq(fence.key.as_ref()),
+            f::token.eq(fence.token),
+            f::owner.eq(owner),
+            f::claimed_at.eq(now),
+        ))
+        .on_conflict_do_nothing()
+        .execute(c))?;
+    if inserted == 1 {
+        return Ok(true);
+    }
+    let changed = dispatch!(conn, c => diesel::update(
+        f::feed_fences
+            .filter(f::partition_key.eq(fence.key.as_ref()))
+            .filter(f::token.le(fence.token)),
+    )
+    .set((f::token.eq(fence.token), f::owner.eq(owner), f::claimed_at.eq(now)))
+    .execute(c))?;
+    Ok(changed == 1)
+}
+
+/// Of `fences`, the ones whose stored token is no longer ours: their
+/// partitions were claimed by another instance. Run last in a transaction.
+pub fn check<'a>(conn: &mut AnyConnection, fences: &[&'a Fence]) -> QueryResult<Vec<&'a Fence>> {
+    let mut lost = Vec::new();
+    for fence in fences {
+        let query = f::feed_fences
+            .filter(f::partition_key.eq(fence.key.as_ref()))
+            .select(f::token);
+        let stored: Option<i64> = match conn {
+            AnyConnection::Pg(c) => query.for_share().first(c).optional()?,
+            AnyConnection::Sqlite(c) => query.first(c).optional()?,
+        };
+        if stored != Some(fence.token) {
+            lost.push(*fence);
+        }
+    }
+    Ok(lost)
+}
+
+/// Every partition's token and owner, by key: for `status`.
+pub fn all(conn: &mut AnyConnection) -> QueryResult<Vec<(String, i64, String)>> {
+    dispatch!(conn, c => f::feed_fences
+        .select((f::partition_key, f::token, f::owner))
+        .order(f::partition_key)
+        .load(c))
+}
