@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::db::DEFAULT_URL;
+use crate::feed::NatsOptions;
 use crate::pipeline::IngestOptions;
 
 /// Every setting that a config file may hold (the same keys as the flags,
@@ -42,6 +43,26 @@ pub(crate) struct FileSettings {
     pub stats_interval: Option<String>,
     /// `--metrics-file`
     pub metrics_file: Option<PathBuf>,
+    /// `--nats`: the NATS cluster's client URLs, comma-separated.
+    pub nats_servers: Option<String>,
+    /// The `[nats]` table: every NATS setting in one place.
+    pub nats: Option<NatsFile>,
+}
+
+/// The `[nats]` table of a config file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NatsFile {
+    /// `--nats`
+    pub servers: Option<String>,
+    /// `--nats-stream`
+    pub stream: Option<String>,
+    /// `--nats-partitions`
+    pub partitions: Option<u32>,
+    /// `--nats-replicas`
+    pub replicas: Option<usize>,
+    /// `--nats-lease`, e.g. "10s"
+    pub lease: Option<String>,
 }
 
 impl FileSettings {
@@ -95,6 +116,11 @@ pub(crate) struct Settings {
     pub stats_interval: Duration,
     /// Prometheus text file, rewritten each interval.
     pub metrics_file: Option<PathBuf>,
+    /// Whether the socket was asked for (flag or file), not defaulted: with
+    /// NATS and no socket asked for, `serve` opens none.
+    pub socket_given: bool,
+    /// The NATS feed, when `--nats` (or `nats_servers`) is set.
+    pub nats: Option<NatsOptions>,
 }
 
 impl Default for Settings {
@@ -117,6 +143,8 @@ impl Default for Settings {
             shutdown_timeout: pipeline.shutdown_timeout,
             stats_interval: Duration::from_secs(60),
             metrics_file: None,
+            socket_given: false,
+            nats: None,
         }
     }
 }
@@ -188,6 +216,16 @@ pub struct FlagSettings {
     pub stats_interval: Option<Duration>,
     /// `--metrics-file`
     pub metrics_file: Option<PathBuf>,
+    /// `--nats`
+    pub nats_servers: Option<String>,
+    /// `--nats-stream`
+    pub nats_stream: Option<String>,
+    /// `--nats-partitions`
+    pub nats_partitions: Option<u32>,
+    /// `--nats-replicas`
+    pub nats_replicas: Option<usize>,
+    /// `--nats-lease`
+    pub nats_lease: Option<Duration>,
 }
 
 impl Settings {
@@ -199,7 +237,11 @@ impl Settings {
             v.map(|s| parse_duration(&s).map_err(|e| format!("config `{key}`: {e}")))
                 .transpose()
         };
+        let socket_given = flags.socket.is_some() || file.socket.is_some();
+        let nats = resolve_nats(&flags, file.nats_servers.clone(), file.nats.clone())?;
         Ok(Settings {
+            socket_given,
+            nats,
             database_url: flags
                 .database_url
                 .or(file.database_url)
@@ -239,6 +281,60 @@ impl Settings {
             metrics_file: flags.metrics_file.or(file.metrics_file),
         })
     }
+}
+
+/// The NATS settings: flags, then the file's `[nats]` table (or its
+/// `nats_servers` key), then the defaults. None without servers.
+fn resolve_nats(
+    flags: &FlagSettings,
+    servers: Option<String>,
+    table: Option<NatsFile>,
+) -> Result<Option<NatsOptions>, String> {
+    let table = table.unwrap_or_default();
+    if servers.is_some() && table.servers.is_some() {
+        return Err("config: `nats_servers` and `[nats] servers` both set; keep one".into());
+    }
+    let Some(servers) = flags.nats_servers.clone().or(table.servers).or(servers) else {
+        return Ok(None);
+    };
+    let d = NatsOptions::default();
+    let lease = match (flags.nats_lease, table.lease) {
+        (Some(l), _) => l,
+        (None, Some(s)) => parse_duration(&s).map_err(|e| format!("config `nats.lease`: {e}"))?,
+        (None, None) => d.lease,
+    };
+    if lease < Duration::from_secs(2) {
+        return Err(format!("the NATS lease must be at least 2s, not {lease:?}"));
+    }
+    let partitions = flags
+        .nats_partitions
+        .or(table.partitions)
+        .unwrap_or(d.partitions);
+    if partitions == 0 {
+        return Err("--nats-partitions must be at least 1".into());
+    }
+    let stream = flags
+        .nats_stream
+        .clone()
+        .or(table.stream)
+        .unwrap_or(d.stream);
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "--nats-stream {stream:?}: use letters, digits, - and _"
+        ));
+    }
+    Ok(Some(NatsOptions {
+        servers,
+        stream,
+        partitions,
+        replicas: flags.nats_replicas.or(table.replicas).unwrap_or(d.replicas),
+        lease,
+        ..d
+    }))
 }
 
 #[cfg(test)]
@@ -300,6 +396,37 @@ mod tests {
         assert_eq!(s.socket_mode, 0o660);
         assert!(s.metrics_file.is_some());
         assert_eq!(s.max_outage, None, "the service waits out any outage");
+    }
+
+    #[test]
+    fn nats_settings_come_from_flags_the_nats_table_or_nats_servers() {
+        let none = Settings::resolve(FlagSettings::default(), FileSettings::default()).unwrap();
+        assert_eq!(none.nats, None);
+        let file: FileSettings = toml::from_str(
+            "[nats]\nservers = \"nats://a:4222,nats://b:4222\"\npartitions = 8\nlease = \"6s\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(FlagSettings::default(), file.clone()).unwrap();
+        let nats = s.nats.unwrap();
+        assert_eq!(nats.servers, "nats://a:4222,nats://b:4222");
+        assert_eq!(nats.partitions, 8);
+        assert_eq!(nats.lease, Duration::from_secs(6));
+        assert_eq!(nats.stream, "normalizer");
+        assert!(!s.socket_given);
+        let flags = FlagSettings {
+            nats_partitions: Some(4),
+            socket: Some(PathBuf::from("/tmp/s")),
+            ..FlagSettings::default()
+        };
+        let s = Settings::resolve(flags, file).unwrap();
+        assert_eq!(s.nats.unwrap().partitions, 4);
+        assert!(s.socket_given);
+        let key: FileSettings = toml::from_str("nats_servers = \"nats://c:4222\"\n").unwrap();
+        let s = Settings::resolve(FlagSettings::default(), key).unwrap();
+        assert_eq!(s.nats.unwrap().servers, "nats://c:4222");
+        let bad: FileSettings =
+            toml::from_str("[nats]\nservers = \"nats://c:4222\"\nstream = \"a.b\"\n").unwrap();
+        assert!(Settings::resolve(FlagSettings::default(), bad).is_err());
     }
 
     #[test]

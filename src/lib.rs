@@ -12,6 +12,7 @@ pub mod cli;
 mod config;
 pub mod core;
 pub mod db;
+pub mod feed;
 pub mod gen;
 pub mod input;
 pub mod metrics;

@@ -58,6 +58,39 @@ pub struct WorkerArgs {
     pub batch_wait: Option<Duration>,
 }
 
+/// The NATS feed's flags of `serve`.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// Consume a NATS JetStream feed at these client URLs (comma-separated);
+    /// with no --socket, no socket is opened.
+    #[arg(long = "nats", value_name = "URLS")]
+    pub servers: Option<String>,
+    /// The stream [default: normalizer].
+    #[arg(long = "nats-stream")]
+    pub stream: Option<String>,
+    /// The stream's partitions, when this instance creates it; an existing
+    /// stream must have as many [default: 16].
+    #[arg(long = "nats-partitions")]
+    pub partitions: Option<u32>,
+    /// The stream's replicas, when this instance creates it [default: 1].
+    #[arg(long = "nats-replicas")]
+    pub replicas: Option<usize>,
+    /// How long a partition's lease lasts unrenewed: a dead instance's
+    /// partitions move after this long [default: 10s].
+    #[arg(long = "nats-lease", value_parser = parse_duration)]
+    pub lease: Option<Duration>,
+}
+
+impl NatsArgs {
+    fn apply(&self, flags: &mut FlagSettings) {
+        flags.nats_servers = self.servers.clone();
+        flags.nats_stream = self.stream.clone();
+        flags.nats_partitions = self.partitions;
+        flags.nats_replicas = self.replicas;
+        flags.nats_lease = self.lease;
+    }
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -89,7 +122,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run as a service fed through a Unix domain socket.
+    /// Run as a service fed through a Unix domain socket, a NATS JetStream
+    /// stream, or both.
     Serve {
         /// The socket to listen on [default: /run/normalizer/normalizer.sock].
         #[arg(long)]
@@ -112,14 +146,28 @@ pub enum Command {
         /// Worker threads.
         #[command(flatten)]
         workers: WorkerArgs,
+        /// The NATS feed.
+        #[command(flatten)]
+        nats: NatsArgs,
     },
     /// Send a file to the service and wait for every acknowledgement.
     Send {
         /// The input file; standard input when absent or `-`.
         file: Option<PathBuf>,
         /// The service's socket [default: /run/normalizer/normalizer.sock].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nats")]
         socket: Option<PathBuf>,
+        /// Publish to a NATS JetStream feed at these client URLs
+        /// (comma-separated) instead of the socket.
+        #[arg(long, value_name = "URLS")]
+        nats: Option<String>,
+        /// How long one line may keep failing to be stored before `send`
+        /// gives up (NATS only) [default: 60s].
+        #[arg(long, value_parser = parse_duration, requires = "nats")]
+        nats_timeout: Option<Duration>,
+        /// Publishes awaiting JetStream's acknowledgement at most (NATS only).
+        #[arg(long, default_value_t = 256, requires = "nats")]
+        nats_in_flight: usize,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -248,8 +296,10 @@ impl Cli {
                 stats_interval,
                 metrics_file,
                 workers,
+                nats,
             } => {
                 workers.apply(&mut flags);
+                nats.apply(&mut flags);
                 flags.socket = socket.clone();
                 flags.socket_mode = *socket_mode;
                 flags.max_connections = *max_connections;

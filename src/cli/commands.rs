@@ -16,6 +16,7 @@ use crate::core::provisioning::Provisioning;
 use crate::db::repo::provisioning::{self, Loaded, ProvisionError};
 use crate::db::repo::{dead_letters, status};
 use crate::db::{migrate as migrations, Database, RetryPolicy};
+use crate::feed::publish::{self, PublishOptions};
 use crate::gen::GenOptions;
 use crate::pipeline::{self, IngestOptions, Progress, Summary};
 use crate::service::{self, ServeOptions};
@@ -89,8 +90,13 @@ pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
     };
     let db = context.open_migrated_with(Pool::Workers, policy)?;
     let settings = &context.settings;
+    let socket = match (&settings.nats, settings.socket_given) {
+        (Some(_), false) => None,
+        _ => Some(settings.socket.clone()),
+    };
     let options = ServeOptions {
-        socket: settings.socket.clone(),
+        socket,
+        nats: settings.nats.clone(),
         mode: settings.socket_mode,
         max_connections: settings.max_connections,
         shutdown_timeout: settings.shutdown_timeout,
@@ -105,6 +111,22 @@ pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
             settings.max_outage.unwrap_or_default()
         ))),
     }
+}
+
+/// `send --nats URLS [FILE]`.
+pub(super) fn send_nats(
+    file: Option<&Path>,
+    options: PublishOptions,
+    json: bool,
+) -> Result<(), RunError> {
+    let (input, _) = open_input(file)?;
+    let published = publish::publish(&options, input)?;
+    if json {
+        print_json(&published);
+    } else {
+        println!("{published}");
+    }
+    Ok(())
 }
 
 /// `send [FILE]`.

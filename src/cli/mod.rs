@@ -16,6 +16,7 @@ pub use args::{Cli, Command, DeadLetterCommand, WorkerArgs};
 
 use crate::config::{FileSettings, Settings};
 use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
+use crate::feed::publish::PublishOptions;
 use crate::pipeline::{IngestError, IngestOptions};
 use crate::service::logfile::{self, LogFile};
 
@@ -115,6 +116,29 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             ..
         } => commands::ingest(&context, file.as_deref(), provision.as_deref(), json),
         Command::Serve { .. } => commands::serve(&mut context),
+        Command::Send {
+            file,
+            json,
+            nats: Some(servers),
+            nats_timeout,
+            nats_in_flight,
+            ..
+        } => {
+            let input_name = match file.as_deref() {
+                None => "-".to_string(),
+                Some(p) => std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+                    .to_string(),
+            };
+            let options = PublishOptions {
+                servers,
+                in_flight: nats_in_flight,
+                timeout: nats_timeout.unwrap_or(std::time::Duration::from_secs(60)),
+                input_name,
+            };
+            commands::send_nats(file.as_deref(), options, json)
+        }
         Command::Send { file, json, .. } => commands::send(&context, file.as_deref(), json),
         Command::Status { json } => commands::status(&context, json),
         Command::DeadLetters(command) => commands::dead_letters(&context, command),

@@ -168,7 +168,9 @@ pub enum Failure {
     },
     /// The transaction ended at its fence: another instance took the
     /// partition over, and nothing of it was committed here.
-    #[error("not committed: partition {0} is no longer this instance's (another instance claimed it)")]
+    #[error(
+        "not committed: partition {0} is no longer this instance's (another instance claimed it)"
+    )]
     Fenced(String),
     /// Connection or transient errors lasted longer than `max_outage`.
     #[error("gave up after {:.0} s of database errors: {error}", failing_for.as_secs_f64())]

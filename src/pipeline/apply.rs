@@ -8,12 +8,12 @@ use super::workers::{Cost, Job, Work};
 use super::Done;
 use crate::core::message::raw_for_storage;
 use crate::core::{DeadLetterKind, Message};
-use crate::db::repo::reference::ReferenceCache;
 use crate::db::repo::fences::{self as fence_repo, Fence};
+use crate::db::repo::reference::ReferenceCache;
 use crate::db::repo::{batch, dead_letters, messages};
 use crate::db::{AnyConnection, Database, Failure};
-use diesel::QueryResult;
 use crate::outcome::{DeadLetter, Outcome};
+use diesel::QueryResult;
 
 /// A job with its dead letter built and its write token drawn: both stay
 /// the same however often its transaction is retried or its batch split.
@@ -125,7 +125,8 @@ fn fenced<T>(
 
 /// The failure of a transaction that ended at its fence.
 fn fenced_failure(lost: &[Fence]) -> Option<Failure> {
-    lost.first().map(|fence| Failure::Fenced(fence.key.to_string()))
+    lost.first()
+        .map(|fence| Failure::Fenced(fence.key.to_string()))
 }
 
 /// Transient failures of one batch before it is split.
@@ -186,7 +187,10 @@ pub(super) fn run_batch(
             .into_iter()
             .partition(|j| j.fence.as_ref().is_some_and(|f| lost.contains(f)));
         for job in &gone {
-            let key = job.fence.as_ref().map_or_else(String::new, |f| f.key.to_string());
+            let key = job
+                .fence
+                .as_ref()
+                .map_or_else(String::new, |f| f.key.to_string());
             job.reply(Err(Failure::Fenced(key)));
         }
         if !kept.is_empty() {

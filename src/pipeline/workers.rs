@@ -11,7 +11,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use super::apply::{run_alone, run_batch, Prepared};
 use super::{Done, IngestOptions};
 use crate::core::message::{parse_line, MAX_RAW_BYTES};
-use crate::core::{Message, Parsed, Rejection};
+use crate::core::{DeadLetterKind, Message, Parsed, Rejection};
 use crate::db::repo::fences::Fence;
 use crate::db::repo::reference::ReferenceCache;
 use crate::db::Database;
@@ -158,7 +158,17 @@ impl Workers {
         origin: Option<Origin>,
         reply: &Sender<Done>,
     ) -> Option<bool> {
-        let parsed = parse_line(&line.bytes, line.oversize);
+        let parsed = match parse_line(&line.bytes, line.oversize) {
+            // A feed's message has no blank lines to skip: an empty one is
+            // a bad message, filed and acknowledged like any other.
+            Parsed::Blank if origin.is_some() => Parsed::Rejected(Rejection {
+                kind: DeadLetterKind::Malformed,
+                error: "an empty message: a message must hold one JSON object".to_string(),
+                message_id: None,
+                device_key: None,
+            }),
+            parsed => parsed,
+        };
         // Only a dead letter needs the line, and only its first 64 KiB.
         let mut raw = line.bytes;
         raw.truncate(MAX_RAW_BYTES);

@@ -35,6 +35,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::db::Database;
+use crate::feed::{Feed, NatsOptions};
 use crate::input::LineReader;
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
 use logfile::LogFile;
@@ -44,8 +45,8 @@ use stats::{write_atomically, Report};
 /// How the service runs.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// The socket's path.
-    pub socket: PathBuf,
+    /// The socket's path; none: no socket (the NATS feed alone).
+    pub socket: Option<PathBuf>,
     /// The socket file's mode (0660 by default: the service's group).
     pub mode: u32,
     /// Most producers connected at once.
@@ -58,6 +59,8 @@ pub struct ServeOptions {
     pub metrics_file: Option<PathBuf>,
     /// The worker pool.
     pub workers: IngestOptions,
+    /// The NATS JetStream feed, when the service consumes one.
+    pub nats: Option<NatsOptions>,
 }
 
 /// How the service ended.
@@ -75,7 +78,9 @@ struct Shared {
     streams: Mutex<HashMap<u64, UnixStream>>,
     next_id: AtomicU64,
     summary: Mutex<Summary>,
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// Wakes a service without a socket when shutdown begins.
+    wake: Sender<()>,
     /// Producers connected now.
     active: AtomicUsize,
     /// Lines read and never acknowledged, of producers cut off.
@@ -93,9 +98,26 @@ impl Shared {
         }
         notify("STOPPING=1");
         // Wake the accept loop.
-        let _ = UnixStream::connect(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = UnixStream::connect(socket);
+        }
+        let _ = self.wake.try_send(());
         for stream in self.streams.lock().expect("streams lock").values() {
             let _ = stream.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Takes a committed line's outcome into the summary; a failure that
+    /// gave up on the database shuts the service down.
+    fn record(&self, done: &Done) {
+        match &done.result {
+            Ok(outcome) => self.summary.lock().expect("summary lock").record(outcome),
+            Err(failure) => {
+                if failure.is_gave_up() && !self.gave_up.swap(true, Ordering::SeqCst) {
+                    log::error!("the database stayed unreachable: shutting down");
+                    self.begin_shutdown();
+                }
+            }
         }
     }
 }
@@ -140,22 +162,40 @@ pub fn serve(
     options: &ServeOptions,
     log: Option<Arc<LogFile>>,
 ) -> anyhow::Result<Exit> {
-    let listener = bind(&options.socket, options.mode)?;
+    let listener = match &options.socket {
+        Some(path) => Some(bind(path, options.mode)?),
+        None => None,
+    };
     let signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     let (shutdown, on_shutdown) = bounded::<()>(1);
-    Ok(std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn_scoped(scope, || handle_signals(signals, log, shutdown))
             .expect("spawn the signal thread");
-        // The socket listens and the database answered (its migrations ran).
+        let feed = match &options.nats {
+            None => None,
+            Some(nats) => match Feed::connect(nats.clone(), &on_shutdown) {
+                Ok(Some(feed)) => Some(feed),
+                Ok(None) => {
+                    signal_handle.close();
+                    return Ok(Exit::Clean);
+                }
+                Err(e) => {
+                    signal_handle.close();
+                    return Err(e.into());
+                }
+            },
+        };
+        // The socket listens, the feed is set up and the database answered
+        // (its migrations ran).
         notify("READY=1");
-        let exit = run(db, options, listener, on_shutdown);
+        let exit = run(db, options, listener, feed.as_ref(), on_shutdown);
         signal_handle.close();
-        exit
-    }))
+        Ok(exit)
+    })
 }
 
 /// Tells systemd (a `Type=notify` unit) how the service is: a datagram to
@@ -197,32 +237,47 @@ fn handle_signals(mut signals: Signals, log: Option<Arc<LogFile>>, shutdown: Sen
     }
 }
 
-/// The service on a listener the caller bound to `options.socket`, until a
-/// message (or the sender's drop) on `shutdown`, or until the database
-/// stays unreachable too long: the socket feeds the worker pool, one
-/// handler per producer. A second feed would take `&Workers` the same way.
+/// The service on a listener the caller bound to `options.socket` and on a
+/// connected NATS feed (either or both), until a message (or the sender's
+/// drop) on `shutdown`, or until the database stays unreachable too long:
+/// the socket feeds the worker pool, one handler per producer; the feed
+/// feeds it the partitions this instance owns.
 pub fn run(
     db: &Database,
     options: &ServeOptions,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
+    feed: Option<&Feed>,
     shutdown: Receiver<()>,
 ) -> Exit {
+    let (wake, woken) = bounded::<()>(1);
     let shared = Shared {
         shutting_down: AtomicBool::new(false),
         gave_up: AtomicBool::new(false),
         streams: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         summary: Mutex::new(Summary::new()),
-        socket: options.socket.clone(),
+        socket: listener.as_ref().and(options.socket.clone()),
+        wake,
         active: AtomicUsize::new(0),
         unacknowledged: AtomicU64::new(0),
         cut_off: AtomicU64::new(0),
     };
     let stop = AtomicBool::new(false);
+    let record = |done: &Done| shared.record(done);
+    let on_done: &(dyn Fn(&Done) + Sync) = &record;
+    let mut feeds = Vec::new();
+    if let (Some(path), Some(_)) = (&options.socket, &listener) {
+        feeds.push(format!("{} (mode {:04o})", path.display(), options.mode));
+    }
+    if let Some(nats) = &options.nats {
+        feeds.push(format!(
+            "NATS stream {} at {} as {}",
+            nats.stream, nats.servers, nats.instance
+        ));
+    }
     log::info!(
-        "serving on {} (mode {:04o}) with {} workers, database {}",
-        options.socket.display(),
-        options.mode,
+        "serving on {} with {} workers, database {}",
+        feeds.join(" and "),
         options.workers.workers,
         db.url()
     );
@@ -244,13 +299,24 @@ pub fn run(
             std::thread::Builder::new()
                 .name("stats".into())
                 .spawn_scoped(scope, move || {
-                    report_stats(db, options, shared, workers, stats_stopped)
+                    report_stats(db, options, shared, workers, feed, stats_stopped)
                 })
                 .expect("spawn the stats thread");
-            let connections_done = accept(scope, &listener, workers, shared, options);
+            if let Some(feed) = feed {
+                feed.run(scope, db, workers, on_done);
+            }
+            let connections_done = match &listener {
+                Some(listener) => accept(scope, listener, workers, shared, options),
+                None => {
+                    let _ = woken.recv();
+                    bounded(1).1
+                }
+            };
             drop(listener);
-            let _ = std::fs::remove_file(&options.socket);
-            drain(db, options, shared, workers, &stop, &connections_done);
+            if let Some(path) = &shared.socket {
+                let _ = std::fs::remove_file(path);
+            }
+            drain(db, options, shared, workers, feed, &stop, &connections_done);
             drop(stats_stop);
             drop(finished);
         });
@@ -347,20 +413,31 @@ fn drain(
     options: &ServeOptions,
     shared: &Shared,
     workers: &Workers,
+    feed: Option<&Feed>,
     stop: &AtomicBool,
     connections_done: &Receiver<()>,
 ) {
     let deadline = Instant::now() + options.shutdown_timeout;
+    if let Some(feed) = feed {
+        feed.stop_fetching();
+    }
     while shared.active.load(Ordering::SeqCst) > 0
         && connections_done.recv_deadline(deadline).is_ok()
     {}
-    if shared.active.load(Ordering::SeqCst) > 0 {
+    let feed_busy = || feed.is_some_and(|f| f.in_flight() > 0);
+    while feed_busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if shared.active.load(Ordering::SeqCst) > 0 || feed_busy() {
         log::warn!(
             "shutdown timeout: handing back queued work unacknowledged ({} jobs)",
             workers.queued()
         );
         stop.store(true, Ordering::SeqCst);
         db.cancel_retries();
+    }
+    if let Some(feed) = feed {
+        feed.end();
     }
 }
 
@@ -452,15 +529,11 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
     let mut broken = false;
     let mut committed = 0;
     for done in acks.iter() {
-        let line = match done.result {
+        shared.record(&done);
+        let line = match &done.result {
             Ok(outcome) => {
                 committed += 1;
-                shared
-                    .summary
-                    .lock()
-                    .expect("summary lock")
-                    .record(&outcome);
-                let ack = Ack::new(done.ticket, done.id, &outcome, done.detail.as_deref());
+                let ack = Ack::new(done.ticket, done.id, outcome, done.detail.as_deref());
                 serde_json::to_string(&ack).expect("serializable")
             }
             Err(failure) => {
@@ -468,10 +541,6 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
                     "producer {id}, line {}: not acknowledged: {failure}",
                     done.ticket
                 );
-                if failure.is_gave_up() && !shared.gave_up.swap(true, Ordering::SeqCst) {
-                    log::error!("the database stayed unreachable: shutting down");
-                    shared.begin_shutdown();
-                }
                 continue;
             }
         };
@@ -497,8 +566,10 @@ fn report_stats(
     options: &ServeOptions,
     shared: &Shared,
     workers: &Workers,
+    feed: Option<&Feed>,
     stopped: Receiver<()>,
 ) {
+    let status = feed.map(Feed::status);
     let mut last = (Instant::now(), 0u64);
     loop {
         let finished = match stopped.recv_timeout(options.stats_interval) {
@@ -521,6 +592,7 @@ fn report_stats(
             queued: workers.queued(),
             producers: shared.active.load(Ordering::SeqCst),
             down_since: db.down_since(),
+            feed: status.as_deref(),
         };
         log::info!("{}", report.line());
         if let Some(path) = &options.metrics_file {

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 
+use crate::feed::FeedStatus;
 use crate::pipeline::Summary;
 
 /// What one stats report shows.
@@ -25,6 +26,8 @@ pub struct Report<'a> {
     pub producers: usize,
     /// Since when the database has been unreachable, if it is.
     pub down_since: Option<DateTime<Utc>>,
+    /// The NATS feed, when the service consumes one.
+    pub feed: Option<&'a FeedStatus>,
 }
 
 impl Report<'_> {
@@ -57,7 +60,7 @@ impl Report<'_> {
             self.idle,
             self.queued,
             self.producers,
-        )
+        ) + &self.feed.map_or(String::new(), |f| format!("; {}", f.line()))
     }
 
     /// The counters in Prometheus text exposition format: one family a
@@ -81,6 +84,9 @@ impl Report<'_> {
         let mut all = self.outcome_families();
         all.extend(self.database_families());
         all.extend(self.service_families());
+        if let Some(feed) = self.feed {
+            all.extend(feed_families(feed));
+        }
         all
     }
 
@@ -141,6 +147,57 @@ impl Report<'_> {
             Family::gauge("database_up", "1 while the database is reachable.").of(up),
         ]
     }
+}
+
+/// The NATS feed's metrics: which partitions this instance owns, and each
+/// one's backlog.
+fn feed_families(feed: &FeedStatus) -> Vec<Family> {
+    let partitions = feed.partitions.lock().expect("status lock").clone();
+    let labels: Vec<(String, &crate::feed::PartitionStatus)> =
+        partitions.iter().map(|(n, p)| (n.to_string(), p)).collect();
+    let up = u64::from(feed.down_since.lock().expect("status lock").is_none());
+    vec![
+        Family::gauge(
+            "nats_partition_token",
+            "Partitions this instance owns, with the fencing token it holds each by.",
+        )
+        .by(
+            "partition",
+            labels.iter().map(|(n, p)| (n.as_str(), p.token as u64)),
+        ),
+        Family::gauge(
+            "nats_pending_messages",
+            "Messages of each owned partition not yet delivered to this instance.",
+        )
+        .by(
+            "partition",
+            labels.iter().map(|(n, p)| (n.as_str(), p.pending)),
+        ),
+        Family::gauge(
+            "nats_in_flight_messages",
+            "Messages of each owned partition delivered and not yet acknowledged.",
+        )
+        .by(
+            "partition",
+            labels.iter().map(|(n, p)| (n.as_str(), p.in_flight)),
+        ),
+        Family::counter(
+            "nats_redeliveries_total",
+            "Messages the server delivered more than once.",
+        )
+        .of(feed.redeliveries.load(std::sync::atomic::Ordering::Relaxed)),
+        Family::counter(
+            "nats_acknowledged_total",
+            "Messages acknowledged after their outcome committed.",
+        )
+        .of(feed.acknowledged.load(std::sync::atomic::Ordering::Relaxed)),
+        Family::gauge(
+            "nats_instances",
+            "Instances sharing the feed, as last seen.",
+        )
+        .of(feed.instances.load(std::sync::atomic::Ordering::Relaxed)),
+        Family::gauge("nats_up", "1 while NATS is reachable.").of(up),
+    ]
 }
 
 /// A Prometheus metric type.
@@ -231,6 +288,7 @@ mod tests {
             queued: 0,
             producers: 3,
             down_since: None,
+            feed: None,
         };
         let text = report.prometheus();
         let mut declared = None;

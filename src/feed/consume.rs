@@ -1,0 +1,1067 @@
+//! Consuming the feed: the async side (one tokio runtime on its own thread:
+//! ownership, fetching, acknowledgements) and the blocking side (a feeder
+//! that submits fetched lines to the workers, an ack thread that takes their
+//! outcomes, and a bridge that runs fence claims on the database).
+//!
+//! A message is acknowledged only after the transaction that recorded its
+//! outcome committed. A message in flight is marked in progress every third
+//! of `ack_wait`, so the server does not redeliver it while the database is
+//! down; fetching pauses while the database is down or a partition has
+//! `max_in_flight` messages out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::Subject;
+use bytes::Bytes;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::owner::{self, Lease, Renewal};
+use super::setup::{self, partition_subject, Mismatch};
+use super::{FeedStatus, NatsOptions, PartitionStatus, TRUNCATED_HEADER};
+use crate::core::message::{MAX_LINE_BYTES, MAX_RAW_BYTES};
+use crate::db::repo::fences::{self, Fence};
+use crate::db::{Database, Failure};
+use crate::input::Line;
+use crate::pipeline::{Done, Origin, Workers};
+
+/// Why the feed could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The stream, the bucket or a consumer exists with settings that do
+    /// not fit this instance: fatal, nothing was consumed.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The NATS URLs are not valid.
+    #[error("--nats: {0}")]
+    Url(String),
+}
+
+/// A fetched message on its way to the feeder.
+struct Fetched {
+    ticket: u64,
+    payload: Bytes,
+    truncated: bool,
+    origin: Origin,
+}
+
+/// The outcome of a ticket, for the async side.
+struct Settle {
+    ticket: u64,
+    ack: bool,
+}
+
+/// A fence claim for the bridge thread.
+struct Claim {
+    fence: Fence,
+    reply: oneshot::Sender<Result<bool, Failure>>,
+}
+
+/// A message fetched and not settled.
+struct InFlight {
+    reply: Option<Subject>,
+    run: Arc<Run>,
+    since: Instant,
+}
+
+/// One owned partition being consumed.
+struct Run {
+    partition: u32,
+    fence: Fence,
+    /// Set to stop fetching (released, lost, shutting down).
+    stop: AtomicBool,
+    /// Set by the ack thread when a transaction of it ended at its fence.
+    fenced: AtomicBool,
+    in_flight: AtomicUsize,
+    /// The lease holds until then: no fetch after it.
+    valid_until: Mutex<Instant>,
+}
+
+impl Run {
+    fn may_fetch(&self) -> bool {
+        !self.stop.load(Ordering::SeqCst)
+            && !self.fenced.load(Ordering::SeqCst)
+            && Instant::now() < *self.valid_until.lock().expect("run lock")
+    }
+}
+
+/// State shared by the async tasks and the blocking threads.
+struct Shared {
+    options: NatsOptions,
+    status: Arc<FeedStatus>,
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+    next_ticket: AtomicU64,
+    lines: Sender<Fetched>,
+    claims: Sender<Claim>,
+    settle: mpsc::UnboundedSender<Settle>,
+    db_down: AtomicBool,
+    /// No new fetches: the instance is shutting down.
+    stopping: AtomicBool,
+    /// The stream's creation time, in every write token.
+    stream_epoch: AtomicU64,
+}
+
+/// A running feed: see the module's documentation.
+pub struct Feed {
+    shared: Arc<Shared>,
+    lines: Receiver<Fetched>,
+    claims: Receiver<Claim>,
+    start: Mutex<Option<oneshot::Sender<()>>>,
+    quit: watch::Sender<bool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Closed when the blocking threads must end.
+    done: Mutex<Option<Sender<()>>>,
+    done_rx: Receiver<()>,
+}
+
+impl Feed {
+    /// Connects and sets up the stream and the bucket, waiting for NATS as
+    /// long as it takes (logged once). `Ok(None)`: `shutdown` came first.
+    pub fn connect(
+        options: NatsOptions,
+        shutdown: &Receiver<()>,
+    ) -> Result<Option<Feed>, FeedError> {
+        let addrs = options
+            .servers
+            .split(',')
+            .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FeedError::Url(format!("{:?}: {e}", options.servers)))?;
+        let (lines_tx, lines) = unbounded();
+        let (claims_tx, claims) = unbounded();
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            options,
+            status: Arc::new(FeedStatus::default()),
+            in_flight: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            lines: lines_tx,
+            claims: claims_tx,
+            settle: settle_tx,
+            db_down: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            stream_epoch: AtomicU64::new(0),
+        });
+        let (ready_tx, ready) = bounded::<Result<(), FeedError>>(1);
+        let (start_tx, start_rx) = oneshot::channel();
+        let (quit, quit_rx) = watch::channel(false);
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("nats".into())
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a tokio runtime");
+                    runtime.block_on(main(shared, addrs, ready_tx, start_rx, settle_rx, quit_rx));
+                })
+                .expect("spawn the nats thread")
+        };
+        let (done_tx, done_rx) = bounded(0);
+        let feed = Feed {
+            shared,
+            lines,
+            claims,
+            start: Mutex::new(Some(start_tx)),
+            quit,
+            thread: Mutex::new(Some(thread)),
+            done: Mutex::new(Some(done_tx)),
+            done_rx,
+        };
+        crossbeam_channel::select! {
+            recv(ready) -> r => match r {
+                Ok(Ok(())) => Ok(Some(feed)),
+                Ok(Err(e)) => {
+                    feed.end();
+                    Err(e)
+                }
+                Err(_) => {
+                    feed.end();
+                    Err(FeedError::Mismatch("the NATS thread ended during set-up".into()))
+                }
+            },
+            recv(shutdown) -> _ => {
+                feed.end();
+                Ok(None)
+            }
+        }
+    }
+
+    /// What the feed is doing, for stats and metrics.
+    pub fn status(&self) -> Arc<FeedStatus> {
+        self.shared.status.clone()
+    }
+
+    /// Starts consuming: the feeder, ack and bridge threads in `scope`, and
+    /// the ownership loop. `on_done` sees every outcome first.
+    pub fn run<'scope, 'env>(
+        &'scope self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        db: &'scope Database,
+        workers: &'scope Workers,
+        on_done: &'scope (dyn Fn(&Done) + Sync),
+    ) {
+        let (reply, acks) = bounded::<Done>(4096);
+        let shared = &self.shared;
+        std::thread::Builder::new()
+            .name("nats-feeder".into())
+            .spawn_scoped(scope, move || {
+                feed_workers(&self.lines, &self.done_rx, workers, reply)
+            })
+            .expect("spawn the feeder");
+        std::thread::Builder::new()
+            .name("nats-acks".into())
+            .spawn_scoped(scope, move || settle_outcomes(shared, acks, on_done))
+            .expect("spawn the ack thread");
+        std::thread::Builder::new()
+            .name("nats-claims".into())
+            .spawn_scoped(scope, move || {
+                run_claims(shared, db, &self.claims, &self.done_rx)
+            })
+            .expect("spawn the claim thread");
+        if let Some(start) = self.start.lock().expect("feed lock").take() {
+            let _ = start.send(());
+        }
+    }
+
+    /// Messages fetched and not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.lock().expect("in-flight lock").len()
+    }
+
+    /// Stops fetching: the messages in flight are still committed and
+    /// acknowledged.
+    pub fn stop_fetching(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends the feed: gives up this instance's leases (so that the others
+    /// take its partitions over at once, not when the leases run out) and
+    /// stops the NATS thread. Messages still in flight are delivered again
+    /// to the partitions' next owners.
+    pub fn end(&self) {
+        let unsettled = self.in_flight();
+        if unsettled > 0 {
+            log::warn!(
+                "nats: {unsettled} messages in flight not acknowledged at shutdown; they are delivered again to the partitions' next owners"
+            );
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.quit.send(true);
+        if let Some(thread) = self.thread.lock().expect("feed lock").take() {
+            let _ = thread.join();
+        }
+        self.done.lock().expect("feed lock").take();
+    }
+}
+
+/// The async side: connect, set up, then (once `start` comes) own and
+/// consume partitions until `quit`.
+async fn main(
+    shared: Arc<Shared>,
+    addrs: Vec<async_nats::ServerAddr>,
+    ready: Sender<Result<(), FeedError>>,
+    start: oneshot::Receiver<()>,
+    settle_rx: mpsc::UnboundedReceiver<Settle>,
+    mut quit: watch::Receiver<bool>,
+) {
+    let status = shared.status.clone();
+    let servers = shared.options.servers.clone();
+    let connect = async_nats::ConnectOptions::new()
+        .name(format!("normalizer {}", shared.options.instance))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let status = status.clone();
+            let servers = servers.clone();
+            async move { on_event(&status, &servers, event) }
+        })
+        .connect(addrs);
+    let client = tokio::select! {
+        c = connect => match c {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(FeedError::Url(e.to_string())));
+                return;
+            }
+        },
+        _ = quit.changed() => return,
+    };
+    let js = jetstream::new(client.clone());
+    let set_up = tokio::select! {
+        s = set_up(&shared, &js) => s,
+        _ = quit.changed() => return,
+    };
+    let (stream, store) = match set_up {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    shared.status.ready.store(true, Ordering::SeqCst);
+    let _ = ready.send(Ok(()));
+    tokio::select! {
+        _ = start => {}
+        _ = quit.changed() => return,
+    }
+    tokio::spawn(settle_loop(shared.clone(), client.clone(), settle_rx));
+    tokio::spawn(progress_loop(shared.clone(), client.clone()));
+    let mut coordinator = Coordinator {
+        shared: shared.clone(),
+        store,
+        stream,
+        member: None,
+        held: BTreeMap::new(),
+        last_pending: Instant::now() - Duration::from_secs(60),
+    };
+    coordinator.run(&mut quit).await;
+    let _ = client.flush().await;
+}
+
+/// Creates or checks the stream, the bucket and the consumers, retrying
+/// while NATS or JetStream does not answer; a mismatch is fatal.
+async fn set_up(
+    shared: &Shared,
+    js: &jetstream::Context,
+) -> Result<(stream::Stream, jetstream::kv::Store), FeedError> {
+    let options = &shared.options;
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        let attempt = async {
+            let mut stream = setup::stream(js, options).await?;
+            let epoch = stream.info().await?.created.unix_timestamp_nanos();
+            check_consumers(&stream, options).await?;
+            let store = setup::bucket(js, options).await?;
+            anyhow::Ok((stream, store, epoch))
+        };
+        match attempt.await {
+            Ok((stream, store, epoch)) => {
+                shared.stream_epoch.store(epoch as u64, Ordering::SeqCst);
+                if let Some(since) = waiting_since {
+                    log::info!(
+                        "nats: the stream {} is ready after {:.1} s",
+                        options.stream,
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok((stream, store));
+            }
+            Err(e) => {
+                if let Some(mismatch) = e.downcast_ref::<Mismatch>() {
+                    return Err(FeedError::Mismatch(mismatch.0.clone()));
+                }
+                if waiting_since.is_none() {
+                    log::warn!(
+                        "nats: waiting for the stream {} at {} ({e}); as long as it takes",
+                        options.stream,
+                        options.servers
+                    );
+                    waiting_since = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Every consumer on the stream must be one of ours for this partition
+/// count: `p<n>-<token>`, n below it, filtered on partition n.
+async fn check_consumers(stream: &stream::Stream, options: &NatsOptions) -> anyhow::Result<()> {
+    let mut consumers = stream.consumers();
+    while let Some(info) = consumers.next().await {
+        let info = info?;
+        let partition = parse_consumer(&info.name).map(|(n, _)| n);
+        let fits = partition.is_some_and(|n| {
+            n < options.partitions
+                && info.config.filter_subject == partition_subject(&options.stream, n)
+                && info.config.ack_policy == consumer::AckPolicy::Explicit
+        });
+        if !fits {
+            return Err(Mismatch(format!(
+                "the stream {} has a consumer {} (filter {:?}) that is not one of this instance's {} partitions; remove it, or start with the --nats-partitions it was made for",
+                options.stream, info.name, info.config.filter_subject, options.partitions
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn consumer_name(partition: u32, token: u64) -> String {
+    format!("p{partition}-{token}")
+}
+
+fn parse_consumer(name: &str) -> Option<(u32, u64)> {
+    let (p, t) = name.strip_prefix('p')?.split_once('-')?;
+    Some((p.parse().ok()?, t.parse().ok()?))
+}
+
+fn on_event(status: &FeedStatus, servers: &str, event: async_nats::Event) {
+    let mut down = status.down_since.lock().expect("status lock");
+    match event {
+        async_nats::Event::Disconnected if down.is_none() => {
+            log::warn!("nats: unreachable at {servers}; reconnecting as long as it takes");
+            *down = Some(chrono::Utc::now());
+        }
+        async_nats::Event::Connected => {
+            if let Some(since) = down.take() {
+                let secs = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
+                log::info!("nats: reachable again after {secs:.1} s");
+            }
+        }
+        async_nats::Event::Disconnected => {}
+        other => log::info!("nats: {other}"),
+    }
+}
+
+/// A partition this instance holds a lease on.
+struct Held {
+    lease: Lease,
+    /// The fencing token: the revision that granted the lease.
+    token: u64,
+    /// Consuming, once the fence is claimed and the consumer made.
+    run: Option<Arc<Run>>,
+    /// Being claimed (fence, consumer) by a task.
+    claiming: bool,
+    /// Asked to give it up once its messages in flight are settled.
+    releasing: bool,
+}
+
+struct Coordinator {
+    shared: Arc<Shared>,
+    store: jetstream::kv::Store,
+    stream: stream::Stream,
+    member: Option<Lease>,
+    held: BTreeMap<u32, Held>,
+    last_pending: Instant,
+}
+
+/// What a claim task reports back.
+enum Claimed {
+    Running(u32, Arc<Run>),
+    Failed(u32, String),
+}
+
+impl Coordinator {
+    async fn run(&mut self, quit: &mut watch::Receiver<bool>) {
+        let lease = self.shared.options.lease;
+        let tick = (lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (claimed_tx, mut claimed_rx) = mpsc::unbounded_channel::<Claimed>();
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                Some(claimed) = claimed_rx.recv() => {
+                    self.on_claimed(claimed);
+                    continue;
+                }
+                _ = quit.changed() => break,
+            }
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                for held in self.held.values() {
+                    if let Some(run) = &held.run {
+                        run.stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                continue;
+            }
+            self.renew().await;
+            self.drop_fenced();
+            self.balance(&claimed_tx).await;
+            self.publish_status().await;
+        }
+        self.release_all().await;
+    }
+
+    fn instance(&self) -> &str {
+        &self.shared.options.instance
+    }
+
+    /// Renews the member key and every partition lease.
+    async fn renew(&mut self) {
+        let me = self.shared.options.instance.clone();
+        let member_key = owner::member_key(&me);
+        self.member = match self.member {
+            Some(lease) => match owner::renew(&self.store, &member_key, &me, lease).await {
+                Renewal::Renewed(l) => Some(l),
+                Renewal::Lost => None,
+                Renewal::Unknown(_) => Some(lease),
+            },
+            None => None,
+        };
+        if self.member.is_none() {
+            match owner::acquire(&self.store, &member_key, &me).await {
+                Ok(Some(l)) => self.member = Some(l),
+                Ok(None) => log::warn!(
+                    "nats: the member key {member_key} is held; another instance has this name?"
+                ),
+                Err(e) => log::debug!("nats: cannot write the member key: {e}"),
+            }
+        }
+        let ttl = self.shared.options.lease;
+        let mut lost = Vec::new();
+        for (&n, held) in self.held.iter_mut() {
+            match owner::renew(&self.store, &owner::partition_key(n), &me, held.lease).await {
+                Renewal::Renewed(l) => {
+                    held.lease = l;
+                    if let Some(run) = &held.run {
+                        *run.valid_until.lock().expect("run lock") = l.written + ttl - ttl / 10;
+                    }
+                }
+                Renewal::Lost => {
+                    log::warn!("nats: lost partition {n}: its lease expired and another instance may hold it; fetching stopped");
+                    lost.push(n);
+                }
+                Renewal::Unknown(e) if !owner::holds(&held.lease, ttl) => {
+                    log::warn!("nats: lost partition {n}: its lease could not be renewed for {ttl:?} ({e}); fetching stopped");
+                    lost.push(n);
+                }
+                Renewal::Unknown(_) => {}
+            }
+        }
+        for n in lost {
+            if let Some(held) = self.held.remove(&n) {
+                if let Some(run) = held.run {
+                    run.stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Partitions whose transactions ended at their fence: another instance
+    /// claimed them in the database.
+    fn drop_fenced(&mut self) {
+        let fenced: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                h.run
+                    .as_ref()
+                    .is_some_and(|r| r.fenced.load(Ordering::SeqCst))
+            })
+            .map(|(&n, _)| n)
+            .collect();
+        for n in fenced {
+            log::warn!("nats: lost partition {n}: another instance claimed it in the database (fenced); fetching stopped");
+            if let Some(held) = self.held.remove(&n) {
+                if let Some(run) = held.run {
+                    run.stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Claims free partitions up to this instance's share, and gives up
+    /// those above it.
+    async fn balance(&mut self, claimed: &mpsc::UnboundedSender<Claimed>) {
+        let view = match owner::view(&self.store).await {
+            Ok(v) => v,
+            Err(e) => {
+                log::debug!("nats: cannot read the ownership bucket: {e}");
+                return;
+            }
+        };
+        self.shared
+            .status
+            .instances
+            .store(view.members.len().max(1) as u64, Ordering::Relaxed);
+        let me = self.instance().to_string();
+        let partitions = self.shared.options.partitions;
+        let share = owner::fair_share(partitions, &view.members, &me) as usize;
+        let keeping: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| !h.releasing)
+            .map(|(&n, _)| n)
+            .collect();
+        // Above the share: give up the highest partitions, once their
+        // messages in flight are settled.
+        for &n in keeping.iter().skip(share) {
+            if let Some(held) = self.held.get_mut(&n) {
+                held.releasing = true;
+                if let Some(run) = &held.run {
+                    run.stop.store(true, Ordering::SeqCst);
+                }
+                log::info!("nats: giving partition {n} up ({share} is this instance's share of {partitions})");
+            }
+        }
+        let mut releasable = Vec::new();
+        for (&n, held) in &self.held {
+            let idle = held
+                .run
+                .as_ref()
+                .is_none_or(|r| r.in_flight.load(Ordering::SeqCst) == 0);
+            if held.releasing && !held.claiming && idle {
+                releasable.push(n);
+            }
+        }
+        for n in releasable {
+            if let Some(held) = self.held.remove(&n) {
+                owner::release(&self.store, &owner::partition_key(n), held.lease).await;
+                log::info!("nats: gave partition {n} up");
+            }
+        }
+        // Below the share: take free partitions, starting at a place of
+        // this instance's own so that instances rarely race for the same.
+        let mut wanted = share.saturating_sub(keeping.len().min(share));
+        let offset = crate::pipeline::route(&me, partitions as usize) as u32;
+        for i in 0..partitions {
+            if wanted == 0 {
+                break;
+            }
+            let n = (offset + i) % partitions;
+            if view.held.contains(&n) || self.held.contains_key(&n) {
+                continue;
+            }
+            match owner::acquire(&self.store, &owner::partition_key(n), &me).await {
+                Ok(Some(lease)) => {
+                    wanted -= 1;
+                    let token = lease.revision;
+                    self.held.insert(
+                        n,
+                        Held {
+                            lease,
+                            token,
+                            run: None,
+                            claiming: true,
+                            releasing: false,
+                        },
+                    );
+                    let shared = self.shared.clone();
+                    let stream = self.stream.clone();
+                    let claimed = claimed.clone();
+                    let valid_until = lease.written + self.shared.options.lease * 9 / 10;
+                    tokio::spawn(async move {
+                        let result = take_over(&shared, &stream, n, token, valid_until).await;
+                        let _ = claimed.send(match result {
+                            Ok(run) => Claimed::Running(n, run),
+                            Err(e) => Claimed::Failed(n, e.to_string()),
+                        });
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log::debug!("nats: cannot take partition {n}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_claimed(&mut self, claimed: Claimed) {
+        match claimed {
+            Claimed::Running(n, run) => match self.held.get_mut(&n) {
+                Some(held) if held.token == run.fence.token as u64 => {
+                    held.claiming = false;
+                    *run.valid_until.lock().expect("run lock") =
+                        held.lease.written + self.shared.options.lease * 9 / 10;
+                    if held.releasing || self.shared.stopping.load(Ordering::SeqCst) {
+                        run.stop.store(true, Ordering::SeqCst);
+                    }
+                    log::info!("nats: owning partition {n} (token {})", held.token);
+                    held.run = Some(run);
+                }
+                // Lost while it was being claimed.
+                _ => run.stop.store(true, Ordering::SeqCst),
+            },
+            Claimed::Failed(n, e) => {
+                log::warn!("nats: could not take partition {n} over: {e}");
+                if let Some(held) = self.held.get_mut(&n) {
+                    held.claiming = false;
+                    held.releasing = true;
+                }
+            }
+        }
+    }
+
+    async fn publish_status(&mut self) {
+        let refresh = self.last_pending.elapsed() >= Duration::from_secs(5);
+        let mut pending = HashMap::new();
+        if refresh {
+            self.last_pending = Instant::now();
+            for (&n, held) in &self.held {
+                if held.run.is_none() {
+                    continue;
+                }
+                let name = consumer_name(n, held.token);
+                if let Ok(info) = self.stream.consumer_info(&name).await {
+                    pending.insert(n, info.num_pending);
+                }
+            }
+        }
+        let mut partitions = self.shared.status.partitions.lock().expect("status lock");
+        let old = std::mem::take(&mut *partitions);
+        for (&n, held) in &self.held {
+            let Some(run) = &held.run else { continue };
+            partitions.insert(
+                n,
+                PartitionStatus {
+                    token: held.token as i64,
+                    pending: pending
+                        .get(&n)
+                        .copied()
+                        .unwrap_or_else(|| old.get(&n).map_or(0, |p| p.pending)),
+                    in_flight: run.in_flight.load(Ordering::SeqCst) as u64,
+                },
+            );
+        }
+    }
+
+    /// At shutdown: every lease given up, so that the others take over at
+    /// once instead of after the lease runs out.
+    async fn release_all(&mut self) {
+        for (n, held) in std::mem::take(&mut self.held) {
+            if let Some(run) = &held.run {
+                run.stop.store(true, Ordering::SeqCst);
+            }
+            owner::release(&self.store, &owner::partition_key(n), held.lease).await;
+        }
+        if let Some(lease) = self.member.take() {
+            owner::release(&self.store, &owner::member_key(self.instance()), lease).await;
+        }
+        self.shared
+            .status
+            .partitions
+            .lock()
+            .expect("status lock")
+            .clear();
+    }
+}
+
+/// Claims partition `n`'s fence with `token` in the database, makes the
+/// partition's consumer for this token (starting where the previous
+/// owner's left off) and starts fetching.
+async fn take_over(
+    shared: &Arc<Shared>,
+    stream: &stream::Stream,
+    n: u32,
+    token: u64,
+    valid_until: Instant,
+) -> anyhow::Result<Arc<Run>> {
+    let fence = Fence {
+        key: shared.options.fence_key(n),
+        token: token as i64,
+    };
+    let (reply, claimed) = oneshot::channel();
+    shared
+        .claims
+        .send(Claim {
+            fence: fence.clone(),
+            reply,
+        })
+        .map_err(|_| anyhow::anyhow!("shutting down"))?;
+    match claimed.await? {
+        Ok(true) => {}
+        Ok(false) => anyhow::bail!("a later owner's token is already in the database"),
+        Err(failure) => anyhow::bail!("cannot claim its fence: {failure}"),
+    }
+    // The previous owners' consumers of this partition: the newest one's
+    // ack floor is where this one starts (messages after it that were
+    // acknowledged come again, and find their own write token).
+    let mut previous: Vec<(u64, String)> = Vec::new();
+    let mut names = stream.consumer_names();
+    while let Some(name) = names.next().await {
+        let name = name?;
+        if let Some((p, t)) = parse_consumer(&name) {
+            if p == n && t != token {
+                previous.push((t, name));
+            }
+        }
+    }
+    previous.sort();
+    let start = match previous.last() {
+        Some((_, name)) => Some(stream.consumer_info(name).await?.ack_floor.stream_sequence + 1),
+        None => None,
+    };
+    let name = consumer_name(n, token);
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: partition_subject(&shared.options.stream, n),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: shared.options.ack_wait,
+                max_ack_pending: shared.options.max_in_flight as i64,
+                deliver_policy: match start {
+                    Some(start_sequence) => {
+                        consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                    }
+                    None => consumer::DeliverPolicy::All,
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    for (_, old) in &previous {
+        if let Err(e) = stream.delete_consumer(old).await {
+            log::debug!("nats: cannot remove the old consumer {old}: {e}");
+        }
+    }
+    let run = Arc::new(Run {
+        partition: n,
+        fence,
+        stop: AtomicBool::new(false),
+        fenced: AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        valid_until: Mutex::new(valid_until),
+    });
+    tokio::spawn(fetch_loop(shared.clone(), consumer, run.clone()));
+    Ok(run)
+}
+
+/// Fetches partition messages while this instance may: the lease holds,
+/// the database is up, fewer than `max_in_flight` are out.
+async fn fetch_loop(shared: Arc<Shared>, mut consumer: consumer::PullConsumer, run: Arc<Run>) {
+    let max = shared.options.max_in_flight;
+    loop {
+        if run.stop.load(Ordering::SeqCst) || run.fenced.load(Ordering::SeqCst) {
+            return;
+        }
+        let out = run.in_flight.load(Ordering::SeqCst);
+        if shared.stopping.load(Ordering::SeqCst)
+            || !run.may_fetch()
+            || shared.db_down.load(Ordering::SeqCst)
+            || out >= max
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages((max - out).min(500))
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                if consumer_gone(&mut consumer).await {
+                    log::warn!("nats: partition {}: its consumer was removed (another instance took it over); fetching stopped", run.partition);
+                    run.stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+                log::debug!("nats: partition {}: fetch failed: {e}", run.partition);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(message) = batch.next().await {
+            match message {
+                Ok(message) => deliver(&shared, &run, message),
+                Err(e) => {
+                    log::debug!("nats: partition {}: {e}", run.partition);
+                    if consumer_gone(&mut consumer).await {
+                        run.stop.store(true, Ordering::SeqCst);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn consumer_gone(consumer: &mut consumer::PullConsumer) -> bool {
+    match consumer.info().await {
+        Ok(_) => false,
+        Err(e) => e.to_string().contains("consumer not found"),
+    }
+}
+
+/// Hands a fetched message to the feeder.
+fn deliver(shared: &Shared, run: &Arc<Run>, message: jetstream::Message) {
+    let (sequence, delivered) = match message.info() {
+        Ok(info) => (info.stream_sequence, info.delivered),
+        Err(e) => {
+            log::warn!("nats: a message without JetStream metadata ({e}); ignored");
+            return;
+        }
+    };
+    if delivered > 1 {
+        shared.status.redeliveries.fetch_add(1, Ordering::Relaxed);
+    }
+    let truncated = message
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(TRUNCATED_HEADER).is_some());
+    let ticket = shared.next_ticket.fetch_add(1, Ordering::SeqCst);
+    let token = format!(
+        "nats:{}:{}:{sequence}",
+        shared.options.stream,
+        shared.stream_epoch.load(Ordering::SeqCst)
+    );
+    run.in_flight.fetch_add(1, Ordering::SeqCst);
+    shared.in_flight.lock().expect("in-flight lock").insert(
+        ticket,
+        InFlight {
+            reply: message.reply.clone(),
+            run: run.clone(),
+            since: Instant::now(),
+        },
+    );
+    let fetched = Fetched {
+        ticket,
+        payload: message.payload.clone(),
+        truncated,
+        origin: Origin {
+            token,
+            fence: run.fence.clone(),
+        },
+    };
+    if shared.lines.send(fetched).is_err() {
+        settle_locally(shared, ticket);
+    }
+}
+
+fn settle_locally(shared: &Shared, ticket: u64) -> Option<InFlight> {
+    let entry = shared
+        .in_flight
+        .lock()
+        .expect("in-flight lock")
+        .remove(&ticket)?;
+    entry.run.in_flight.fetch_sub(1, Ordering::SeqCst);
+    Some(entry)
+}
+
+/// Acknowledges committed messages.
+async fn settle_loop(
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    mut settle: mpsc::UnboundedReceiver<Settle>,
+) {
+    while let Some(s) = settle.recv().await {
+        let Some(entry) = settle_locally(&shared, s.ticket) else {
+            continue;
+        };
+        if !s.ack {
+            continue;
+        }
+        if let Some(reply) = entry.reply {
+            match client.publish(reply, Bytes::from_static(b"+ACK")).await {
+                Ok(()) => {
+                    shared.status.acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+                // Delivered again later; its own write token makes that a
+                // no-op that is acknowledged then.
+                Err(e) => log::debug!("nats: an ack was not sent: {e}"),
+            }
+        }
+    }
+}
+
+/// Marks messages in flight as in progress, so that the server does not
+/// redeliver them while the database is slow or down.
+async fn progress_loop(shared: Arc<Shared>, client: async_nats::Client) {
+    let every = shared.options.ack_wait / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let replies: Vec<Subject> = shared
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .values()
+            .filter(|e| e.since.elapsed() >= every)
+            .filter_map(|e| e.reply.clone())
+            .collect();
+        for reply in replies {
+            if client
+                .publish(reply, Bytes::from_static(b"+WPI"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// The feeder thread: fetched messages into the worker pool.
+fn feed_workers(
+    lines: &Receiver<Fetched>,
+    done: &Receiver<()>,
+    workers: &Workers,
+    reply: Sender<Done>,
+) {
+    loop {
+        let fetched = crossbeam_channel::select! {
+            recv(lines) -> f => match f { Ok(f) => f, Err(_) => return },
+            recv(done) -> _ => return,
+        };
+        let len = fetched.payload.len();
+        let oversize = fetched.truncated || len > MAX_LINE_BYTES;
+        let keep = if oversize {
+            len.min(MAX_RAW_BYTES)
+        } else {
+            len
+        };
+        let line = Line {
+            number: fetched.ticket,
+            bytes: fetched.payload[..keep].to_vec(),
+            oversize,
+        };
+        if workers.submit_from(fetched.ticket, line, Some(fetched.origin), &reply) == Some(false) {
+            return;
+        }
+    }
+}
+
+/// The ack thread: each outcome settles its message.
+fn settle_outcomes(shared: &Shared, acks: Receiver<Done>, on_done: &(dyn Fn(&Done) + Sync)) {
+    for done in acks.iter() {
+        on_done(&done);
+        let ack = match &done.result {
+            Ok(_) => true,
+            Err(Failure::Fenced(_)) => {
+                if let Some(entry) = shared
+                    .in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .get(&done.ticket)
+                {
+                    entry.run.fenced.store(true, Ordering::SeqCst);
+                }
+                false
+            }
+            Err(failure) => {
+                log::warn!(
+                    "nats: a message not committed ({failure}); it is delivered again later"
+                );
+                false
+            }
+        };
+        let _ = shared.settle.send(Settle {
+            ticket: done.ticket,
+            ack,
+        });
+    }
+}
+
+/// The bridge thread: fence claims on the database, and whether the
+/// database is down (fetching pauses then).
+fn run_claims(shared: &Shared, db: &Database, claims: &Receiver<Claim>, done: &Receiver<()>) {
+    loop {
+        shared
+            .db_down
+            .store(db.down_since().is_some(), Ordering::SeqCst);
+        crossbeam_channel::select! {
+            recv(claims) -> c => match c {
+                Ok(claim) => {
+                    let owner = &shared.options.instance;
+                    let result = db.transaction(|conn| fences::claim(conn, &claim.fence, owner));
+                    let _ = claim.reply.send(result);
+                }
+                Err(_) => return,
+            },
+            recv(done) -> _ => return,
+            default(Duration::from_millis(100)) => {}
+        }
+    }
+}
