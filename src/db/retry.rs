@@ -829,6 +829,7 @@ mod tests {
                 Decision::Stop(Failure::Cancelled { .. }) => "cancelled",
                 Decision::Stop(Failure::OutOfResources { .. }) => "out of resources",
                 Decision::Stop(Failure::Panicked(_)) => "panicked",
+                Decision::Stop(Failure::Fenced(_)) => "fenced",
             };
             assert_eq!(got, expected, "{name}");
         }

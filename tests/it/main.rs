@@ -7,6 +7,7 @@ mod contract;
 mod disk_full;
 mod faults;
 mod input;
+mod nats;
 mod netns;
 mod partition;
 mod pg;

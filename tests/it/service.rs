@@ -617,13 +617,14 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("n.sock");
     let options = ServeOptions {
-        socket: socket.clone(),
+        socket: Some(socket.clone()),
         mode: 0o600,
         max_connections: 4,
         shutdown_timeout: Duration::from_secs(5),
         stats_interval: Duration::from_secs(60),
         metrics_file: None,
         workers: support::options(),
+        nats: None,
     };
     let listener = service::bind(&socket, options.mode).unwrap();
     let (shutdown, on_shutdown) = crossbeam_channel::bounded(1);
@@ -633,7 +634,7 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
         support::msg("a-2", "dev-nope", "2026-11-29T10:00:00Z", r#"{"t":1}"#),
     ];
     let exit = std::thread::scope(|s| {
-        let server = s.spawn(|| service::run(&t.db, &options, listener, on_shutdown));
+        let server = s.spawn(|| service::run(&t.db, &options, Some(listener), None, on_shutdown));
         let acks = produce(&socket, &lines, None);
         let outcomes: Vec<String> = acks
             .values()

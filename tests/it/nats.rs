@@ -1,0 +1,489 @@
+//! The NATS JetStream feed on real nats-server clusters that the tests start
+//! with `scripts/nats-cluster` (3 nodes on free loopback ports, never the
+//! machine's own server), with `serve` instances as real processes.
+//!
+//! `NATS_MESSAGES` sets the size of the scale-out run (default 200,000).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::PgConnection;
+use normalizer::db::repo::snapshot::Snapshot;
+use normalizer::db::PoolSettings;
+
+use crate::chaos;
+use crate::pg::PgCluster;
+use crate::service::bin;
+use crate::support::TestDb;
+
+fn scale_out_size() -> usize {
+    std::env::var("NATS_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000)
+}
+
+/// A 3-node cluster of the test's own, stopped and removed on drop.
+pub(crate) struct NatsCluster {
+    dir: PathBuf,
+    pub(crate) urls: String,
+    pub(crate) mqtt_port: u16,
+}
+
+fn script() -> Command {
+    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/nats-cluster"))
+}
+
+impl NatsCluster {
+    pub(crate) fn start() -> NatsCluster {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = PathBuf::from(format!(
+            "/tmp/normalizer-nats-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cluster = NatsCluster {
+            urls: String::new(),
+            mqtt_port: 0,
+            dir,
+        };
+        cluster.start_missing();
+        let read = |name: &str| {
+            std::fs::read_to_string(cluster.dir.join(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        cluster.urls = read("urls");
+        cluster.mqtt_port = read("mqtt-port").parse().unwrap();
+        cluster
+    }
+
+    /// Starts whichever node is not running (same ports, same data).
+    pub(crate) fn start_missing(&self) {
+        let out = script().arg("start").arg(&self.dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/nats-cluster start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// SIGKILLs node `n` (1 to 3) and waits until it is gone.
+    pub(crate) fn kill(&self, n: usize) {
+        let pid: i32 = std::fs::read_to_string(self.dir.join(format!("node{n}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: signalling a server process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // SAFETY: as above; signal 0 only asks whether it exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node (1 to 3) that leads `stream` now.
+    pub(crate) fn leader(&self, stream: &str) -> usize {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let addrs: Vec<async_nats::ServerAddr> =
+                self.urls.split(',').map(|u| u.parse().unwrap()).collect();
+            let client = async_nats::connect(addrs).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream(stream).await.unwrap();
+            let info = stream.info().await.unwrap();
+            let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap();
+            leader.trim_start_matches('n').parse().unwrap()
+        })
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        let _ = script().arg("stop").arg(&self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `serve --nats` process.
+struct Instance {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Instance {
+    /// Starts one and returns once it serves.
+    fn start(dir: &Path, label: &str, db: &str, urls: &str, extra: &[&str]) -> Instance {
+        let log = dir.join(format!("{label}.log"));
+        let _ = std::fs::remove_file(&log);
+        let mut child = bin()
+            .args(["--database-url", db, "--log-file"])
+            .arg(&log)
+            .args(["serve", "--nats", urls, "--stats-interval", "2s"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let instance_log = log.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("serving on")
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "serve exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Instance {
+            child,
+            log: instance_log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its name in the ownership bucket, from its first log line.
+    fn name(&self) -> String {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("serving on")).unwrap();
+        let after = line.split(" as ").nth(1).unwrap();
+        after.split_whitespace().next().unwrap().to_string()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// SIGTERM, and its exit.
+    fn stop(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Lines with an outcome in the database: processed ids and dead letters.
+fn done(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT (SELECT count(*) FROM processed_messages) + (SELECT count(*) FROM dead_letters) AS n",
+    )
+    .get_result::<N>(conn)
+    .map(|r| r.n)
+    .unwrap_or(0)
+}
+
+/// The owners of the fences, by partition key.
+fn fence_owners(conn: &mut PgConnection) -> Vec<(String, String)> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        partition_key: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        owner: String,
+    }
+    diesel::sql_query("SELECT partition_key, owner FROM feed_fences ORDER BY partition_key")
+        .load::<Row>(conn)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.partition_key, r.owner))
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `send --nats` of a file, in the background.
+fn send(urls: &str, file: &Path) -> std::thread::JoinHandle<Output> {
+    let mut command = bin();
+    command.args(["send", "--nats", urls]).arg(file);
+    std::thread::spawn(move || command.output().unwrap())
+}
+
+/// The clean reference: one `ingest` of `input` into a database of its own.
+fn clean_run(pg: &PgCluster, provisioning: &str, input: &str) -> (Snapshot, i64, Duration) {
+    let clean = TestDb::open(&pg.create_database(), PoolSettings::default());
+    clean.provision(provisioning);
+    let started = Instant::now();
+    clean.ingest(input);
+    let took = started.elapsed();
+    let snapshot = clean.snapshot();
+    let total = (snapshot.processed.len() + snapshot.dead_letters.len()) as i64;
+    (snapshot, total, took)
+}
+
+fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
+    let figures = chaos::compare(clean, faulty);
+    assert_eq!(figures, (0, 0, 0), "lost, doubled, wrongly dead-lettered");
+    assert_eq!(faulty.readings, clean.readings, "the same readings");
+    assert_eq!(faulty.alerts, clean.alerts, "the same alerts, in the same order");
+    assert_eq!(faulty.processed, clean.processed);
+    assert_eq!(faulty.dead_letters, clean.dead_letters);
+    assert_eq!(faulty.devices, clean.devices);
+    figures
+}
+
+#[test]
+fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
+    let messages = scale_out_size();
+    let (provisioning, input) = chaos::input(messages);
+    let pg = PgCluster::start_new();
+    let (clean, total, ingest_took) = clean_run(&pg, &provisioning, &input);
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
+    let mut conn = PgConnection::establish(&url).unwrap();
+
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("messages.jsonl");
+    std::fs::write(&file, &input).unwrap();
+    let extra = ["--nats-replicas", "3"];
+    let mut instances: Vec<Instance> = (0..3)
+        .map(|k| Instance::start(dir.path(), &format!("i{k}"), &url, &nats.urls, &extra))
+        .collect();
+    wait_until("every instance owning partitions", Duration::from_secs(60), || {
+        instances.iter().all(|i| i.log().contains("owning partition"))
+    });
+    let victim = instances[0].name();
+
+    let started = Instant::now();
+    let sender = send(&nats.urls, &file);
+    let progress = |conn: &mut PgConnection| done(conn) as f64 / total as f64;
+    let mut leader_killed = None;
+    let mut instance_killed = None;
+    let mut takeover = None;
+    let mut restarted = false;
+    let mut backends_killed = 0;
+    let mut last_backend_kill = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while done(&mut conn) < total {
+        assert!(
+            Instant::now() < deadline,
+            "not done: {} of {total}",
+            done(&mut conn)
+        );
+        let share = progress(&mut conn);
+        if leader_killed.is_none() && share >= 0.1 {
+            let leader = nats.leader("normalizer");
+            nats.kill(leader);
+            leader_killed = Some((leader, Instant::now()));
+        }
+        if let Some((_, at)) = leader_killed {
+            if at.elapsed() > Duration::from_secs(5) {
+                nats.start_missing();
+            }
+        }
+        if instance_killed.is_none() && share >= 0.3 {
+            instances[0].signal(libc::SIGKILL);
+            instance_killed = Some(Instant::now());
+        }
+        if let (Some(at), None) = (instance_killed, takeover) {
+            let owners = fence_owners(&mut conn);
+            if !owners.iter().any(|(_, owner)| *owner == victim) {
+                takeover = Some(at.elapsed());
+            }
+        }
+        if !restarted && share >= 0.6 && takeover.is_some() {
+            instances[0] = Instance::start(dir.path(), "i0-again", &url, &nats.urls, &extra);
+            restarted = true;
+        }
+        if last_backend_kill.elapsed() > Duration::from_secs(3) {
+            backends_killed += pg.terminate_normalizer_backends(&url);
+            last_backend_kill = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = started.elapsed();
+    nats.start_missing();
+    let sent = sender.join().unwrap();
+    assert!(
+        sent.status.success(),
+        "send --nats: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).contains(&format!("published {messages},")),
+        "{}",
+        String::from_utf8_lossy(&sent.stdout)
+    );
+    if !restarted {
+        // Done before 60 %: the comeback is checked all the same.
+        instances[0] = Instance::start(dir.path(), "i0-again", &url, &nats.urls, &extra);
+    }
+    wait_until(
+        "the restarted instance getting its share again",
+        Duration::from_secs(60),
+        || instances[0].log().contains("owning partition"),
+    );
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    let (lost, doubled, wrong) = assert_exact(&clean, &faulty);
+    for instance in instances {
+        let (status, log) = instance.stop();
+        assert!(status.success(), "{status}: {log}");
+    }
+    println!(
+        "nats scale-out: {messages} messages, 3 instances, stream R3; nats node {} killed at 10 %, instance killed at 30 % and back at 60 %, {backends_killed} backends killed: lost={lost} doubled={doubled} wrongly_dead_lettered={wrong}; takeover after the kill {:.1} s; run {:.1} s (clean ingest {:.1} s)",
+        leader_killed.map_or(0, |(n, _)| n),
+        takeover.map_or(f64::NAN, |t| t.as_secs_f64()),
+        took.as_secs_f64(),
+        ingest_took.as_secs_f64(),
+    );
+}
+
+#[test]
+fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
+    let (provisioning, input) = chaos::input(20_000);
+    let pg = crate::pg::shared();
+    let (clean, total, _) = clean_run(pg, &provisioning, &input);
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
+    let mut conn = PgConnection::establish(&url).unwrap();
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("messages.jsonl");
+    std::fs::write(&file, &input).unwrap();
+
+    // Everything published first, so that both instances are busy.
+    let sent = send(&nats.urls, &file).join().unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let extra = ["--nats-lease", "3s"];
+    let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, &extra);
+    let other = Instance::start(dir.path(), "other", &url, &nats.urls, &extra);
+    let (frozen_name, other_name) = (frozen.name(), other.name());
+    wait_until("the first partitions done", Duration::from_secs(120), || {
+        done(&mut conn) >= total / 5
+            && fence_owners(&mut conn).iter().any(|(_, o)| *o == frozen_name)
+    });
+    frozen.signal(libc::SIGSTOP);
+    wait_until(
+        "the other instance owning every partition",
+        Duration::from_secs(60),
+        || {
+            let owners = fence_owners(&mut conn);
+            owners.len() == 16 && owners.iter().all(|(_, o)| *o == other_name)
+        },
+    );
+    let taken_at = done(&mut conn);
+    wait_until("more work done by the other", Duration::from_secs(120), || {
+        done(&mut conn) >= (taken_at + total / 10).min(total)
+    });
+    frozen.signal(libc::SIGCONT);
+    wait_until("every line done", Duration::from_secs(300), || {
+        done(&mut conn) >= total
+    });
+    // The frozen one learns it lost its partitions, and gets a share back.
+    wait_until(
+        "the resumed instance saying it lost its partitions",
+        Duration::from_secs(30),
+        || frozen.log().contains("lost partition"),
+    );
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_exact(&clean, &faulty);
+    let lost_lines = frozen
+        .log()
+        .lines()
+        .filter(|l| l.contains("lost partition"))
+        .count();
+    for instance in [frozen, other] {
+        let (status, log) = instance.stop();
+        assert!(status.success(), "{status}: {log}");
+    }
+    println!("nats fencing: an owner frozen past its 3 s lease, its partitions taken over; after SIGCONT it logged {lost_lines} lost partitions; end state exact");
+}
+
+#[test]
+fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
+    let (provisioning, input) = chaos::input(1_000);
+    let pg = crate::pg::shared();
+    let (clean, total, _) = clean_run(pg, &provisioning, &input);
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let instance = Instance::start(dir.path(), "mqtt", &url, &nats.urls, &[]);
+    // One publisher per device, on topic sensors/<device key>, its lines in
+    // order (a device's own order is what the partitions keep).
+    let mut by_device: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for line in input.lines().filter(|l| !l.trim().is_empty()) {
+        let device = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("device").and_then(|d| d.as_str().map(str::to_string)))
+            .filter(|d| !d.is_empty() && !d.contains(['/', '+', '#', ' ', '.']))
+            .unwrap_or_else(|| "unreadable".to_string());
+        by_device.entry(device).or_default().push(line);
+    }
+    for (device, lines) in &by_device {
+        let mut publisher = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &nats.mqtt_port.to_string()])
+            .args(["-q", "1", "-l", "-i", &format!("sensor-{device}")])
+            .args(["-t", &format!("sensors/{device}")])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub (Debian's mosquitto-clients) runs");
+        {
+            use std::io::Write;
+            let mut stdin = publisher.stdin.take().unwrap();
+            for line in lines {
+                writeln!(stdin, "{line}").unwrap();
+            }
+        }
+        assert!(publisher.wait().unwrap().success(), "mosquitto_pub {device}");
+    }
+    let mut conn = PgConnection::establish(&url).unwrap();
+    wait_until("every MQTT message done", Duration::from_secs(120), || {
+        done(&mut conn) >= total
+    });
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_eq!(faulty.processed, clean.processed);
+    assert_eq!(faulty.readings, clean.readings);
+    assert_eq!(faulty.alerts, clean.alerts);
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+}
