@@ -242,6 +242,16 @@ impl Context {
             self.url.clone(),
             PoolSettings {
                 max_size,
+                // A former owner of a feed's partitions, paused or cut off
+                // mid-transaction, must not keep the row locks that the
+                // partitions' new owner needs for longer than its lease.
+                idle_in_transaction_timeout: self
+                    .settings
+                    .nats
+                    .as_ref()
+                    .map_or(PoolSettings::default().idle_in_transaction_timeout, |n| {
+                        n.lease
+                    }),
                 ..PoolSettings::default()
             },
             policy,

@@ -369,6 +369,13 @@ impl Observer for TxObserver<'_> {
             Failure::Rejected { .. } if failure.refused_connection().is_some() => {
                 log::debug!("stopping after {attempts} attempts: {failure}")
             }
+            // A rollback the body asked for (the feed's fence check): the
+            // caller says what it means.
+            Failure::Rejected { error }
+                if error.to_string() == diesel::result::Error::RollbackTransaction.to_string() =>
+            {
+                log::debug!("rolled back on request after {attempts} attempts")
+            }
             Failure::Rejected { error } => {
                 let c = error.classified();
                 log::warn!(

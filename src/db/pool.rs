@@ -106,6 +106,9 @@ pub struct PoolSettings {
     pub statement_timeout: Duration,
     /// PostgreSQL `lock_timeout`.
     pub lock_timeout: Duration,
+    /// PostgreSQL `idle_in_transaction_session_timeout`: how long a client
+    /// that stopped mid-transaction (paused, cut off) keeps its row locks.
+    pub idle_in_transaction_timeout: Duration,
     /// SQLite `busy_timeout`.
     pub busy_timeout: Duration,
 }
@@ -129,6 +132,7 @@ impl Default for PoolSettings {
             max_lifetime: Duration::from_secs(30 * 60),
             statement_timeout: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(60),
             busy_timeout: Duration::from_secs(5),
         }
     }
@@ -265,7 +269,7 @@ impl Manager {
                  SET idle_in_transaction_session_timeout = {};",
                 s.statement_timeout.as_millis(),
                 s.lock_timeout.as_millis(),
-                (s.statement_timeout * 2).as_millis(),
+                s.idle_in_transaction_timeout.as_millis(),
             ),
             DatabaseUrl::Sqlite(_) => format!(
                 "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \

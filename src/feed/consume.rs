@@ -246,6 +246,10 @@ impl Feed {
     /// stops the NATS thread. Messages still in flight are delivered again
     /// to the partitions' next owners.
     pub fn end(&self) {
+        let fenced = self.shared.status.fenced.load(Ordering::Relaxed);
+        if fenced > 0 {
+            log::info!("nats: {fenced} messages ended at a fence (not committed here; their partitions' new owners applied them)");
+        }
         let unsettled = self.in_flight();
         if unsettled > 0 {
             log::warn!(
@@ -1020,13 +1024,15 @@ fn settle_outcomes(shared: &Shared, acks: Receiver<Done>, on_done: &(dyn Fn(&Don
         let ack = match &done.result {
             Ok(_) => true,
             Err(Failure::Fenced(_)) => {
-                if let Some(entry) = shared
-                    .in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .get(&done.ticket)
-                {
-                    entry.run.fenced.store(true, Ordering::SeqCst);
+                shared.status.fenced.fetch_add(1, Ordering::Relaxed);
+                let in_flight = shared.in_flight.lock().expect("in-flight lock");
+                if let Some(entry) = in_flight.get(&done.ticket) {
+                    if !entry.run.fenced.swap(true, Ordering::SeqCst) {
+                        log::warn!(
+                            "nats: partition {}: a transaction ended at its fence (another instance claimed the partition in the database); nothing of it was committed here",
+                            entry.run.partition
+                        );
+                    }
                 }
                 false
             }

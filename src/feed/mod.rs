@@ -140,6 +140,9 @@ pub struct FeedStatus {
     pub redeliveries: AtomicU64,
     /// Messages acknowledged.
     pub acknowledged: AtomicU64,
+    /// Messages whose transaction ended at its fence: another instance
+    /// had claimed their partition.
+    pub fenced: AtomicU64,
     /// Since when NATS has been unreachable, if it is.
     pub down_since: Mutex<Option<DateTime<Utc>>>,
     /// Instances seen in the ownership bucket at the last look.

@@ -190,8 +190,13 @@ async fn settle(
             }
             Err(e) => {
                 if pending.first_try.elapsed() > options.timeout {
+                    let hint = if e.to_string().contains("no stream") {
+                        " (no stream takes sensors.*: start `serve --nats` once, which creates it, and include scripts/nats/normalizer.conf's mapping in the server's configuration)"
+                    } else {
+                        ""
+                    };
                     anyhow::bail!(
-                        "line {} was not stored after {:?}: {e}; every line before it that was acknowledged is stored, and publishing the input again is safe",
+                        "line {} was not stored after {:?}: {e}{hint}; every line before it that was acknowledged is stored, and publishing the input again is safe",
                         pending.number,
                         options.timeout
                     );

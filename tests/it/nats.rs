@@ -101,7 +101,11 @@ impl NatsCluster {
             let js = async_nats::jetstream::new(client);
             let mut stream = js.get_stream(stream).await.unwrap();
             let info = stream.info().await.unwrap();
-            let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap();
+            let leader = info
+                .cluster
+                .as_ref()
+                .and_then(|c| c.leader.clone())
+                .unwrap();
             leader.trim_start_matches('n').parse().unwrap()
         })
     }
@@ -263,7 +267,10 @@ fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
     let figures = chaos::compare(clean, faulty);
     assert_eq!(figures, (0, 0, 0), "lost, doubled, wrongly dead-lettered");
     assert_eq!(faulty.readings, clean.readings, "the same readings");
-    assert_eq!(faulty.alerts, clean.alerts, "the same alerts, in the same order");
+    assert_eq!(
+        faulty.alerts, clean.alerts,
+        "the same alerts, in the same order"
+    );
     assert_eq!(faulty.processed, clean.processed);
     assert_eq!(faulty.dead_letters, clean.dead_letters);
     assert_eq!(faulty.devices, clean.devices);
@@ -288,9 +295,15 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
     let mut instances: Vec<Instance> = (0..3)
         .map(|k| Instance::start(dir.path(), &format!("i{k}"), &url, &nats.urls, &extra))
         .collect();
-    wait_until("every instance owning partitions", Duration::from_secs(60), || {
-        instances.iter().all(|i| i.log().contains("owning partition"))
-    });
+    wait_until(
+        "every instance owning partitions",
+        Duration::from_secs(60),
+        || {
+            instances
+                .iter()
+                .all(|i| i.log().contains("owning partition"))
+        },
+    );
     let victim = instances[0].name();
 
     let started = Instant::now();
@@ -390,17 +403,31 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
     let file = dir.path().join("messages.jsonl");
     std::fs::write(&file, &input).unwrap();
 
-    // Everything published first, so that both instances are busy.
+    let debug = std::env::var_os("NATS_DEBUG").is_some();
+    let extra: &[&str] = if debug {
+        &["--nats-lease", "3s", "--log-level", "debug"]
+    } else {
+        &["--nats-lease", "3s"]
+    };
+    let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, extra);
+    let other = Instance::start(dir.path(), "other", &url, &nats.urls, extra);
     let sent = send(&nats.urls, &file).join().unwrap();
-    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
-    let extra = ["--nats-lease", "3s"];
-    let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, &extra);
-    let other = Instance::start(dir.path(), "other", &url, &nats.urls, &extra);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
     let (frozen_name, other_name) = (frozen.name(), other.name());
-    wait_until("the first partitions done", Duration::from_secs(120), || {
-        done(&mut conn) >= total / 5
-            && fence_owners(&mut conn).iter().any(|(_, o)| *o == frozen_name)
-    });
+    wait_until(
+        "the first partitions done",
+        Duration::from_secs(120),
+        || {
+            done(&mut conn) >= total / 5
+                && fence_owners(&mut conn)
+                    .iter()
+                    .any(|(_, o)| *o == frozen_name)
+        },
+    );
     frozen.signal(libc::SIGSTOP);
     wait_until(
         "the other instance owning every partition",
@@ -411,9 +438,11 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
         },
     );
     let taken_at = done(&mut conn);
-    wait_until("more work done by the other", Duration::from_secs(120), || {
-        done(&mut conn) >= (taken_at + total / 10).min(total)
-    });
+    wait_until(
+        "more work done by the other",
+        Duration::from_secs(120),
+        || done(&mut conn) >= (taken_at + total / 10).min(total),
+    );
     frozen.signal(libc::SIGCONT);
     wait_until("every line done", Duration::from_secs(300), || {
         done(&mut conn) >= total
@@ -431,11 +460,28 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
         .lines()
         .filter(|l| l.contains("lost partition"))
         .count();
-    for instance in [frozen, other] {
-        let (status, log) = instance.stop();
-        assert!(status.success(), "{status}: {log}");
+    let (status, frozen_log) = frozen.stop();
+    if std::env::var_os("NATS_DEBUG").is_some() {
+        println!("{frozen_log}");
     }
-    println!("nats fencing: an owner frozen past its 3 s lease, its partitions taken over; after SIGCONT it logged {lost_lines} lost partitions; end state exact");
+    assert!(status.success(), "{status}: {frozen_log}");
+    let (status, log) = other.stop();
+    assert!(status.success(), "{status}: {log}");
+    let fenced: u64 = frozen_log
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("nats: ").nth(1)?;
+            let (n, text) = rest.split_once(' ')?;
+            text.starts_with("messages ended at a fence")
+                .then(|| n.parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    assert!(
+        fenced > 0,
+        "the frozen owner had work in flight that its fence stopped: {frozen_log}"
+    );
+    println!("nats fencing: an owner frozen past its 3 s lease, its partitions taken over; after SIGCONT it logged {lost_lines} lost partitions and {fenced} messages ended at a fence; end state exact");
 }
 
 #[test]
@@ -474,7 +520,10 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
                 writeln!(stdin, "{line}").unwrap();
             }
         }
-        assert!(publisher.wait().unwrap().success(), "mosquitto_pub {device}");
+        assert!(
+            publisher.wait().unwrap().success(),
+            "mosquitto_pub {device}"
+        );
     }
     let mut conn = PgConnection::establish(&url).unwrap();
     wait_until("every MQTT message done", Duration::from_secs(120), || {
@@ -486,4 +535,95 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
     assert_eq!(faulty.alerts, clean.alerts);
     let (status, log) = instance.stop();
     assert!(status.success(), "{log}");
+}
+
+/// The fence on its own, on both backends: a job of a partition whose token
+/// is no longer the stored one commits nothing and ends as `Fenced`; a job
+/// of the current owner commits, and a redelivered one (same write token)
+/// changes nothing.
+#[test]
+fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
+    use normalizer::db::repo::fences::{self, Fence};
+    use normalizer::db::Failure;
+    use normalizer::input::Line;
+    use normalizer::outcome::Outcome;
+    use normalizer::pipeline::{Origin, Workers};
+    use std::sync::atomic::AtomicBool;
+
+    for t in crate::support::both() {
+        t.provision(crate::support::DEVICES);
+        let key: std::sync::Arc<str> = "normalizer/3".into();
+        let old = Fence {
+            key: key.clone(),
+            token: 7,
+        };
+        let new = Fence { key, token: 9 };
+        let claim = |fence: &Fence, owner: &str| {
+            t.db.transaction(|c| fences::claim(c, fence, owner))
+                .unwrap()
+        };
+        assert!(claim(&old, "a"));
+        // Each id as its own line; the results of all of them (one batch).
+        let run_all = |ids: &[&str], fence: &Fence| {
+            let stop = AtomicBool::new(false);
+            let (reply, replies) = crossbeam_channel::unbounded();
+            let options = normalizer::pipeline::IngestOptions {
+                workers: 1,
+                batch_wait: std::time::Duration::from_millis(200),
+                ..crate::support::options()
+            };
+            std::thread::scope(|s| {
+                let workers = Workers::spawn(s, &t.db, &options, &stop);
+                for (i, id) in ids.iter().enumerate() {
+                    let ts = format!("2026-11-29T10:00:{:02}Z", id[2..].parse::<u32>().unwrap());
+                    let line = crate::support::msg(id, "dev-0042", &ts, r#"{"t":21.5}"#);
+                    let origin = Origin {
+                        token: format!("nats:s:1:{id}"),
+                        fence: fence.clone(),
+                    };
+                    let line = Line {
+                        number: i as u64 + 1,
+                        bytes: line.into_bytes(),
+                        oversize: false,
+                    };
+                    assert_eq!(
+                        workers.submit_from(i as u64 + 1, line, Some(origin), &reply),
+                        Some(true)
+                    );
+                }
+            });
+            drop(reply);
+            replies.iter().map(|d| d.result).collect::<Vec<_>>()
+        };
+        let run = |id: &str, fence: &Fence, _token: &str| run_all(&[id], fence).remove(0);
+        assert!(matches!(
+            run("f-1", &old, "nats:s:1:1"),
+            Ok(Outcome::Processed(_))
+        ));
+        // Delivered again to the same owner: its own token, nothing new.
+        assert!(matches!(
+            run("f-1", &old, "nats:s:1:1"),
+            Ok(Outcome::Processed(_))
+        ));
+        assert!(claim(&new, "b"), "a higher token takes the fence");
+        assert!(!claim(&old, "a"), "a lower token never takes it back");
+        match run("f-2", &old, "nats:s:1:2") {
+            Err(Failure::Fenced(key)) => assert_eq!(key, "normalizer/3"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            run("f-2", &new, "nats:s:1:2"),
+            Ok(Outcome::Processed(_))
+        ));
+        // A whole batch behind the fence.
+        let batch = run_all(&["f-31", "f-32", "f-33"], &old);
+        assert_eq!(batch.len(), 3);
+        assert!(
+            batch.iter().all(|r| matches!(r, Err(Failure::Fenced(_)))),
+            "{batch:?}"
+        );
+        let snapshot = t.snapshot();
+        assert_eq!(snapshot.processed, ["f-1", "f-2"]);
+        assert_eq!(snapshot.readings.len(), 2, "{:?}", snapshot.readings);
+    }
 }
