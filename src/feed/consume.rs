@@ -78,6 +78,8 @@ struct Run {
     /// Set by the ack thread when a transaction of it ended at its fence.
     fenced: AtomicBool,
     in_flight: AtomicUsize,
+    /// Its fetch loop runs (a fetch may still deliver messages).
+    fetching: AtomicBool,
     /// The lease holds until then: no fetch after it.
     valid_until: Mutex<Instant>,
 }
@@ -599,10 +601,9 @@ impl Coordinator {
         }
         let mut releasable = Vec::new();
         for (&n, held) in &self.held {
-            let idle = held
-                .run
-                .as_ref()
-                .is_none_or(|r| r.in_flight.load(Ordering::SeqCst) == 0);
+            let idle = held.run.as_ref().is_none_or(|r| {
+                !r.fetching.load(Ordering::SeqCst) && r.in_flight.load(Ordering::SeqCst) == 0
+            });
             if held.releasing && !held.claiming && idle {
                 releasable.push(n);
             }
@@ -816,6 +817,7 @@ async fn take_over(
         stop: AtomicBool::new(false),
         fenced: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        fetching: AtomicBool::new(true),
         valid_until: Mutex::new(valid_until),
     });
     tokio::spawn(fetch_loop(shared.clone(), consumer, run.clone()));
@@ -824,7 +826,12 @@ async fn take_over(
 
 /// Fetches partition messages while this instance may: the lease holds,
 /// the database is up, fewer than `max_in_flight` are out.
-async fn fetch_loop(shared: Arc<Shared>, mut consumer: consumer::PullConsumer, run: Arc<Run>) {
+async fn fetch_loop(shared: Arc<Shared>, consumer: consumer::PullConsumer, run: Arc<Run>) {
+    fetch(&shared, consumer, &run).await;
+    run.fetching.store(false, Ordering::SeqCst);
+}
+
+async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: &Arc<Run>) {
     let max = shared.options.max_in_flight;
     loop {
         if run.stop.load(Ordering::SeqCst) || run.fenced.load(Ordering::SeqCst) {
@@ -859,8 +866,13 @@ async fn fetch_loop(shared: Arc<Shared>, mut consumer: consumer::PullConsumer, r
             }
         };
         while let Some(message) = batch.next().await {
+            // Stopped: the rest of this fetch is not taken; the
+            // partition's next consumer starts before it.
+            if run.stop.load(Ordering::SeqCst) || run.fenced.load(Ordering::SeqCst) {
+                break;
+            }
             match message {
-                Ok(message) => deliver(&shared, &run, message),
+                Ok(message) => deliver(shared, run, message),
                 Err(e) => {
                     log::debug!("nats: partition {}: {e}", run.partition);
                     if consumer_gone(&mut consumer).await {

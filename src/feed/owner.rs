@@ -110,7 +110,26 @@ pub(super) async fn renew(store: &kv::Store, key: &str, value: &str, lease: Leas
         .await
     {
         Ok(revision) => Renewal::Renewed(Lease { revision, written }),
-        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Renewal::Lost,
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            // An earlier renewal whose answer was lost (a stream leader
+            // lost mid-write) may have landed: the key then still holds our
+            // name, at a revision we did not see. Nobody else writes our
+            // name, so it is still ours; the lease runs from the last write
+            // we saw confirmed until the next renewal.
+            match store.entry(key).await {
+                Ok(Some(entry))
+                    if entry.operation == kv::Operation::Put
+                        && entry.value.as_ref() == value.as_bytes() =>
+                {
+                    Renewal::Renewed(Lease {
+                        revision: entry.revision,
+                        written: lease.written,
+                    })
+                }
+                Ok(_) => Renewal::Lost,
+                Err(e) => Renewal::Unknown(e.to_string()),
+            }
+        }
         Err(e) => Renewal::Unknown(e.to_string()),
     }
 }

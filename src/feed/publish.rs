@@ -1,16 +1,19 @@
 //! `normalizer send --nats`: publishes each non-blank line to the feed and
 //! waits for JetStream's acknowledgement of each, a bounded number in
-//! flight. Each publish carries `Nats-Msg-Id` (the message's id, or for a
+//! flight, one per device at a time (so a repeated publish never lands
+//! behind a later line of its device). Each publish carries `Nats-Msg-Id` (the message's id, or for a
 //! line without a readable id a stable hash of the input's name and the line
 //! number), so a publish retried across a node failure is stored once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use super::{subject_token, INPUT_PREFIX, TRUNCATED_HEADER};
 use crate::core::message::{is_blank, parse_line};
@@ -55,12 +58,18 @@ impl std::fmt::Display for Published {
     }
 }
 
-struct Pending {
+/// A line to publish.
+struct Line {
     number: u64,
     subject: String,
     message: PublishMessage,
-    ack: PublishAckFuture,
-    first_try: Instant,
+}
+
+/// How one line's publishing ended.
+struct Stored {
+    subject: String,
+    duplicate: bool,
+    retries: u64,
 }
 
 /// Publishes `input`; returns when every line is stored, or fails naming
@@ -73,6 +82,11 @@ pub fn publish(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<
     runtime.block_on(publish_all(options, input))
 }
 
+/// One device's lines go out one at a time, each after the previous one is
+/// stored: a publish that fails and is repeated (a stream leader lost mid-
+/// election) can then never land behind a later line of the same device,
+/// and the stream keeps each device's order. Different devices go in
+/// parallel, at most `in_flight` lines out or waiting at once.
 async fn publish_all(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<Published> {
     let addrs = options
         .servers
@@ -89,37 +103,67 @@ async fn publish_all(options: &PublishOptions, input: impl BufRead) -> anyhow::R
         .with_context(|| format!("cannot connect to NATS at {}", options.servers))?;
     let js = jetstream::new(client.clone());
     let mut done = Published::default();
-    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut out = FuturesUnordered::new();
+    // Lines waiting behind their device's line in flight.
+    let mut waiting: HashMap<String, VecDeque<Line>> = HashMap::new();
+    let mut held = 0usize;
     let mut lines = LineReader::new(input);
     while let Some(line) = lines.next_line().context("cannot read the input")? {
         if is_blank(&line.bytes, line.oversize) {
             continue;
         }
         done.lines += 1;
-        let (subject, message) = prepare(&options.input_name, &line);
-        let ack = send(&js, &subject, &message, options, &mut done, Instant::now()).await?;
-        pending.push_back(Pending {
-            number: line.number,
-            subject,
-            message,
-            ack,
-            first_try: Instant::now(),
-        });
-        while pending.len() >= options.in_flight.max(1) {
-            let first = pending.pop_front().expect("not empty");
-            settle(&js, first, options, &mut done).await?;
+        let line = prepare(&options.input_name, &line);
+        held += 1;
+        match waiting.get_mut(&line.subject) {
+            Some(queue) => queue.push_back(line),
+            None => {
+                waiting.insert(line.subject.clone(), VecDeque::new());
+                out.push(store(js.clone(), line, options.timeout));
+            }
+        }
+        while held >= options.in_flight.max(1) {
+            let stored = out.next().await.expect("lines are out")?;
+            held -= 1;
+            next_of(&js, &mut out, &mut waiting, stored, &mut done, options);
         }
     }
-    while let Some(first) = pending.pop_front() {
-        settle(&js, first, options, &mut done).await?;
+    while let Some(stored) = out.next().await {
+        next_of(&js, &mut out, &mut waiting, stored?, &mut done, options);
     }
     client.flush().await.ok();
     Ok(done)
 }
 
+/// Counts a stored line and sends its device's next one.
+fn next_of(
+    js: &jetstream::Context,
+    out: &mut FuturesUnordered<BoxFuture<'static, anyhow::Result<Stored>>>,
+    waiting: &mut HashMap<String, VecDeque<Line>>,
+    stored: Stored,
+    done: &mut Published,
+    options: &PublishOptions,
+) {
+    if stored.duplicate {
+        done.duplicate += 1;
+    } else {
+        done.stored += 1;
+    }
+    done.retried += stored.retries;
+    let queue = waiting
+        .get_mut(&stored.subject)
+        .expect("a device in flight");
+    match queue.pop_front() {
+        Some(line) => out.push(store(js.clone(), line, options.timeout)),
+        None => {
+            waiting.remove(&stored.subject);
+        }
+    }
+}
+
 /// The subject and message of a line: routed by its device, named by its
 /// id.
-fn prepare(input_name: &str, line: &crate::input::Line) -> (String, PublishMessage) {
+fn prepare(input_name: &str, line: &crate::input::Line) -> Line {
     let (device, id) = match parse_line(&line.bytes, line.oversize) {
         Parsed::Message(m) => (Some(m.device), Some(m.id)),
         Parsed::Rejected(r) => (r.device_key, r.message_id),
@@ -133,7 +177,11 @@ fn prepare(input_name: &str, line: &crate::input::Line) -> (String, PublishMessa
     if line.oversize {
         message = message.header(TRUNCATED_HEADER, "1");
     }
-    (subject, message)
+    Line {
+        number: line.number,
+        subject,
+        message,
+    }
 }
 
 /// FNV-1a over the input's name and the line number: the same on every run
@@ -147,74 +195,55 @@ fn line_hash(name: &str, number: u64) -> u64 {
     hash
 }
 
-/// Publishes once, retrying while the publish itself cannot be sent.
-async fn send(
-    js: &jetstream::Context,
-    subject: &str,
-    message: &PublishMessage,
-    options: &PublishOptions,
-    done: &mut Published,
-    first_try: Instant,
-) -> anyhow::Result<PublishAckFuture> {
-    loop {
-        match js.send_publish(subject.to_string(), message.clone()).await {
-            Ok(ack) => return Ok(ack),
-            Err(e) => {
-                if first_try.elapsed() > options.timeout {
-                    anyhow::bail!("cannot publish to {subject}: {e}");
+/// Publishes a line until JetStream acknowledges it, the same message (and
+/// `Nats-Msg-Id`) each time, for at most `timeout`.
+fn store(
+    js: jetstream::Context,
+    line: Line,
+    timeout: Duration,
+) -> BoxFuture<'static, anyhow::Result<Stored>> {
+    Box::pin(async move {
+        let first_try = Instant::now();
+        let mut retries = 0;
+        loop {
+            let acked = match js
+                .send_publish(line.subject.clone(), line.message.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            let e = match acked {
+                Ok(ack) => {
+                    return Ok(Stored {
+                        subject: line.subject,
+                        duplicate: ack.duplicate,
+                        retries,
+                    })
                 }
-                done.retried += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                Err(e) => e,
+            };
+            if first_try.elapsed() > timeout {
+                let hint = if e.to_string().contains("no stream") {
+                    " (no stream takes sensors.*: start `serve --nats` once, which creates it, and include scripts/nats/normalizer.conf's mapping in the server's configuration)"
+                } else {
+                    ""
+                };
+                anyhow::bail!(
+                    "line {} was not stored after {timeout:?}: {e}{hint}; every line acknowledged is stored, and publishing the input again is safe",
+                    line.number,
+                );
             }
+            if retries == 0 {
+                log::info!(
+                    "line {}: not stored yet ({e}); publishing it again",
+                    line.number
+                );
+            }
+            retries += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-    }
-}
-
-/// Waits for a publish's acknowledgement; publishes again (same id) on an
-/// error until `timeout`.
-async fn settle(
-    js: &jetstream::Context,
-    mut pending: Pending,
-    options: &PublishOptions,
-    done: &mut Published,
-) -> anyhow::Result<()> {
-    loop {
-        match pending.ack.await {
-            Ok(ack) if ack.duplicate => {
-                done.duplicate += 1;
-                return Ok(());
-            }
-            Ok(_) => {
-                done.stored += 1;
-                return Ok(());
-            }
-            Err(e) => {
-                if pending.first_try.elapsed() > options.timeout {
-                    let hint = if e.to_string().contains("no stream") {
-                        " (no stream takes sensors.*: start `serve --nats` once, which creates it, and include scripts/nats/normalizer.conf's mapping in the server's configuration)"
-                    } else {
-                        ""
-                    };
-                    anyhow::bail!(
-                        "line {} was not stored after {:?}: {e}{hint}; every line before it that was acknowledged is stored, and publishing the input again is safe",
-                        pending.number,
-                        options.timeout
-                    );
-                }
-                done.retried += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                pending.ack = send(
-                    js,
-                    &pending.subject,
-                    &pending.message,
-                    options,
-                    done,
-                    pending.first_try,
-                )
-                .await?;
-            }
-        }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -228,14 +257,14 @@ mod tests {
             bytes: br#"{"id":"m-1","device":"Raum 2.OG/S\u00fcd","ts":"2026-01-01T00:00:00Z","payload":{"t":1}}"#.to_vec(),
             oversize: false,
         };
-        let (subject, _) = prepare("in.jsonl", &line);
+        let subject = prepare("in.jsonl", &line).subject;
         assert_eq!(subject, "sensors.Raum%202%2EOG%2FS%C3%BCd");
         let bad = crate::input::Line {
             number: 7,
             bytes: b"not json".to_vec(),
             oversize: false,
         };
-        assert_eq!(prepare("in.jsonl", &bad).0, "sensors.%");
+        assert_eq!(prepare("in.jsonl", &bad).subject, "sensors.%");
     }
 
     #[test]
