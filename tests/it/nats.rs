@@ -627,3 +627,132 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
         assert_eq!(snapshot.readings.len(), 2, "{:?}", snapshot.readings);
     }
 }
+
+/// Publishes raw payloads to `sensors.<token>` and waits for each to be stored.
+fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let addrs: Vec<async_nats::ServerAddr> =
+            urls.split(',').map(|u| u.parse().unwrap()).collect();
+        let client = async_nats::connect(addrs).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        for (token, payload) in payloads {
+            js.publish(format!("sensors.{token}"), payload.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// Every consumer's messages delivered and acknowledged.
+fn all_acknowledged(urls: &str) -> bool {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use futures_util::StreamExt;
+        let addrs: Vec<async_nats::ServerAddr> =
+            urls.split(',').map(|u| u.parse().unwrap()).collect();
+        let client = async_nats::connect(addrs).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("normalizer").await.unwrap();
+        let mut consumers = stream.consumers();
+        let mut all = true;
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            all &= info.num_pending == 0 && info.num_ack_pending == 0;
+        }
+        all
+    })
+}
+
+#[test]
+fn bad_nats_messages_become_dead_letters_and_are_acknowledged() {
+    let pg = crate::pg::shared();
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(crate::support::DEVICES);
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let instance = Instance::start(dir.path(), "bad", &url, &nats.urls, &[]);
+    let valid = crate::support::msg("ok-1", "dev-0042", "2026-11-29T10:00:00Z", r#"{"t":21.5}"#);
+    publish_raw(
+        &nats.urls,
+        &[
+            ("dev-0042", vec![b'x'; 1536 * 1024]),
+            ("dev-0042", vec![0xff, 0xfe, b'{']),
+            ("dev-0042", Vec::new()),
+            ("dev-0042", b"not json".to_vec()),
+            ("dev-0042", valid.into_bytes()),
+        ],
+    );
+    let mut conn = PgConnection::establish(&url).unwrap();
+    wait_until("five outcomes", Duration::from_secs(60), || {
+        done(&mut conn) >= 5
+    });
+    wait_until(
+        "every message acknowledged",
+        Duration::from_secs(30),
+        || all_acknowledged(&nats.urls),
+    );
+    let snapshot = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_eq!(snapshot.processed, ["ok-1"]);
+    let kinds: Vec<&str> = snapshot.dead_letters.iter().map(|d| d.2.as_str()).collect();
+    assert_eq!(kinds, ["malformed"; 4], "{:?}", snapshot.dead_letters);
+    let errors: Vec<&str> = snapshot.dead_letters.iter().map(|d| d.3.as_str()).collect();
+    for needle in ["longer than", "UTF-8", "empty", "JSON"] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "{needle:?} in {errors:?}"
+        );
+    }
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_stream_of_another_partition_count_is_one_line_at_start_and_nothing_is_consumed() {
+    let pg = crate::pg::shared();
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(crate::support::DEVICES);
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The stream made for 8 partitions; the server's mapping says 16, so
+    // half the devices would have nowhere to go: publishes to them fail.
+    let first = Instance::start(
+        dir.path(),
+        "eight",
+        &url,
+        &nats.urls,
+        &["--nats-partitions", "8"],
+    );
+    let (status, _) = first.stop();
+    assert!(status.success());
+    let started = Instant::now();
+    let out = bin()
+        .args(["--database-url", &url, "serve", "--nats", &nats.urls])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("8 partitions") && stderr.contains("--nats-partitions 8"),
+        "{stderr}"
+    );
+    println!(
+        "nats mismatch: exit 1 after {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        stderr.trim()
+    );
+    let mut conn = PgConnection::establish(&url).unwrap();
+    assert_eq!(done(&mut conn), 0);
+    assert!(fence_owners(&mut conn)
+        .iter()
+        .all(|(key, _)| { key.rsplit('/').next().unwrap().parse::<u32>().unwrap() < 8 }));
+}
