@@ -618,4 +618,14 @@ fn install_stages_a_prebuilt_binary_without_building() {
     ] {
         assert!(stage.path().join(file).exists(), "{file}");
     }
+    let mapping = std::fs::read_to_string(
+        stage
+            .path()
+            .join("usr/local/share/doc/normalizer/nats/normalizer.conf"),
+    )
+    .unwrap();
+    assert!(
+        mapping.contains("normalizer.p.{{partition(16,1)}}") && !mapping.contains('@'),
+        "{mapping}"
+    );
 }
