@@ -67,6 +67,58 @@ struct InFlight {
     reply: Option<Subject>,
     run: Arc<Run>,
     since: Instant,
+    /// The message's stream sequence.
+    sequence: u64,
+}
+
+/// A partition's messages delivered and not yet acknowledged, by stream
+/// sequence. The consumer acknowledges cumulatively (`AckPolicy::All`): one
+/// `+ACK` on the highest message of a settled prefix acknowledges every
+/// message before it, so the acknowledgement point never passes a message
+/// whose outcome is not committed.
+#[derive(Default)]
+struct Window {
+    slots: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    /// Deliveries of it not yet settled (a redelivery may overlap).
+    open: u32,
+    /// Its last settled delivery committed.
+    committed: bool,
+    reply: Option<Subject>,
+}
+
+impl Window {
+    fn delivered(&mut self, sequence: u64, reply: Option<Subject>) {
+        let slot = self.slots.entry(sequence).or_insert(Slot {
+            open: 0,
+            committed: false,
+            reply: None,
+        });
+        slot.open += 1;
+        slot.reply = reply;
+    }
+
+    /// Settles one delivery; returns the reply subject to acknowledge up to,
+    /// and how many messages that acknowledges, when the settled prefix grew.
+    fn settled(&mut self, sequence: u64, committed: bool) -> Option<(Subject, u64)> {
+        if let Some(slot) = self.slots.get_mut(&sequence) {
+            slot.open = slot.open.saturating_sub(1);
+            slot.committed = committed;
+        }
+        let mut last = None;
+        let mut count = 0;
+        while let Some(entry) = self.slots.first_entry() {
+            let slot = entry.get();
+            if slot.open > 0 || !slot.committed {
+                break;
+            }
+            last = entry.remove().reply.or(last);
+            count += 1;
+        }
+        last.map(|reply| (reply, count))
+    }
 }
 
 /// One owned partition being consumed.
@@ -78,6 +130,7 @@ struct Run {
     /// Set by the ack thread when a transaction of it ended at its fence.
     fenced: AtomicBool,
     in_flight: AtomicUsize,
+    window: Mutex<Window>,
     /// Its fetch loop runs (a fetch may still deliver messages).
     fetching: AtomicBool,
     /// The lease holds until then: no fetch after it.
@@ -387,7 +440,7 @@ async fn check_consumers(stream: &stream::Stream, options: &NatsOptions) -> anyh
         let fits = partition.is_some_and(|n| {
             n < options.partitions
                 && info.config.filter_subject == partition_subject(&options.stream, n)
-                && info.config.ack_policy == consumer::AckPolicy::Explicit
+                && info.config.ack_policy == consumer::AckPolicy::All
         });
         if !fits {
             return Err(Mismatch(format!(
@@ -699,6 +752,19 @@ impl Coordinator {
                 let name = consumer_name(n, held.token);
                 if let Ok(info) = self.stream.consumer_info(&name).await {
                     pending.insert(n, info.num_pending);
+                    let run = held.run.as_ref().expect("running");
+                    log::debug!(
+                        "nats: partition {n}: here in flight {}, window {}, may fetch {}, fetching {}; server: pending {}, ack pending {}, waiting {}, ack floor {}, delivered {}",
+                        run.in_flight.load(Ordering::SeqCst),
+                        run.window.lock().expect("window lock").slots.len(),
+                        run.may_fetch(),
+                        run.fetching.load(Ordering::SeqCst),
+                        info.num_pending,
+                        info.num_ack_pending,
+                        info.num_waiting,
+                        info.ack_floor.stream_sequence,
+                        info.delivered.stream_sequence
+                    );
                 }
             }
         }
@@ -793,7 +859,7 @@ async fn take_over(
             consumer::pull::Config {
                 durable_name: Some(name.clone()),
                 filter_subject: partition_subject(&shared.options.stream, n),
-                ack_policy: consumer::AckPolicy::Explicit,
+                ack_policy: consumer::AckPolicy::All,
                 ack_wait: shared.options.ack_wait,
                 max_ack_pending: shared.options.max_in_flight as i64,
                 deliver_policy: match start {
@@ -817,6 +883,7 @@ async fn take_over(
         stop: AtomicBool::new(false),
         fenced: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        window: Mutex::new(Window::default()),
         fetching: AtomicBool::new(true),
         valid_until: Mutex::new(valid_until),
     });
@@ -846,6 +913,9 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
+        // `fetch` asks for what is there now (no_wait) and ends at once;
+        // a long-polling request that the server ends without a word
+        // would hold the loop for the client's own timer (expires + 5 s).
         let batch = consumer
             .fetch()
             .max_messages((max - out).min(500))
@@ -865,6 +935,7 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
                 continue;
             }
         };
+        let mut got = 0;
         while let Some(message) = batch.next().await {
             // Stopped: the rest of this fetch is not taken; the
             // partition's next consumer starts before it.
@@ -872,7 +943,10 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
                 break;
             }
             match message {
-                Ok(message) => deliver(shared, run, message),
+                Ok(message) => {
+                    got += 1;
+                    deliver(shared, run, message)
+                }
                 Err(e) => {
                     log::debug!("nats: partition {}: {e}", run.partition);
                     if consumer_gone(&mut consumer).await {
@@ -881,6 +955,10 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
                     break;
                 }
             }
+        }
+        if got == 0 {
+            // Nothing there: ask again shortly, not in a tight loop.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -915,12 +993,17 @@ fn deliver(shared: &Shared, run: &Arc<Run>, message: jetstream::Message) {
         shared.stream_epoch.load(Ordering::SeqCst)
     );
     run.in_flight.fetch_add(1, Ordering::SeqCst);
+    run.window
+        .lock()
+        .expect("window lock")
+        .delivered(sequence, message.reply.clone());
     shared.in_flight.lock().expect("in-flight lock").insert(
         ticket,
         InFlight {
             reply: message.reply.clone(),
             run: run.clone(),
             since: Instant::now(),
+            sequence,
         },
     );
     let fetched = Fetched {
@@ -957,16 +1040,22 @@ async fn settle_loop(
         let Some(entry) = settle_locally(&shared, s.ticket) else {
             continue;
         };
-        if !s.ack {
-            continue;
-        }
-        if let Some(reply) = entry.reply {
+        let ack = entry
+            .run
+            .window
+            .lock()
+            .expect("window lock")
+            .settled(entry.sequence, s.ack);
+        if let Some((reply, count)) = ack {
             match client.publish(reply, Bytes::from_static(b"+ACK")).await {
                 Ok(()) => {
-                    shared.status.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .status
+                        .acknowledged
+                        .fetch_add(count, Ordering::Relaxed);
                 }
                 // Delivered again later; its own write token makes that a
-                // no-op that is acknowledged then.
+                // no-op, acknowledged then.
                 Err(e) => log::debug!("nats: an ack was not sent: {e}"),
             }
         }
@@ -1081,5 +1170,45 @@ fn run_claims(shared: &Shared, db: &Database, claims: &Receiver<Claim>, done: &R
             recv(done) -> _ => return,
             default(Duration::from_millis(100)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(n: u64) -> Option<Subject> {
+        Some(Subject::from(format!("ack.{n}")))
+    }
+
+    #[test]
+    fn the_acknowledgement_point_never_passes_an_uncommitted_message() {
+        let mut w = Window::default();
+        for n in 1..=5 {
+            w.delivered(n, subject(n));
+        }
+        // 2 and 3 commit first: nothing before them is done yet.
+        assert!(w.settled(2, true).is_none());
+        assert!(w.settled(3, true).is_none());
+        // 1 commits: 1 to 3 are acknowledged with one ack on 3.
+        let (reply, count) = w.settled(1, true).unwrap();
+        assert_eq!((reply.as_str(), count), ("ack.3", 3));
+        // 4 fails (fenced, cancelled): never acknowledged, 5 waits behind it.
+        assert!(w.settled(4, false).is_none());
+        assert!(w.settled(5, true).is_none());
+        // Redelivered and committed: 4 and 5 go.
+        w.delivered(4, subject(40));
+        let (reply, count) = w.settled(4, true).unwrap();
+        assert_eq!((reply.as_str(), count), ("ack.5", 2));
+        assert!(w.slots.is_empty());
+    }
+
+    #[test]
+    fn an_overlapping_redelivery_holds_its_message_until_both_are_settled() {
+        let mut w = Window::default();
+        w.delivered(7, subject(7));
+        w.delivered(7, subject(70));
+        assert!(w.settled(7, true).is_none());
+        assert_eq!(w.settled(7, true).unwrap().0.as_str(), "ack.70");
     }
 }

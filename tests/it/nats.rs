@@ -756,3 +756,61 @@ fn a_stream_of_another_partition_count_is_one_line_at_start_and_nothing_is_consu
         .iter()
         .all(|(key, _)| { key.rsplit('/').next().unwrap().parse::<u32>().unwrap() < 8 }));
 }
+
+/// NATS gone (every node killed) and back, and the database gone and back,
+/// under one instance: each outage is logged once when it starts and once
+/// when it ends, nothing is dead-lettered for it, and the end state is exact.
+#[test]
+fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
+    let (provisioning, input) = chaos::input(20_000);
+    let pg = PgCluster::start_new();
+    let (clean, total, _) = clean_run(&pg, &provisioning, &input);
+    let url = pg.create_database();
+    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
+    let mut conn = PgConnection::establish(&url).unwrap();
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("messages.jsonl");
+    std::fs::write(&file, &input).unwrap();
+    let instance = Instance::start(
+        dir.path(),
+        "outages",
+        &url,
+        &nats.urls,
+        &["--nats-replicas", "3"],
+    );
+    let sent = send(&nats.urls, &file).join().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    wait_until("a third done", Duration::from_secs(120), || {
+        done(&mut conn) >= total / 3
+    });
+    for node in 1..=3 {
+        nats.kill(node);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    nats.start_missing();
+    wait_until("two thirds done", Duration::from_secs(120), || {
+        done(&mut conn) >= total * 2 / 3
+    });
+    drop(conn);
+    pg.stop("immediate");
+    std::thread::sleep(Duration::from_secs(4));
+    pg.start();
+    let mut conn = PgConnection::establish(&url).unwrap();
+    wait_until("every line done", Duration::from_secs(180), || {
+        done(&mut conn) >= total
+    });
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_exact(&clean, &faulty);
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+    let count = |needle: &str| log.matches(needle).count();
+    assert_eq!(count("nats: unreachable"), 1, "{log}");
+    assert_eq!(count("nats: reachable again"), 1, "{log}");
+    assert_eq!(count("database unreachable since"), 1, "{log}");
+    assert_eq!(count("database back after"), 1, "{log}");
+}

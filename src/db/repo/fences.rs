@@ -54,22 +54,29 @@ pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResul
 }
 
 /// Of `fences`, the ones whose stored token is no longer ours: their
-/// partitions were claimed by another instance. Run last in a transaction.
+/// partitions were claimed by another instance. Run last in a transaction;
+/// one statement for all of them.
 pub fn check<'a>(conn: &mut AnyConnection, fences: &[&'a Fence]) -> QueryResult<Vec<&'a Fence>> {
-    let mut lost = Vec::new();
-    for fence in fences {
-        let query = f::feed_fences
-            .filter(f::partition_key.eq(fence.key.as_ref()))
-            .select(f::token);
-        let stored: Option<i64> = match conn {
-            AnyConnection::Pg(c) => query.for_share().first(c).optional()?,
-            AnyConnection::Sqlite(c) => query.first(c).optional()?,
-        };
-        if stored != Some(fence.token) {
-            lost.push(*fence);
-        }
+    if fences.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(lost)
+    let keys: Vec<&str> = fences.iter().map(|f| f.key.as_ref()).collect();
+    let query = f::feed_fences
+        .filter(f::partition_key.eq_any(&keys))
+        .select((f::partition_key, f::token));
+    let stored: Vec<(String, i64)> = match conn {
+        AnyConnection::Pg(c) => query.for_share().load(c)?,
+        AnyConnection::Sqlite(c) => query.load(c)?,
+    };
+    Ok(fences
+        .iter()
+        .filter(|fence| {
+            !stored
+                .iter()
+                .any(|(key, token)| key.as_str() == fence.key.as_ref() && *token == fence.token)
+        })
+        .copied()
+        .collect())
 }
 
 /// Every partition's token and owner, by key: for `status`.
