@@ -338,10 +338,10 @@ async fn main(
         .max_reconnects(None)
         .event_callback(move |event| {
             let status = status.clone();
-            let servers = servers.clone();
-            async move { on_event(&status, &servers, event) }
+            async move { on_event(&status, event) }
         })
         .connect(addrs);
+    tokio::spawn(watch_outage(shared.status.clone(), servers));
     let client = tokio::select! {
         c = connect => match c {
             Ok(c) => c,
@@ -462,21 +462,56 @@ fn parse_consumer(name: &str) -> Option<(u32, u64)> {
     Some((p.parse().ok()?, t.parse().ok()?))
 }
 
-fn on_event(status: &FeedStatus, servers: &str, event: async_nats::Event) {
+/// How long a lost connection may take to come back (to another node of
+/// the cluster, say) before it counts as an outage and is logged.
+const NATS_OUTAGE_AFTER: Duration = Duration::from_secs(2);
+
+/// Connection events: a disconnection starts the clock; only one that
+/// lasts `NATS_OUTAGE_AFTER` is logged (by `watch_outage`), once when it
+/// starts and once when it ends.
+fn on_event(status: &FeedStatus, event: async_nats::Event) {
     let mut down = status.down_since.lock().expect("status lock");
     match event {
-        async_nats::Event::Disconnected if down.is_none() => {
-            log::warn!("nats: unreachable at {servers}; reconnecting as long as it takes");
-            *down = Some(chrono::Utc::now());
-        }
+        async_nats::Event::Disconnected if down.is_none() => *down = Some(chrono::Utc::now()),
         async_nats::Event::Connected => {
             if let Some(since) = down.take() {
                 let secs = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
-                log::info!("nats: reachable again after {secs:.1} s");
+                if status.down_logged.swap(false, Ordering::SeqCst) {
+                    log::info!("nats: reachable again after {secs:.1} s");
+                } else {
+                    log::info!("nats: reconnected after {secs:.1} s");
+                }
             }
         }
         async_nats::Event::Disconnected => {}
+        // Each failed reconnection attempt says so: the outage line is enough.
+        async_nats::Event::ClientError(e) => log::debug!("nats: {e}"),
         other => log::info!("nats: {other}"),
+    }
+}
+
+/// Logs an outage of NATS once it has lasted `NATS_OUTAGE_AFTER`.
+async fn watch_outage(status: Arc<FeedStatus>, servers: String) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let since = *status.down_since.lock().expect("status lock");
+        let Some(since) = since else { continue };
+        let long = (chrono::Utc::now() - since).to_std().unwrap_or_default() >= NATS_OUTAGE_AFTER;
+        if long && !status.down_logged.swap(true, Ordering::SeqCst) {
+            log::warn!(
+                "nats: unreachable since {} at {servers}; reconnecting as long as it takes",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            );
+        }
+    }
+}
+
+/// `partition 3` or `partitions 0,1,5`.
+fn partitions_named(partitions: &[u32]) -> String {
+    let list: Vec<String> = partitions.iter().map(u32::to_string).collect();
+    match list.len() {
+        1 => format!("partition {}", list[0]),
+        _ => format!("partitions {}", list.join(",")),
     }
 }
 
@@ -566,7 +601,9 @@ impl Coordinator {
             }
         }
         let ttl = self.shared.options.lease;
-        let mut lost = Vec::new();
+        let mut expired = Vec::new();
+        let mut unrenewed = Vec::new();
+        let mut last_error = String::new();
         for (&n, held) in self.held.iter_mut() {
             match owner::renew(&self.store, &owner::partition_key(n), &me, held.lease).await {
                 Renewal::Renewed(l) => {
@@ -575,18 +612,28 @@ impl Coordinator {
                         *run.valid_until.lock().expect("run lock") = l.written + ttl - ttl / 10;
                     }
                 }
-                Renewal::Lost => {
-                    log::warn!("nats: lost partition {n}: its lease expired and another instance may hold it; fetching stopped");
-                    lost.push(n);
-                }
+                Renewal::Lost => expired.push(n),
                 Renewal::Unknown(e) if !owner::holds(&held.lease, ttl) => {
-                    log::warn!("nats: lost partition {n}: its lease could not be renewed for {ttl:?} ({e}); fetching stopped");
-                    lost.push(n);
+                    unrenewed.push(n);
+                    last_error = e;
                 }
                 Renewal::Unknown(_) => {}
             }
         }
-        for n in lost {
+        // One line per cause, however many partitions.
+        if !expired.is_empty() {
+            log::warn!(
+                "nats: lost {}: the lease expired and another instance may hold it; fetching stopped",
+                partitions_named(&expired)
+            );
+        }
+        if !unrenewed.is_empty() {
+            log::warn!(
+                "nats: lost {}: the lease could not be renewed for {ttl:?} ({last_error}); fetching stopped",
+                partitions_named(&unrenewed)
+            );
+        }
+        for n in expired.into_iter().chain(unrenewed) {
             if let Some(held) = self.held.remove(&n) {
                 if let Some(run) = held.run {
                     run.stop.store(true, Ordering::SeqCst);

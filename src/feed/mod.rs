@@ -152,6 +152,8 @@ pub struct FeedStatus {
     pub fenced: AtomicU64,
     /// Since when NATS has been unreachable, if it is.
     pub down_since: Mutex<Option<DateTime<Utc>>>,
+    /// The outage was logged (it lasted long enough to count).
+    pub down_logged: AtomicBool,
     /// Instances seen in the ownership bucket at the last look.
     pub instances: AtomicU64,
     /// Whether the feed is set up and consuming.
