@@ -16,7 +16,7 @@ use normalizer::db::PoolSettings;
 
 use crate::chaos;
 use crate::pg::PgCluster;
-use crate::service::bin;
+use crate::service::{bin, wait_until_serving};
 use crate::support::TestDb;
 
 fn scale_out_size() -> usize {
@@ -90,15 +90,7 @@ impl NatsCluster {
 
     /// The node (1 to 3) that leads `stream` now.
     pub(crate) fn leader(&self, stream: &str) -> usize {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let addrs: Vec<async_nats::ServerAddr> =
-                self.urls.split(',').map(|u| u.parse().unwrap()).collect();
-            let client = async_nats::connect(addrs).await.unwrap();
-            let js = async_nats::jetstream::new(client);
+        with_jetstream(&self.urls, async |js| {
             let mut stream = js.get_stream(stream).await.unwrap();
             let info = stream.info().await.unwrap();
             let leader = info
@@ -129,7 +121,7 @@ impl Instance {
     fn start(dir: &Path, label: &str, db: &str, urls: &str, extra: &[&str]) -> Instance {
         let log = dir.join(format!("{label}.log"));
         let _ = std::fs::remove_file(&log);
-        let mut child = bin()
+        let child = bin()
             .args(["--database-url", db, "--log-file"])
             .arg(&log)
             .args(["serve", "--nats", urls, "--stats-interval", "2s"])
@@ -138,26 +130,12 @@ impl Instance {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let instance_log = log.clone();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("serving on")
-        {
-            if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "serve exited with {status}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Instance {
-            child,
-            log: instance_log,
-        }
+        let child = wait_until_serving(child, || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("serving on")
+        });
+        Instance { child, log }
     }
 
     fn log(&self) -> String {
@@ -251,16 +229,50 @@ fn send(urls: &str, file: &Path) -> std::thread::JoinHandle<Output> {
     std::thread::spawn(move || command.output().unwrap())
 }
 
-/// The clean reference: one `ingest` of `input` into a database of its own.
-fn clean_run(pg: &PgCluster, provisioning: &str, input: &str) -> (Snapshot, i64, Duration) {
-    let clean = TestDb::open(&pg.create_database(), PoolSettings::default());
-    clean.provision(provisioning);
-    let started = Instant::now();
-    clean.ingest(input);
-    let took = started.elapsed();
-    let snapshot = clean.snapshot();
-    let total = (snapshot.processed.len() + snapshot.dead_letters.len()) as i64;
-    (snapshot, total, took)
+/// What every feed test starts from: generated input, its clean reference
+/// (one `ingest` into a database of its own), an empty provisioned database
+/// for the feed, a NATS cluster, and the input as a file.
+struct Scene {
+    input: String,
+    clean: Snapshot,
+    /// Lines with an outcome in the clean run.
+    total: i64,
+    ingest_took: Duration,
+    url: String,
+    conn: PgConnection,
+    nats: NatsCluster,
+    dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Scene {
+    fn new(pg: &PgCluster, messages: usize) -> Scene {
+        let (provisioning, input) = chaos::input(messages);
+        let reference = TestDb::open(&pg.create_database(), PoolSettings::default());
+        reference.provision(&provisioning);
+        let started = Instant::now();
+        reference.ingest(&input);
+        let ingest_took = started.elapsed();
+        let clean = reference.snapshot();
+        let total = (clean.processed.len() + clean.dead_letters.len()) as i64;
+        let url = pg.create_database();
+        TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
+        let conn = PgConnection::establish(&url).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("messages.jsonl");
+        std::fs::write(&file, &input).unwrap();
+        Scene {
+            input,
+            clean,
+            total,
+            ingest_took,
+            url,
+            conn,
+            nats: NatsCluster::start(),
+            dir,
+            file,
+        }
+    }
 }
 
 fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
@@ -280,17 +292,18 @@ fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
 #[test]
 fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
     let messages = scale_out_size();
-    let (provisioning, input) = chaos::input(messages);
     let pg = PgCluster::start_new();
-    let (clean, total, ingest_took) = clean_run(&pg, &provisioning, &input);
-    let url = pg.create_database();
-    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
-    let mut conn = PgConnection::establish(&url).unwrap();
-
-    let nats = NatsCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("messages.jsonl");
-    std::fs::write(&file, &input).unwrap();
+    let Scene {
+        clean,
+        total,
+        ingest_took,
+        url,
+        mut conn,
+        nats,
+        dir,
+        file,
+        ..
+    } = Scene::new(&pg, messages);
     let extra = ["--nats-replicas", "3"];
     let mut instances: Vec<Instance> = (0..3)
         .map(|k| Instance::start(dir.path(), &format!("i{k}"), &url, &nats.urls, &extra))
@@ -392,16 +405,16 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
 
 #[test]
 fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
-    let (provisioning, input) = chaos::input(20_000);
-    let pg = crate::pg::shared();
-    let (clean, total, _) = clean_run(pg, &provisioning, &input);
-    let url = pg.create_database();
-    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
-    let mut conn = PgConnection::establish(&url).unwrap();
-    let nats = NatsCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("messages.jsonl");
-    std::fs::write(&file, &input).unwrap();
+    let Scene {
+        clean,
+        total,
+        url,
+        mut conn,
+        nats,
+        dir,
+        file,
+        ..
+    } = Scene::new(crate::pg::shared(), 20_000);
 
     let debug = std::env::var_os("NATS_DEBUG").is_some();
     let extra: &[&str] = if debug {
@@ -486,13 +499,16 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
 
 #[test]
 fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
-    let (provisioning, input) = chaos::input(1_000);
-    let pg = crate::pg::shared();
-    let (clean, total, _) = clean_run(pg, &provisioning, &input);
-    let url = pg.create_database();
-    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
-    let nats = NatsCluster::start();
-    let dir = tempfile::tempdir().unwrap();
+    let Scene {
+        input,
+        clean,
+        total,
+        url,
+        mut conn,
+        nats,
+        dir,
+        ..
+    } = Scene::new(crate::pg::shared(), 1_000);
     let instance = Instance::start(dir.path(), "mqtt", &url, &nats.urls, &[]);
     // One publisher per device, on topic sensors/<device key>, its lines in
     // order (a device's own order is what the partitions keep).
@@ -525,7 +541,6 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
             "mosquitto_pub {device}"
         );
     }
-    let mut conn = PgConnection::establish(&url).unwrap();
     wait_until("every MQTT message done", Duration::from_secs(120), || {
         done(&mut conn) >= total
     });
@@ -628,8 +643,8 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
     }
 }
 
-/// Publishes raw payloads to `sensors.<token>` and waits for each to be stored.
-fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
+/// Runs `body` with a JetStream context on the cluster at `urls`.
+fn with_jetstream<T>(urls: &str, body: impl AsyncFnOnce(async_nats::jetstream::Context) -> T) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -638,7 +653,13 @@ fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
         let addrs: Vec<async_nats::ServerAddr> =
             urls.split(',').map(|u| u.parse().unwrap()).collect();
         let client = async_nats::connect(addrs).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        body(async_nats::jetstream::new(client)).await
+    })
+}
+
+/// Publishes raw payloads to `sensors.<token>` and waits for each to be stored.
+fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
+    with_jetstream(urls, async |js| {
         for (token, payload) in payloads {
             js.publish(format!("sensors.{token}"), payload.clone().into())
                 .await
@@ -651,16 +672,8 @@ fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
 
 /// Every consumer's messages delivered and acknowledged.
 fn all_acknowledged(urls: &str) -> bool {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    with_jetstream(urls, async |js| {
         use futures_util::StreamExt;
-        let addrs: Vec<async_nats::ServerAddr> =
-            urls.split(',').map(|u| u.parse().unwrap()).collect();
-        let client = async_nats::connect(addrs).await.unwrap();
-        let js = async_nats::jetstream::new(client);
         let stream = js.get_stream("normalizer").await.unwrap();
         let mut consumers = stream.consumers();
         let mut all = true;
@@ -762,16 +775,18 @@ fn a_stream_of_another_partition_count_is_one_line_at_start_and_nothing_is_consu
 /// when it ends, nothing is dead-lettered for it, and the end state is exact.
 #[test]
 fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
-    let (provisioning, input) = chaos::input(20_000);
     let pg = PgCluster::start_new();
-    let (clean, total, _) = clean_run(&pg, &provisioning, &input);
-    let url = pg.create_database();
-    TestDb::open(&url, PoolSettings::default()).provision(&provisioning);
-    let mut conn = PgConnection::establish(&url).unwrap();
-    let nats = NatsCluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("messages.jsonl");
-    std::fs::write(&file, &input).unwrap();
+    let Scene {
+        clean,
+        total,
+        url,
+        conn,
+        nats,
+        dir,
+        file,
+        ..
+    } = Scene::new(&pg, 20_000);
+    let mut conn = conn;
     let instance = Instance::start(
         dir.path(),
         "outages",

@@ -19,6 +19,24 @@ pub(crate) struct Server {
     pub(crate) socket: PathBuf,
 }
 
+/// Waits (30 s at most) until `started` says a `serve` child is serving;
+/// panics with its stderr if it exits first.
+pub(crate) fn wait_until_serving(mut child: Child, started: impl Fn() -> bool) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve exited with {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 pub(crate) fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_normalizer"));
     c.env_remove("DATABASE_URL").env_remove("RUST_LOG");
@@ -47,7 +65,7 @@ impl Server {
                 .count()
         };
         let before = starts();
-        let mut child = bin()
+        let child = bin()
             .args(["--database-url", db, "--log-file"])
             .arg(&log)
             .args(["serve", "--socket"])
@@ -58,18 +76,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while starts() == before {
-            if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "serve exited with {status}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = wait_until_serving(child, || starts() > before);
         Server { child, socket }
     }
 
