@@ -129,6 +129,12 @@ struct Run {
     stop: AtomicBool,
     /// Set by the ack thread when a transaction of it ended at its fence.
     fenced: AtomicBool,
+    /// A delivery went missing (the consumer's delivery sequence jumped):
+    /// the messages after it must not be applied before it, so the
+    /// partition is given up and taken again from its acknowledged point.
+    gap: AtomicBool,
+    /// The consumer sequence of the last delivery seen.
+    last_delivery: AtomicU64,
     in_flight: AtomicUsize,
     window: Mutex<Window>,
     /// Its fetch loop runs (a fetch may still deliver messages).
@@ -141,6 +147,7 @@ impl Run {
     fn may_fetch(&self) -> bool {
         !self.stop.load(Ordering::SeqCst)
             && !self.fenced.load(Ordering::SeqCst)
+            && !self.gap.load(Ordering::SeqCst)
             && Instant::now() < *self.valid_until.lock().expect("run lock")
     }
 }
@@ -645,6 +652,15 @@ impl Coordinator {
     /// Partitions whose transactions ended at their fence: another instance
     /// claimed them in the database.
     fn drop_fenced(&mut self) {
+        for held in self.held.values_mut() {
+            if held
+                .run
+                .as_ref()
+                .is_some_and(|r| r.gap.load(Ordering::SeqCst))
+            {
+                held.releasing = true;
+            }
+        }
         let fenced: Vec<u32> = self
             .held
             .iter()
@@ -929,6 +945,8 @@ async fn take_over(
         fence,
         stop: AtomicBool::new(false),
         fenced: AtomicBool::new(false),
+        gap: AtomicBool::new(false),
+        last_delivery: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         window: Mutex::new(Window::default()),
         fetching: AtomicBool::new(true),
@@ -948,7 +966,10 @@ async fn fetch_loop(shared: Arc<Shared>, consumer: consumer::PullConsumer, run: 
 async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: &Arc<Run>) {
     let max = shared.options.max_in_flight;
     loop {
-        if run.stop.load(Ordering::SeqCst) || run.fenced.load(Ordering::SeqCst) {
+        if run.stop.load(Ordering::SeqCst)
+            || run.fenced.load(Ordering::SeqCst)
+            || run.gap.load(Ordering::SeqCst)
+        {
             return;
         }
         let out = run.in_flight.load(Ordering::SeqCst);
@@ -960,9 +981,10 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        // `fetch` asks for what is there now (no_wait) and ends at once;
-        // a long-polling request that the server ends without a word
-        // would hold the loop for the client's own timer (expires + 5 s).
+        // `fetch` asks for what is there now (no_wait): the server answers
+        // at once, its closing status after the messages on the same inbox.
+        // (A long poll that the client gives up on first drops deliveries
+        // still on their way: see `Run::gap`.)
         let batch = consumer
             .fetch()
             .max_messages((max - out).min(500))
@@ -986,7 +1008,10 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
         while let Some(message) = batch.next().await {
             // Stopped: the rest of this fetch is not taken; the
             // partition's next consumer starts before it.
-            if run.stop.load(Ordering::SeqCst) || run.fenced.load(Ordering::SeqCst) {
+            if run.stop.load(Ordering::SeqCst)
+                || run.fenced.load(Ordering::SeqCst)
+                || run.gap.load(Ordering::SeqCst)
+            {
                 break;
             }
             match message {
@@ -1019,13 +1044,25 @@ async fn consumer_gone(consumer: &mut consumer::PullConsumer) -> bool {
 
 /// Hands a fetched message to the feeder.
 fn deliver(shared: &Shared, run: &Arc<Run>, message: jetstream::Message) {
-    let (sequence, delivered) = match message.info() {
-        Ok(info) => (info.stream_sequence, info.delivered),
+    let (sequence, delivered, delivery) = match message.info() {
+        Ok(info) => (info.stream_sequence, info.delivered, info.consumer_sequence),
         Err(e) => {
             log::warn!("nats: a message without JetStream metadata ({e}); ignored");
             return;
         }
     };
+    let previous = run.last_delivery.swap(delivery, Ordering::SeqCst);
+    if previous != 0 && delivery != previous + 1 {
+        // Not applied: the partition is taken again from its ack floor, and
+        // this message comes again, in order, after the missing one.
+        if !run.gap.swap(true, Ordering::SeqCst) {
+            log::warn!(
+                "nats: partition {}: delivery {delivery} came after {previous} (one went missing); taking the partition again from its acknowledged point",
+                run.partition
+            );
+        }
+        return;
+    }
     if delivered > 1 {
         shared.status.redeliveries.fetch_add(1, Ordering::Relaxed);
     }

@@ -829,3 +829,68 @@ fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
     assert_eq!(count("database unreachable since"), 1, "{log}");
     assert_eq!(count("database back after"), 1, "{log}");
 }
+
+/// Another client fetches one message from an instance's consumer and
+/// never acknowledges it: the instance sees its deliveries jump, applies
+/// nothing past the missing one, takes the partition again from its
+/// acknowledged point, and the end state (alerts included) is exact.
+#[test]
+fn a_delivery_taken_by_another_client_is_not_overtaken() {
+    let Scene {
+        clean,
+        total,
+        url,
+        mut conn,
+        nats,
+        dir,
+        file,
+        ..
+    } = Scene::new(crate::pg::shared(), 5_000);
+    let instance = Instance::start(dir.path(), "gap", &url, &nats.urls, &[]);
+    wait_until("partition 0 owned", Duration::from_secs(30), || {
+        instance.log().contains("owning partition 0 ")
+    });
+    // The thief waits on partition 0's consumer before anything is sent.
+    let urls = nats.urls.clone();
+    let thief = std::thread::spawn(move || {
+        with_jetstream(&urls, async |js| {
+            use futures_util::StreamExt;
+            let stream = js.get_stream("normalizer").await.unwrap();
+            let mut names = stream.consumer_names();
+            let mut name = None;
+            while let Some(n) = names.next().await {
+                let n = n.unwrap();
+                if n.starts_with("p0-") {
+                    name = Some(n);
+                }
+            }
+            let consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(&name.unwrap()).await.unwrap();
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(Duration::from_secs(20))
+                .messages()
+                .await
+                .unwrap();
+            // Taken, never acknowledged.
+            batch.next().await.map(|m| m.is_ok())
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = send(&nats.urls, &file).join().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert_eq!(thief.join().unwrap(), Some(true), "the thief got a message");
+    wait_until("every line done", Duration::from_secs(120), || {
+        done(&mut conn) >= total
+    });
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_exact(&clean, &faulty);
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("went missing"), "{log}");
+}
