@@ -188,12 +188,7 @@ impl Feed {
         options: NatsOptions,
         shutdown: &Receiver<()>,
     ) -> Result<Option<Feed>, FeedError> {
-        let addrs = options
-            .servers
-            .split(',')
-            .map(|s| s.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| FeedError::Url(format!("{:?}: {e}", options.servers)))?;
+        let addrs = super::server_addrs(&options.servers).map_err(FeedError::Url)?;
         let (lines_tx, lines) = unbounded();
         let (claims_tx, claims) = unbounded();
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();

@@ -119,6 +119,15 @@ fn default_instance() -> String {
     )
 }
 
+/// The client URLs of `servers` (comma-separated).
+pub fn server_addrs(servers: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    servers
+        .split(',')
+        .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{servers:?}: {e}"))
+}
+
 /// A device key as one subject token: bytes other than ASCII letters,
 /// digits, `-` and `_` become `%XX`, so every key the contract allows
 /// (UTF-8, `/`, `.`, spaces) routes, and two keys never share a token. A

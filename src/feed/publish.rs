@@ -88,12 +88,7 @@ pub fn publish(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<
 /// and the stream keeps each device's order. Different devices go in
 /// parallel, at most `in_flight` lines out or waiting at once.
 async fn publish_all(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<Published> {
-    let addrs = options
-        .servers
-        .split(',')
-        .map(|s| s.trim().parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("--nats {:?}", options.servers))?;
+    let addrs = super::server_addrs(&options.servers).map_err(|e| anyhow::anyhow!("--nats {e}"))?;
     let client = async_nats::ConnectOptions::new()
         .name("normalizer send")
         .max_reconnects(None)

@@ -650,8 +650,7 @@ fn with_jetstream<T>(urls: &str, body: impl AsyncFnOnce(async_nats::jetstream::C
         .build()
         .unwrap();
     runtime.block_on(async {
-        let addrs: Vec<async_nats::ServerAddr> =
-            urls.split(',').map(|u| u.parse().unwrap()).collect();
+        let addrs = normalizer::feed::server_addrs(urls).unwrap();
         let client = async_nats::connect(addrs).await.unwrap();
         body(async_nats::jetstream::new(client)).await
     })
