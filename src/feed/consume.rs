@@ -315,10 +315,25 @@ impl Feed {
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.quit.send(true);
-        if let Some(thread) = self.thread.lock().expect("feed lock").take() {
-            let _ = thread.join();
-        }
+        self.join();
         self.done.lock().expect("feed lock").take();
+    }
+
+    /// Waits (15 s at most) for the NATS thread; a thread stuck in a call
+    /// to NATS is left to end with the process.
+    fn join(&self) {
+        let Some(thread) = self.thread.lock().expect("feed lock").take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::warn!("nats: the NATS thread did not end in 15 s; leaving it");
+        }
     }
 }
 
@@ -338,6 +353,8 @@ async fn main(
         .name(format!("normalizer {}", shared.options.instance))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // Every request of the ownership loop answers or fails within it.
+        .request_timeout(Some(Duration::from_secs(3)))
         .event_callback(move |event| {
             let status = status.clone();
             async move { on_event(&status, event) }
@@ -561,20 +578,35 @@ impl Coordinator {
                 }
                 _ = quit.changed() => break,
             }
-            if self.shared.stopping.load(Ordering::SeqCst) {
-                for held in self.held.values() {
-                    if let Some(run) = &held.run {
-                        run.stop.store(true, Ordering::SeqCst);
-                    }
-                }
-                continue;
+            // A tick never outlives a shutdown, whatever NATS does.
+            tokio::select! {
+                _ = self.tick(&claimed_tx) => {}
+                _ = quit.changed() => break,
             }
-            self.renew().await;
-            self.drop_fenced();
-            self.balance(&claimed_tx).await;
-            self.publish_status().await;
         }
-        self.release_all().await;
+        let released = tokio::time::timeout(Duration::from_secs(5), self.release_all()).await;
+        if released.is_err() {
+            log::warn!(
+                "nats: the leases could not all be given up in 5 s; they run out by themselves"
+            );
+        }
+    }
+
+    async fn tick(&mut self, claimed: &mpsc::UnboundedSender<Claimed>) {
+        self.renew().await;
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            // Draining: the leases are kept (renewed) until the work in
+            // flight is done, nothing new is fetched or claimed.
+            for held in self.held.values() {
+                if let Some(run) = &held.run {
+                    run.stop.store(true, Ordering::SeqCst);
+                }
+            }
+            return;
+        }
+        self.drop_fenced();
+        self.balance(claimed).await;
+        self.publish_status().await;
     }
 
     fn instance(&self) -> &str {

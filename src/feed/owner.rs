@@ -48,7 +48,14 @@ pub(super) struct View {
 
 /// Reads every live key (expired ones are gone from the bucket).
 pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
-    let keys: Vec<String> = store.keys().await?.try_collect().await?;
+    // The listing is a consumer's stream: bounded, so that a listing that
+    // never completes cannot hold the ownership loop.
+    let keys: Vec<String> = tokio::time::timeout(Duration::from_secs(5), async {
+        let keys: Vec<String> = store.keys().await?.try_collect().await?;
+        anyhow::Ok(keys)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("listing the ownership bucket took over 5 s"))??;
     let mut view = View::default();
     for key in keys {
         if let Some(name) = key.strip_prefix("member.") {

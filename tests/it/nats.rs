@@ -793,27 +793,46 @@ fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
         &nats.urls,
         &["--nats-replicas", "3"],
     );
-    let sent = send(&nats.urls, &file).join().unwrap();
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    // The input in two halves: the second is published while the database
+    // is down, so that the instance has work to apply during the outage.
+    let input = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = input.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let halves = [
+        dir.path().join("first.jsonl"),
+        dir.path().join("second.jsonl"),
+    ];
+    for (path, part) in halves.iter().zip([first, second]) {
+        std::fs::write(path, part.join("\n") + "\n").unwrap();
+    }
+    let publish = |path: &Path| {
+        let sent = send(&nats.urls, path).join().unwrap();
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+    };
+    publish(&halves[0]);
     wait_until("a third done", Duration::from_secs(120), || {
         done(&mut conn) >= total / 3
     });
+    drop(conn);
+    pg.stop("immediate");
+    publish(&halves[1]);
+    std::thread::sleep(Duration::from_secs(4));
+    pg.start();
+    let mut conn = PgConnection::establish(&url).unwrap();
+    wait_until(
+        "more done after the database came back",
+        Duration::from_secs(120),
+        || done(&mut conn) >= total * 2 / 3,
+    );
     for node in 1..=3 {
         nats.kill(node);
     }
     std::thread::sleep(Duration::from_secs(4));
     nats.start_missing();
-    wait_until("two thirds done", Duration::from_secs(120), || {
-        done(&mut conn) >= total * 2 / 3
-    });
-    drop(conn);
-    pg.stop("immediate");
-    std::thread::sleep(Duration::from_secs(4));
-    pg.start();
     let mut conn = PgConnection::establish(&url).unwrap();
     wait_until("every line done", Duration::from_secs(180), || {
         done(&mut conn) >= total
