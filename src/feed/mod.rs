@@ -186,13 +186,8 @@ impl FeedStatus {
         let partitions = self.partitions.lock().expect("status lock");
         let owned: Vec<String> = partitions.keys().map(u32::to_string).collect();
         let pending: u64 = partitions.values().map(|p| p.pending).sum();
-        let state = match *self.down_since.lock().expect("status lock") {
-            None => "up".to_string(),
-            Some(t) => format!(
-                "down since {}",
-                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ),
-        };
+        let state =
+            crate::service::stats::up_or_down_since(*self.down_since.lock().expect("status lock"));
         format!(
             "nats partitions [{}] of {} instances; pending={pending}; redelivered={}; nats {state}",
             owned.join(","),

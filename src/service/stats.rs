@@ -41,13 +41,7 @@ impl Report<'_> {
             .iter()
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
-        let state = match self.down_since {
-            None => "up".to_string(),
-            Some(t) => format!(
-                "down since {}",
-                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ),
-        };
+        let state = up_or_down_since(self.down_since);
         format!(
             "stats: {:.1} msg/s; processed={} duplicate={} dead_letter={} [{}]; retries [{}]; pool in_use={} idle={}; queued={}; producers={}; database {state}",
             self.rate,
@@ -146,6 +140,17 @@ impl Report<'_> {
             Family::gauge("producers", "Producers connected.").of(self.producers as u64),
             Family::gauge("database_up", "1 while the database is reachable.").of(up),
         ]
+    }
+}
+
+/// `up`, or `down since <RFC 3339>`: how the stats line says a peer is.
+pub(crate) fn up_or_down_since(down_since: Option<DateTime<Utc>>) -> String {
+    match down_since {
+        None => "up".to_string(),
+        Some(t) => format!(
+            "down since {}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
     }
 }
 
