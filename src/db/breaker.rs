@@ -128,6 +128,9 @@ pub(super) struct Breaker<C = SystemClock> {
     /// The database, as the log names it (its URL without the password).
     name: String,
     open: Mutex<Option<Open>>,
+    /// When the circuit last closed: a failure of a transaction admitted
+    /// before then belongs to the outage that ended (see [`Breaker::failed`]).
+    closed_at: Mutex<Option<Instant>>,
     changed: Condvar,
     clock: Mutex<C>,
 }
@@ -148,6 +151,8 @@ impl Breaker<SystemClock> {
 pub(super) struct Call<'b, C> {
     breaker: &'b Breaker<C>,
     counted: bool,
+    /// When the last admission was given.
+    admitted_at: Option<Instant>,
 }
 
 impl<C: Clock> Call<'_, C> {
@@ -155,7 +160,22 @@ impl<C: Clock> Call<'_, C> {
     /// waiting when the circuit has been open for as long as the policy
     /// waits for its kind of outage.
     pub(super) fn admit(&mut self, policy: &RetryPolicy) -> Result<Admission, OpenTooLong> {
-        self.breaker.admit(policy, &mut self.counted)
+        let admission = self.breaker.admit(policy, &mut self.counted)?;
+        self.admitted_at = Some(self.breaker.now());
+        Ok(admission)
+    }
+
+    /// The attempt admitted last failed with an outage (see
+    /// [`Breaker::failed`]).
+    pub(super) fn failed(
+        &self,
+        admission: Admission,
+        outage: Outage,
+        error: &str,
+        policy: &RetryPolicy,
+    ) {
+        let began = self.admitted_at.unwrap_or_else(|| self.breaker.now());
+        self.breaker.failed(admission, began, outage, error, policy)
     }
 }
 
@@ -166,6 +186,7 @@ impl<C: Clock> Breaker<C> {
         Breaker {
             name: "the test database".into(),
             open: Mutex::new(None),
+            closed_at: Mutex::new(None),
             changed: Condvar::new(),
             clock: Mutex::new(clock),
         }
@@ -176,6 +197,7 @@ impl<C: Clock> Breaker<C> {
         Call {
             breaker: self,
             counted: false,
+            admitted_at: None,
         }
     }
 
@@ -230,11 +252,17 @@ impl<C: Clock> Breaker<C> {
         }
     }
 
-    /// A failure that is an outage (see [`Outage::of`]): opens the circuit,
-    /// or schedules the next probe after a failed one.
+    /// A failure that is an outage (see [`Outage::of`]) of a transaction
+    /// admitted at `began`: opens the circuit, or schedules the next probe
+    /// after a failed one. A transaction admitted before the circuit last
+    /// closed fails late for the outage that has ended (a connection cut off
+    /// mid-query waits out its deadline, or its TCP retransmission, after
+    /// the database is back): it is retried like any other, but opens no new
+    /// outage. If the database is down again, the next failure says so.
     pub(super) fn failed(
         &self,
         admission: Admission,
+        began: Instant,
         outage: Outage,
         error: &str,
         policy: &RetryPolicy,
@@ -242,6 +270,16 @@ impl<C: Clock> Breaker<C> {
         let mut open = self.open.lock().expect("breaker lock");
         let now = self.now();
         match open.as_mut() {
+            None if self
+                .closed_at
+                .lock()
+                .expect("breaker closed_at lock")
+                .is_some_and(|closed| began < closed) =>
+            {
+                log::info!(
+                    "a transaction begun before the database came back failed: {error}; retrying it"
+                );
+            }
             None => {
                 let since_wall = Utc::now();
                 let waiting = match outage.limit(policy) {
@@ -316,7 +354,9 @@ impl<C: Clock> Breaker<C> {
             return None;
         }
         let o = open.take()?;
-        let down = self.now().saturating_duration_since(o.since);
+        let now = self.now();
+        *self.closed_at.lock().expect("breaker closed_at lock") = Some(now);
+        let down = now.saturating_duration_since(o.since);
         log::info!(
             "{} after {:.1} s (since {}), {} transactions waited",
             o.outage.ended(),
@@ -379,6 +419,13 @@ mod tests {
 
     const DOWN: Outage = Outage::Unreachable;
 
+    impl Breaker<ManualClock> {
+        /// A failure of a transaction admitted just now.
+        fn failed_now(&self, admission: Admission, outage: Outage, error: &str, p: &RetryPolicy) {
+            self.failed(admission, self.now(), outage, error, p)
+        }
+    }
+
     #[test]
     fn a_closed_circuit_admits_everyone() {
         let b = Breaker::with_clock(ManualClock::new());
@@ -390,7 +437,7 @@ mod tests {
     fn an_open_circuit_lets_one_probe_at_a_time_and_closes_when_it_succeeds() {
         let b = Breaker::with_clock(ManualClock::new());
         let p = policy();
-        b.failed(Admission::Closed, DOWN, "refused", &p);
+        b.failed_now(Admission::Closed, DOWN, "refused", &p);
         let probes = AtomicU32::new(0);
         let concurrent = AtomicU32::new(0);
         let max_concurrent = AtomicU32::new(0);
@@ -407,7 +454,7 @@ mod tests {
                                 std::thread::sleep(Duration::from_millis(5));
                                 concurrent.fetch_sub(1, Ordering::SeqCst);
                                 if probes.fetch_add(1, Ordering::SeqCst) < 3 {
-                                    b.failed(Admission::Probe, DOWN, "still refused", &p);
+                                    b.failed_now(Admission::Probe, DOWN, "still refused", &p);
                                 } else {
                                     b.reached(Admission::Probe);
                                 }
@@ -430,7 +477,7 @@ mod tests {
     fn waiting_ends_when_the_circuit_stayed_open_for_the_limit() {
         let clock = ManualClock::new();
         let b = Breaker::with_clock(clock.clone());
-        b.failed(Admission::Closed, DOWN, "refused", &policy());
+        b.failed_now(Admission::Closed, DOWN, "refused", &policy());
         let mut call = b.call();
         assert_eq!(call.admit(&policy()).unwrap(), Admission::Probe);
         clock.advance(Duration::from_secs(10));
@@ -447,11 +494,11 @@ mod tests {
     #[test]
     fn each_call_counts_once_among_those_that_waited() {
         let b = Breaker::with_clock(ManualClock::new());
-        b.failed(Admission::Closed, DOWN, "refused", &policy());
+        b.failed_now(Admission::Closed, DOWN, "refused", &policy());
         let (mut one, mut two) = (b.call(), b.call());
         for _ in 0..3 {
             let admission = one.admit(&policy()).unwrap();
-            b.failed(admission, DOWN, "refused", &policy());
+            b.failed_now(admission, DOWN, "refused", &policy());
         }
         two.admit(&policy()).unwrap();
         assert_eq!(b.open.lock().unwrap().as_ref().unwrap().waited, 2);
@@ -460,7 +507,7 @@ mod tests {
     #[test]
     fn a_full_disk_is_its_own_outage_with_its_own_limit() {
         let b = Breaker::with_clock(ManualClock::new());
-        b.failed(
+        b.failed_now(
             Admission::Closed,
             Outage::DiskFull,
             "database or disk is full",
@@ -492,16 +539,41 @@ mod tests {
             max_outage: Duration::MAX,
             ..policy()
         };
-        b.failed(Admission::Closed, DOWN, "refused", &p);
+        b.failed_now(Admission::Closed, DOWN, "refused", &p);
         let reminders = || b.open.lock().unwrap().as_ref().unwrap().reminders;
         for (advance, expected) in [(1, 0), (28, 0), (1, 1), (10, 1), (19, 1), (1, 2)] {
             clock.advance(Duration::from_secs(advance));
             let admission = b.call().admit(&p).unwrap();
-            b.failed(admission, DOWN, "refused", &p);
+            b.failed_now(admission, DOWN, "refused", &p);
             assert_eq!(reminders(), expected, "after {advance} s more");
         }
         // An outage with no limit is never given up on.
         clock.advance(Duration::from_secs(365 * 24 * 3600));
         assert!(b.call().admit(&p).is_ok());
+    }
+
+    #[test]
+    fn a_late_failure_of_a_transaction_begun_before_the_recovery_opens_no_new_outage() {
+        let clock = ManualClock::new();
+        let b = Breaker::with_clock(clock.clone());
+        let p = policy();
+        // Admitted while all was well; its connection then hangs.
+        let mut stuck = b.call();
+        assert_eq!(stuck.admit(&p).unwrap(), Admission::Closed);
+        clock.advance(Duration::from_secs(1));
+        b.failed_now(Admission::Closed, DOWN, "refused", &p);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(b.call().admit(&p).unwrap(), Admission::Probe);
+        assert!(b.reached(Admission::Probe).is_some());
+        // Its deadline ends it after the database came back.
+        clock.advance(Duration::from_secs(5));
+        stuck.failed(Admission::Closed, DOWN, "no answer for 35 s", &p);
+        assert!(b.down_since().is_none(), "the ended outage is not reopened");
+        // Its retry, and anything admitted after the recovery, says so if
+        // the database is down again.
+        assert_eq!(stuck.admit(&p).unwrap(), Admission::Closed);
+        clock.advance(Duration::from_millis(1));
+        stuck.failed(Admission::Closed, DOWN, "refused", &p);
+        assert!(b.down_since().is_some());
     }
 }

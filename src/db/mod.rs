@@ -217,8 +217,7 @@ impl Database {
         };
         match outage {
             Some((outage, error)) => {
-                self.breaker
-                    .failed(admission, outage, &error.to_string(), &self.policy)
+                call.failed(admission, outage, &error.to_string(), &self.policy)
             }
             None => {
                 if let Some(down) = self.breaker.reached(admission) {
