@@ -8,7 +8,7 @@ if [ "$(id -u)" -eq 0 ]; then chown postgres "$tmp"; as_pg=(runuser -u postgres 
 # The server's tools run from its own folder: the postgres user may not be
 # able to enter the checkout.
 pg() { (cd "$tmp" && "${as_pg[@]}" "$@"); }
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$("$(dirname "${BASH_SOURCE[0]}")/free-ports")"
 pg_cluster_cleanup() { pg "$bindir/pg_ctl" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$tmp"; }
 trap pg_cluster_cleanup EXIT
 pg "$bindir/initdb" -D "$tmp/data" -U postgres --auth=trust -E UTF8 >/dev/null

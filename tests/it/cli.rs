@@ -342,11 +342,7 @@ fn batch_size_one_runs_one_transaction_per_message() {
 #[test]
 fn serve_waits_out_an_outage_as_long_as_it_takes_by_default() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::pg::free_port();
     let url = format!("postgres://app@127.0.0.1:{port}/n");
     let log = dir.path().join("n.log");
     let wait_for = |args: &[&str], expected: &str| {
