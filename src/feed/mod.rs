@@ -3,7 +3,7 @@
 //! instance at a time (docs/ARCHITECTURE.md, "Scale-out").
 //!
 //! ```text
-//! producer ──sensors.<device>──> server mapping partition() ──> <stream>.p.<n>.<device>
+//! producer ──sensors.<device>──> server mapping partition() ──> <stream>.p.<n>.0
 //!   <stream>.p.<n>.>  ──durable pull consumer p<n>-<token>──> owner of n
 //!   owner: fetch ──> feeder thread ──> workers (fence checked in each transaction)
 //!          <── ack after commit <── ack thread <── worker replies

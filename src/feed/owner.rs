@@ -46,7 +46,10 @@ pub(super) struct View {
     pub held: std::collections::BTreeSet<u32>,
 }
 
-/// Reads every live key (expired ones are gone from the bucket).
+/// Reads every live key (expired ones are gone from the bucket). The
+/// listing also delivers the writes made while it runs, so a key renewed
+/// meanwhile comes more than once: each counts once (counted twice, one
+/// instance alone took itself for one of 16 and gave 15 partitions up).
 pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
     // The listing is a consumer's stream: bounded, so that a listing that
     // never completes cannot hold the ownership loop.
@@ -56,18 +59,26 @@ pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
     })
     .await
     .map_err(|_| anyhow::anyhow!("listing the ownership bucket took over 5 s"))??;
-    let mut view = View::default();
-    for key in keys {
-        if let Some(name) = key.strip_prefix("member.") {
-            view.members.push(name.to_string());
-        } else if let Some(n) = key.strip_prefix("partition.") {
-            if let Ok(n) = n.parse() {
-                view.held.insert(n);
+    Ok(View::of(keys))
+}
+
+impl View {
+    /// The view that a listing of `keys` gives.
+    fn of(keys: impl IntoIterator<Item = String>) -> View {
+        let mut view = View::default();
+        for key in keys {
+            if let Some(name) = key.strip_prefix("member.") {
+                view.members.push(name.to_string());
+            } else if let Some(n) = key.strip_prefix("partition.") {
+                if let Ok(n) = n.parse() {
+                    view.held.insert(n);
+                }
             }
         }
+        view.members.sort();
+        view.members.dedup();
+        view
     }
-    view.members.sort();
-    Ok(view)
 }
 
 /// A key this instance holds.
@@ -191,6 +202,28 @@ mod tests {
                 .map(|m| fair_share(16, &names(3), m))
                 .collect::<Vec<_>>(),
             [6, 5, 5]
+        );
+    }
+
+    #[test]
+    fn a_key_listed_twice_counts_once() {
+        let listing = [
+            "member.b",
+            "partition.3",
+            "member.a",
+            "member.b",
+            "partition.3",
+        ];
+        let view = View::of(listing.map(String::from));
+        assert_eq!(view.members, ["a", "b"]);
+        assert_eq!(view.held.into_iter().collect::<Vec<_>>(), [3]);
+        assert_eq!(
+            fair_share(
+                16,
+                &View::of(["member.a".into(), "member.a".into()]).members,
+                "a"
+            ),
+            16
         );
     }
 

@@ -548,6 +548,40 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
     assert_eq!(faulty.processed, clean.processed);
     assert_eq!(faulty.readings, clean.readings);
     assert_eq!(faulty.alerts, clean.alerts);
+    // Device keys of two to four topic levels route too (the mapping's
+    // other rules): unprovisioned, each becomes an unknown-device dead
+    // letter under its own key.
+    let keys = ["hall/a", "hall/b/c", "hall/b/c/d"];
+    for key in keys {
+        let line = format!(
+            r#"{{"id":"mqtt-{key}","device":"{key}","ts":"2026-01-01T00:00:00Z","payload":{{"t":1}}}}"#
+        );
+        let published = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &nats.mqtt_port.to_string()])
+            .args(["-q", "1", "-t", &format!("sensors/{key}"), "-m", &line])
+            .status()
+            .unwrap();
+        assert!(published.success(), "mosquitto_pub sensors/{key}");
+    }
+    wait_until(
+        "the multi-level topics done",
+        Duration::from_secs(60),
+        || done(&mut conn) >= total + keys.len() as i64,
+    );
+    #[derive(QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        device_key: String,
+    }
+    let dead: Vec<String> = diesel::sql_query(
+        "SELECT device_key FROM dead_letters WHERE kind = 'unknown_device' AND device_key LIKE 'hall/%' ORDER BY device_key",
+    )
+    .load::<Key>(&mut conn)
+    .unwrap()
+    .into_iter()
+    .map(|k| k.device_key)
+    .collect();
+    assert_eq!(dead, keys);
     let (status, log) = instance.stop();
     assert!(status.success(), "{log}");
 }
