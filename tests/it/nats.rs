@@ -885,7 +885,9 @@ fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
 /// Another client fetches one message from an instance's consumer and
 /// never acknowledges it: the instance sees its deliveries jump, applies
 /// nothing past the missing one, takes the partition again from its
-/// acknowledged point, and the end state (alerts included) is exact.
+/// acknowledged point, and the end state (alerts included) is exact. The
+/// thief waits on the consumer and the instance asks only for what is
+/// there, so the missing delivery is the consumer's very first one.
 #[test]
 fn a_delivery_taken_by_another_client_is_not_overtaken() {
     let Scene {
