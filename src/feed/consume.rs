@@ -994,8 +994,15 @@ async fn fetch_loop(shared: Arc<Shared>, consumer: consumer::PullConsumer, run: 
 /// it is given up (a server that lost the request, a leader that moved).
 const FETCH_SILENCE: Duration = Duration::from_secs(5);
 
+/// The most one fetch asks for.
+const FETCH_BATCH: usize = 500;
+
 async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: &Arc<Run>) {
     let max = shared.options.max_in_flight;
+    // A fetch waits for room for a full batch (or half the window, if that
+    // is less): fetches of the few slots that each settled batch frees cost
+    // nats-server a request, an inbox and a reply each, for a few messages.
+    let room = FETCH_BATCH.min(max.div_ceil(2)).max(1);
     loop {
         if run.stop.load(Ordering::SeqCst)
             || run.fenced.load(Ordering::SeqCst)
@@ -1007,9 +1014,9 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
         if shared.stopping.load(Ordering::SeqCst)
             || !run.may_fetch()
             || shared.db_down.load(Ordering::SeqCst)
-            || out >= max
+            || max - out.min(max) < room
         {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         // `fetch` asks for what is there now (no_wait): the server answers
@@ -1023,7 +1030,7 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
         // given up here after FETCH_SILENCE.
         let batch = consumer
             .fetch()
-            .max_messages((max - out).min(500))
+            .max_messages((max - out).min(FETCH_BATCH))
             .messages()
             .await;
         let mut batch = match batch {
