@@ -1,6 +1,7 @@
 //! Settings from flags, the environment, a TOML file and defaults, in that
 //! order of precedence. Defaults live in `impl Default for Settings`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub(crate) struct FileSettings {
     pub stats_interval: Option<String>,
     /// `--metrics-file`
     pub metrics_file: Option<PathBuf>,
+    /// `--metrics-listen`, e.g. "127.0.0.1:9465"
+    pub metrics_listen: Option<String>,
     /// `--nats`: the NATS cluster's client URLs, comma-separated.
     pub nats_servers: Option<String>,
     /// The `[nats]` table: every NATS setting in one place.
@@ -116,6 +119,8 @@ pub(crate) struct Settings {
     pub stats_interval: Duration,
     /// Prometheus text file, rewritten each interval.
     pub metrics_file: Option<PathBuf>,
+    /// Where to serve `/metrics` and `/healthz` over HTTP (off: none).
+    pub metrics_listen: Option<SocketAddr>,
     /// Whether the socket was asked for (flag or file), not defaulted: with
     /// NATS and no socket asked for, `serve` opens none.
     pub socket_given: bool,
@@ -143,6 +148,7 @@ impl Default for Settings {
             shutdown_timeout: pipeline.shutdown_timeout,
             stats_interval: Duration::from_secs(60),
             metrics_file: None,
+            metrics_listen: None,
             socket_given: false,
             nats: None,
         }
@@ -216,6 +222,8 @@ pub struct FlagSettings {
     pub stats_interval: Option<Duration>,
     /// `--metrics-file`
     pub metrics_file: Option<PathBuf>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<SocketAddr>,
     /// `--nats`
     pub nats_servers: Option<String>,
     /// `--nats-stream`
@@ -279,6 +287,17 @@ impl Settings {
                 .or(duration(file.stats_interval, "stats_interval")?)
                 .unwrap_or(d.stats_interval),
             metrics_file: flags.metrics_file.or(file.metrics_file),
+            metrics_listen: match flags.metrics_listen {
+                Some(addr) => Some(addr),
+                None => file
+                    .metrics_listen
+                    .map(|s| {
+                        s.parse().map_err(|e| {
+                            format!("config `metrics_listen`: {s:?} is not an address such as 127.0.0.1:9465 ({e})")
+                        })
+                    })
+                    .transpose()?,
+            },
         })
     }
 }
@@ -396,6 +415,27 @@ mod tests {
         assert_eq!(s.socket_mode, 0o660);
         assert!(s.metrics_file.is_some());
         assert_eq!(s.max_outage, None, "the service waits out any outage");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_from_the_flag_or_the_file() {
+        let off = Settings::resolve(FlagSettings::default(), FileSettings::default()).unwrap();
+        assert_eq!(off.metrics_listen, None, "off by default");
+        let file: FileSettings = toml::from_str("metrics_listen = \"127.0.0.1:9465\"\n").unwrap();
+        let s = Settings::resolve(FlagSettings::default(), file.clone()).unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9465".parse().unwrap()));
+        let flags = FlagSettings {
+            metrics_listen: Some("[::1]:9000".parse().unwrap()),
+            ..FlagSettings::default()
+        };
+        let s = Settings::resolve(flags, file).unwrap();
+        assert_eq!(s.metrics_listen, Some("[::1]:9000".parse().unwrap()));
+        let bad: FileSettings = toml::from_str("metrics_listen = \"localhost\"\n").unwrap();
+        let e = Settings::resolve(FlagSettings::default(), bad).unwrap_err();
+        assert!(
+            e.starts_with("config `metrics_listen`: \"localhost\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -143,6 +143,10 @@ pub enum Command {
         /// Write the counters here in Prometheus text format each interval.
         #[arg(long)]
         metrics_file: Option<PathBuf>,
+        /// Serve /metrics (Prometheus) and /healthz over HTTP on ADDR, e.g.
+        /// 127.0.0.1:9465 [default: off].
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Worker threads.
         #[command(flatten)]
         workers: WorkerArgs,
@@ -295,6 +299,7 @@ impl Cli {
                 shutdown_timeout,
                 stats_interval,
                 metrics_file,
+                metrics_listen,
                 workers,
                 nats,
             } => {
@@ -306,6 +311,7 @@ impl Cli {
                 flags.shutdown_timeout = *shutdown_timeout;
                 flags.stats_interval = *stats_interval;
                 flags.metrics_file = metrics_file.clone();
+                flags.metrics_listen = *metrics_listen;
             }
             Command::Send { socket, .. } => flags.socket = socket.clone(),
             _ => {}

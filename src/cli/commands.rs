@@ -102,6 +102,7 @@ pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
         shutdown_timeout: settings.shutdown_timeout,
         stats_interval: settings.stats_interval,
         metrics_file: settings.metrics_file.clone(),
+        metrics_listen: settings.metrics_listen,
         workers: context.options.clone(),
     };
     match service::serve(&db, &options, context.log_file.take())? {

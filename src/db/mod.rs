@@ -63,6 +63,15 @@ pub struct Database {
     /// Server sessions of discarded connections, to end at the next
     /// checkout (see [`Session::end_all`]).
     abandoned: std::sync::Mutex<Vec<Session>>,
+    /// The health check's own connection (see [`Database::probe`]).
+    probe: Probe,
+}
+
+/// A connection outside the pool, for health checks: a busy pool never
+/// keeps a check waiting, and a check never takes a worker's connection.
+struct Probe {
+    manager: Manager,
+    conn: std::sync::Mutex<Option<PooledConn>>,
 }
 
 impl Database {
@@ -77,6 +86,15 @@ impl Database {
             _ => None,
         };
         let registry = watchdog.as_ref().map(Watchdog::registry);
+        let probe = Probe {
+            manager: Manager::new(
+                url.clone(),
+                settings.clone(),
+                Arc::new(DbMetrics::default()),
+                registry.clone(),
+            ),
+            conn: Default::default(),
+        };
         let pool = r2d2::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(0))
@@ -100,7 +118,41 @@ impl Database {
             cancelled: AtomicBool::new(false),
             _watchdog: watchdog,
             abandoned: Default::default(),
+            probe,
         }
+    }
+
+    /// One check that the database answers (`SELECT 1`), on a connection
+    /// of its own kept between checks, outside the pool, the retry loop and
+    /// the breaker: for `/healthz`, which must notice an outage even when
+    /// no transaction runs. The error is one line, without the password.
+    pub fn probe(&self) -> Result<(), String> {
+        use r2d2::ManageConnection;
+        let mut slot = self.probe.conn.lock().expect("probe lock");
+        let result = match slot.as_mut() {
+            Some(conn) => conn
+                .conn
+                .batch_execute("SELECT 1")
+                .map_err(|e| e.to_string()),
+            None => self
+                .probe
+                .manager
+                .connect()
+                .map(|conn| {
+                    *slot = Some(conn);
+                })
+                .map_err(|e| format!("cannot connect: {e}")),
+        };
+        if result.is_err() {
+            *slot = None;
+        }
+        result.map_err(|e| {
+            let first = e
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no detail");
+            first.trim().to_string()
+        })
     }
 
     /// Where this database is, without its password.

@@ -15,6 +15,7 @@
 //! the shutdown timeout.
 
 pub mod client;
+mod http;
 pub mod logfile;
 pub mod protocol;
 pub mod stats;
@@ -35,9 +36,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::db::Database;
-use crate::feed::{Feed, NatsOptions};
+use crate::feed::{Feed, FeedStatus, NatsOptions};
 use crate::input::LineReader;
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
+pub use http::MetricsListener;
 use logfile::LogFile;
 use protocol::{Ack, Refusal};
 use stats::{write_atomically, Report};
@@ -57,6 +59,8 @@ pub struct ServeOptions {
     pub stats_interval: Duration,
     /// The Prometheus text file.
     pub metrics_file: Option<PathBuf>,
+    /// Where to serve `/metrics` and `/healthz` over HTTP.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The worker pool.
     pub workers: IngestOptions,
     /// The NATS JetStream feed, when the service consumes one.
@@ -189,10 +193,26 @@ pub fn serve(
                 }
             },
         };
+        let metrics = match options
+            .metrics_listen
+            .map(MetricsListener::bind)
+            .transpose()
+        {
+            Ok(metrics) => {
+                if let Some(addr) = options.metrics_listen {
+                    log::info!("metrics on http://{addr}/metrics, health on http://{addr}/healthz");
+                }
+                metrics
+            }
+            Err(e) => {
+                signal_handle.close();
+                return Err(e);
+            }
+        };
         // The socket listens, the feed is set up and the database answered
         // (its migrations ran).
         notify("READY=1");
-        let exit = run(db, options, listener, feed.as_ref(), on_shutdown);
+        let exit = run(db, options, listener, feed.as_ref(), metrics, on_shutdown);
         signal_handle.close();
         Ok(exit)
     })
@@ -241,12 +261,14 @@ fn handle_signals(mut signals: Signals, log: Option<Arc<LogFile>>, shutdown: Sen
 /// connected NATS feed (either or both), until a message (or the sender's
 /// drop) on `shutdown`, or until the database stays unreachable too long:
 /// the socket feeds the worker pool, one handler per producer; the feed
-/// feeds it the partitions this instance owns.
+/// feeds it the partitions this instance owns. `metrics`, when given,
+/// serves `/metrics` and `/healthz` until the end.
 pub fn run(
     db: &Database,
     options: &ServeOptions,
     listener: Option<UnixListener>,
     feed: Option<&Feed>,
+    metrics: Option<MetricsListener>,
     shutdown: Receiver<()>,
 ) -> Exit {
     let (wake, woken) = bounded::<()>(1);
@@ -281,6 +303,7 @@ pub fn run(
         options.workers.workers,
         db.url()
     );
+    let health = http::Health::new();
     std::thread::scope(|outer| {
         let workers = Workers::spawn(outer, db, &options.workers, &stop);
         let (stats_stop, stats_stopped) = bounded::<()>(1);
@@ -296,6 +319,29 @@ pub fn run(
                     }
                 })
                 .expect("spawn the shutdown thread");
+            if let Some(metrics) = metrics {
+                let health = &health;
+                let stopped = stats_stopped.clone();
+                std::thread::Builder::new()
+                    .name("health".into())
+                    .spawn_scoped(scope, move || http::probe(db, health, stopped))
+                    .expect("spawn the health thread");
+                let stopped = stats_stopped.clone();
+                let status = feed.map(Feed::status);
+                std::thread::Builder::new()
+                    .name("metrics-http".into())
+                    .spawn_scoped(scope, move || {
+                        let render = || {
+                            let summary = summary_now(db, shared);
+                            let mut report =
+                                report(db, shared, workers, &summary, 0.0, status.as_deref());
+                            report.down_since = health.down_since(db);
+                            report.prometheus()
+                        };
+                        http::serve(metrics, db, health, render, stopped)
+                    })
+                    .expect("spawn the metrics thread");
+            }
             std::thread::Builder::new()
                 .name("stats".into())
                 .spawn_scoped(scope, move || {
@@ -561,6 +607,35 @@ fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared
     committed
 }
 
+/// The counters now: the outcomes so far and the database's.
+fn summary_now(db: &Database, shared: &Shared) -> Summary {
+    let mut summary = shared.summary.lock().expect("summary lock").clone();
+    summary.finish(db.counters(), Duration::ZERO);
+    summary
+}
+
+/// What the stats line and the metrics show now.
+fn report<'a>(
+    db: &Database,
+    shared: &Shared,
+    workers: &Workers,
+    summary: &'a Summary,
+    rate: f64,
+    feed: Option<&'a FeedStatus>,
+) -> Report<'a> {
+    let (open, idle) = db.pool_state();
+    Report {
+        summary,
+        rate,
+        in_use: open.saturating_sub(idle),
+        idle,
+        queued: workers.queued(),
+        producers: shared.active.load(Ordering::SeqCst),
+        down_since: db.down_since(),
+        feed,
+    }
+}
+
 fn report_stats(
     db: &Database,
     options: &ServeOptions,
@@ -577,23 +652,12 @@ fn report_stats(
             Ok(()) => continue,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        let mut summary = shared.summary.lock().expect("summary lock").clone();
-        summary.finish(db.counters(), Duration::ZERO);
+        let summary = summary_now(db, shared);
         let now = Instant::now();
         let rate = (summary.completed - last.1) as f64
             / now.duration_since(last.0).as_secs_f64().max(1e-9);
         last = (now, summary.completed);
-        let (open, idle) = db.pool_state();
-        let report = Report {
-            summary: &summary,
-            rate,
-            in_use: open.saturating_sub(idle),
-            idle,
-            queued: workers.queued(),
-            producers: shared.active.load(Ordering::SeqCst),
-            down_since: db.down_since(),
-            feed: status.as_deref(),
-        };
+        let report = report(db, shared, workers, &summary, rate, status.as_deref());
         log::info!("{}", report.line());
         if let Some(path) = &options.metrics_file {
             if let Err(e) = write_atomically(path, &report.prometheus()) {

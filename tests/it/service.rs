@@ -630,6 +630,7 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
         shutdown_timeout: Duration::from_secs(5),
         stats_interval: Duration::from_secs(60),
         metrics_file: None,
+        metrics_listen: None,
         workers: support::options(),
         nats: None,
     };
@@ -641,7 +642,8 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
         support::msg("a-2", "dev-nope", "2026-11-29T10:00:00Z", r#"{"t":1}"#),
     ];
     let exit = std::thread::scope(|s| {
-        let server = s.spawn(|| service::run(&t.db, &options, Some(listener), None, on_shutdown));
+        let server =
+            s.spawn(|| service::run(&t.db, &options, Some(listener), None, None, on_shutdown));
         let acks = produce(&socket, &lines, None);
         let outcomes: Vec<String> = acks
             .values()
@@ -722,4 +724,150 @@ fn the_shipped_unit_is_valid_and_hardened() {
         .filter(|l| !l.contains("/usr/local/bin/normalizer") && !l.trim().is_empty())
         .collect();
     assert!(problems.is_empty(), "{err}");
+}
+
+/// `--metrics-listen`: a real Prometheus scrapes `/metrics` and stores what
+/// the service counted, and promtool accepts the text; `/healthz` says 200
+/// while the database answers, 503 with the reason within 5 s of its stop
+/// while the service is idle (no transaction notices it), and 200 again
+/// once it is back; `/metrics` says the same in `database_up`.
+#[test]
+fn metrics_over_http_are_scraped_by_prometheus_and_healthz_follows_the_database() {
+    let cluster = crate::pg::PgCluster::start_new();
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let provisioned = bin()
+        .args(["--database-url", &url, "provision"])
+        .arg(format!("{examples}/devices.json"))
+        .output()
+        .unwrap();
+    assert!(provisioned.status.success());
+    let addr = format!("127.0.0.1:{}", crate::pg::free_port());
+    let server = Server::start(dir.path(), &url, &["--metrics-listen", &addr]);
+    let sent = bin()
+        .args(["send", &format!("{examples}/messages.jsonl"), "--socket"])
+        .arg(&server.socket)
+        .output()
+        .unwrap();
+    assert!(sent.status.success());
+    let get = |path: &str| -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+            .arg(format!("http://{addr}{path}"))
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap_or(0), body.to_string())
+    };
+
+    let (code, metrics) = get("/metrics");
+    assert_eq!(code, 200);
+    check_prometheus(&metrics);
+    assert!(
+        metrics.contains("normalizer_lines_total{outcome=\"processed\"} 579"),
+        "{metrics}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus) runs");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A Prometheus of the test's own scrapes it every second.
+    let prometheus_addr = format!("127.0.0.1:{}", crate::pg::free_port());
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: normalizer\n    static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={prometheus_addr}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian's prometheus) runs");
+    let query = |q: &str| -> Option<String> {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", "-G", "--data-urlencode"])
+            .arg(format!("query={q}"))
+            .arg(format!("http://{prometheus_addr}/api/v1/query"))
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .map(str::to_string)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while query("normalizer_lines_total{outcome=\"processed\"}").as_deref() != Some("579") {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never stored the scrape"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(query("up{job=\"normalizer\"}").as_deref(), Some("1"));
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+
+    assert_eq!(get("/healthz"), (200, "ok\n".to_string()));
+    cluster.stop("fast");
+    let stopped = Instant::now();
+    let (code, why) = loop {
+        let (code, body) = get("/healthz");
+        if code != 200 {
+            break (code, body);
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "/healthz stayed 200"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let noticed = stopped.elapsed();
+    println!("healthz: 503 {noticed:.1?} after the database stopped: {why}");
+    assert_eq!(code, 503);
+    assert!(
+        noticed < Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    assert!(!why.trim().is_empty() && !why.contains("password"), "{why}");
+    assert!(get("/metrics").1.contains("normalizer_database_up 0"));
+    cluster.start();
+    let back = Instant::now();
+    while get("/healthz").0 != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "/healthz stayed 503"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(get("/metrics").1.contains("normalizer_database_up 1"));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait().status.success());
 }
