@@ -75,19 +75,20 @@ impl Health {
     /// breaker's outage, or else the checks' failure.
     pub(super) fn down_since(&self, db: &Database) -> Option<DateTime<Utc>> {
         db.down_since().or_else(|| {
-            self.verdict(db).err()?;
+            self.verdict(None).err()?;
             let since = self.last.lock().expect("health lock").failing_since;
             Some(since.unwrap_or_else(Utc::now))
         })
     }
 
-    /// `Ok` or why not, as `/healthz` says it.
-    pub(super) fn verdict(&self, db: &Database) -> Result<(), String> {
+    /// `Ok` or why not, as `/healthz` says it; `down_since`: the
+    /// breaker's outage, if the service's own transactions found one.
+    pub(super) fn verdict(&self, down_since: Option<DateTime<Utc>>) -> Result<(), String> {
         let (at, result) = {
             let last = self.last.lock().expect("health lock");
             (last.at, last.result.clone())
         };
-        if let Some(since) = db.down_since() {
+        if let Some(since) = down_since {
             let why = result
                 .err()
                 .unwrap_or_else(|| "the service's transactions fail".into());
@@ -150,7 +151,7 @@ pub(super) fn serve(
             (tiny_http::Method::Get, "/metrics") => {
                 text(metrics(), 200, "text/plain; version=0.0.4; charset=utf-8")
             }
-            (tiny_http::Method::Get, "/healthz") => match health.verdict(db) {
+            (tiny_http::Method::Get, "/healthz") => match health.verdict(db.down_since()) {
                 Ok(()) => text("ok\n".into(), 200, "text/plain; charset=utf-8"),
                 Err(why) => text(format!("{why}\n"), 503, "text/plain; charset=utf-8"),
             },
@@ -168,5 +169,41 @@ pub(super) fn serve(
         if let Err(e) = request.respond(response) {
             log::debug!("metrics listener: a client went away: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_follows_the_last_check_the_breaker_and_a_silent_check() {
+        let health = Health::new();
+        assert_eq!(health.verdict(None), Err("not checked yet".to_string()));
+        health.set(Ok(()));
+        assert_eq!(health.verdict(None), Ok(()));
+        // The service's transactions found the database down first.
+        let since = Utc::now();
+        let why = health.verdict(Some(since)).unwrap_err();
+        assert!(why.starts_with("database unreachable since "), "{why}");
+        health.set(Err("connection refused".into()));
+        let failing = health.last.lock().unwrap().failing_since.unwrap();
+        health.set(Err("connection refused".into()));
+        assert_eq!(
+            health.last.lock().unwrap().failing_since,
+            Some(failing),
+            "since the first"
+        );
+        assert_eq!(health.verdict(None), Err("connection refused".to_string()));
+        // A check still running after SILENT + EVERY: its peer is silent.
+        health.set(Ok(()));
+        health.last.lock().unwrap().at = Instant::now() - (SILENT + EVERY + Duration::from_secs(1));
+        let why = health.verdict(None).unwrap_err();
+        assert!(
+            why.starts_with("the database has not answered a check for 5 s"),
+            "{why}"
+        );
+        health.set(Ok(()));
+        assert_eq!(health.last.lock().unwrap().failing_since, None);
     }
 }
