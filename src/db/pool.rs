@@ -8,6 +8,7 @@
 //! connections are validated at checkout only when they sat idle for a while,
 //! as HikariCP and pgxpool do, not with a round trip before every job.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -280,6 +281,67 @@ impl Manager {
     }
 }
 
+/// Opens a SQLite file. One in WAL mode that was closed cleanly (no `-shm`
+/// beside it) on a read-only file system cannot be opened the usual way
+/// ("unable to open database file": SQLite would create its shared-memory
+/// file). Nobody can write it there, so it is opened immutable (no locks, no
+/// shared memory) for the commands that only read; a write then fails as
+/// read-only, which `ingest` and `serve` report as such.
+/// `setup` runs on the connection (SQLite opens the file at the first
+/// statement, so that is where it fails).
+fn open_sqlite(path: &str, setup: &str) -> Result<SqliteConnection, ConnectionError> {
+    let open = |target: &str| {
+        let mut conn = SqliteConnection::establish(target)?;
+        conn.batch_execute(setup)
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(conn)
+    };
+    match open(path) {
+        Err(e) if cannot_be_written(Path::new(path)) => {
+            match open(&format!("file:{}?immutable=1", uri_path(path))) {
+                Ok(conn) => {
+                    log::debug!("{path} cannot be written: opened immutable, for reading");
+                    Ok(conn)
+                }
+                Err(_) => Err(e),
+            }
+        }
+        result => result,
+    }
+}
+
+/// An existing file that this process cannot write, or whose folder it
+/// cannot write (a read-only mount says so even to root).
+fn cannot_be_written(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let writable = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            // SAFETY: a NUL-terminated path; access(2) only reads it.
+            .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+            .unwrap_or(true)
+    };
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    path.is_file() && (!writable(path) || !writable(folder))
+}
+
+/// `path` for a `file:` URI: the characters that would end or escape it
+/// percent-encoded.
+fn uri_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 impl r2d2::ManageConnection for Manager {
     type Connection = PooledConn;
     type Error = ConnectionError;
@@ -295,13 +357,15 @@ impl r2d2::ManageConnection for Manager {
                     ConnectionError::InvalidConnectionUrl("the SQLite path is not UTF-8".into())
                 })?;
                 (
-                    AnyConnection::Sqlite(SqliteConnection::establish(path)?),
+                    AnyConnection::Sqlite(open_sqlite(path, &self.setup_sql())?),
                     None,
                 )
             }
         };
-        conn.batch_execute(&self.setup_sql())
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        if let AnyConnection::Pg(c) = &mut conn {
+            c.batch_execute(&self.setup_sql())
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        }
         let session = match &mut conn {
             AnyConnection::Pg(c) => {
                 Some(Session::of(c).map_err(ConnectionError::CouldntSetupConfiguration)?)

@@ -332,3 +332,74 @@ fn a_read_only_sqlite_database_stops_ingest_at_once_and_a_rerun_after_fixing_it_
     clean.ingest(&text);
     same_as_clean_after_a_rerun(&clean.snapshot(), &holder.snapshot());
 }
+
+/// A SQLite database closed cleanly (no `-wal` or `-shm` beside it, no
+/// writer anywhere) on a read-only file system: SQLite cannot open a WAL
+/// database there the usual way. `status` and `dead-letters list` read it
+/// all the same (opened immutable), and `ingest` stops at once as on any
+/// database that cannot be written.
+#[test]
+fn a_cleanly_closed_sqlite_database_on_a_read_only_mount_is_read_and_never_written() {
+    let (devices, text) = input(500);
+    let stored = tempfile::tempdir().unwrap();
+    let writable = format!("sqlite://{}", stored.path().join("n.db").display());
+    {
+        let db = TestDb::open(&writable, Default::default());
+        db.provision(&devices);
+        db.ingest(&text);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(stored.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "n.db")
+        .collect();
+    assert!(leftovers.is_empty(), "closed cleanly: {leftovers:?}");
+    let view = tempfile::tempdir().unwrap();
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(stored.path())
+        .arg(view.path()));
+    let _bound = Unmount(view.path());
+    run(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(view.path()));
+    let read_only = format!("sqlite://{}", view.path().join("n.db").display());
+    let status = crate::service::bin()
+        .args(["--database-url", &read_only, "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let listed = crate::service::bin()
+        .args(["--database-url", &read_only, "dead-letters", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "dead-letters list: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let clean = crate::support::sqlite();
+    clean.provision(&devices);
+    clean.ingest(&text);
+    let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        shown["dead_letters"].as_array().map(Vec::len),
+        Some(clean.status().dead_letters.len()),
+        "{shown}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("messages.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let (out, took) = ingest(&read_only, &file);
+    stopped_at_once(
+        "read-only-mount-sqlite",
+        &out,
+        took,
+        "the database is read-only",
+        "make it writable",
+    );
+}
