@@ -190,6 +190,16 @@ fn fatal_setup_errors_exit_1_at_once_with_one_sentence() {
             "{url}: took {took:?}, as if it waited out an outage"
         );
     }
+    // A log file that cannot be opened: its path as given, once.
+    let out = normalizer(
+        dir.path(),
+        &["--log-file", "/nonexistent/dir/x.log", "status"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        "normalizer: error: cannot open the log file /nonexistent/dir/x.log: No such file or directory (os error 2)"
+    );
 }
 
 #[test]
