@@ -1175,23 +1175,46 @@ fn settle_locally(shared: &Shared, ticket: u64) -> Option<InFlight> {
     Some(entry)
 }
 
-/// Acknowledges committed messages.
+/// Acknowledges committed messages: whatever has settled by the time it
+/// looks, with one cumulative ack per partition run (the last message of
+/// its settled prefix), not one per message: each ack costs the consumer's
+/// leader (and its replicas) a write.
 async fn settle_loop(
     shared: Arc<Shared>,
     client: async_nats::Client,
     mut settle: mpsc::UnboundedReceiver<Settle>,
 ) {
-    while let Some(s) = settle.recv().await {
-        let Some(entry) = settle_locally(&shared, s.ticket) else {
-            continue;
-        };
-        let ack = entry
-            .run
-            .window
-            .lock()
-            .expect("window lock")
-            .settled(entry.sequence, s.ack);
-        if let Some((reply, count)) = ack {
+    /// At most this many settlements per round, so that acks keep going
+    /// out under a steady stream.
+    const ROUND: usize = 4096;
+    while let Some(first) = settle.recv().await {
+        // Keyed by the run (a partition taken again is a new run, with a
+        // consumer of its own), which the value keeps alive meanwhile.
+        let mut acks: HashMap<usize, (Arc<Run>, Subject, u64)> = HashMap::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(s) = next.take() {
+            taken += 1;
+            if let Some(entry) = settle_locally(&shared, s.ticket) {
+                let ack = entry
+                    .run
+                    .window
+                    .lock()
+                    .expect("window lock")
+                    .settled(entry.sequence, s.ack);
+                if let Some((reply, count)) = ack {
+                    let slot = acks
+                        .entry(Arc::as_ptr(&entry.run) as usize)
+                        .or_insert_with(|| (entry.run.clone(), reply.clone(), 0));
+                    slot.1 = reply;
+                    slot.2 += count;
+                }
+            }
+            if taken < ROUND {
+                next = settle.try_recv().ok();
+            }
+        }
+        for (_, reply, count) in acks.into_values() {
             match client.publish(reply, Bytes::from_static(b"+ACK")).await {
                 Ok(()) => {
                     shared
