@@ -74,13 +74,53 @@ impl Drop for SmallDisk {
     }
 }
 
-/// Unmounts a mount point when dropped, also when the test fails.
-struct Unmount<'a>(&'a Path);
+/// A folder seen through a read-only bind mount; unmounted when dropped,
+/// also when the test fails.
+struct ReadOnlyView(tempfile::TempDir);
 
-impl Drop for Unmount<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).output();
+impl ReadOnlyView {
+    fn of(folder: &Path) -> ReadOnlyView {
+        let view = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
+            .arg("--bind")
+            .arg(folder)
+            .arg(view.path()));
+        let view = ReadOnlyView(view);
+        run(Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(view.0.path()));
+        view
     }
+
+    /// The URL of the SQLite database `n.db` seen through it.
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.0.path().join("n.db").display())
+    }
+}
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).output();
+    }
+}
+
+/// What only reads works on a database that cannot be written.
+fn reads_work(url: &str) -> Output {
+    let mut status = None;
+    for args in [vec!["status", "--json"], vec!["dead-letters", "list"]] {
+        let out = bin()
+            .args(["--database-url", url])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} on a read-only database: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        status.get_or_insert(out);
+    }
+    status.unwrap()
 }
 
 fn ingest(url: &str, file: &Path) -> (Output, Duration) {
@@ -281,33 +321,13 @@ fn a_read_only_sqlite_database_stops_ingest_at_once_and_a_rerun_after_fixing_it_
     // Held open: its -wal and -shm stay, as under a running service.
     let holder = TestDb::open(&writable, Default::default());
     holder.provision(&devices);
-    let view = tempfile::tempdir().unwrap();
-    run(Command::new("mount")
-        .arg("--bind")
-        .arg(disk.path())
-        .arg(view.path()));
-    let bound = Unmount(view.path());
-    run(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(view.path()));
-    let read_only = format!("sqlite://{}", view.path().join("n.db").display());
+    let bound = ReadOnlyView::of(disk.path());
+    let read_only = bound.url();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, &text).unwrap();
     let (out, took) = ingest(&read_only, &file);
-    // What only reads works on a database that cannot be written.
-    for args in [vec!["status"], vec!["dead-letters", "list"]] {
-        let out = crate::service::bin()
-            .args(["--database-url", &read_only])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?} on a read-only database: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    reads_work(&read_only);
     drop(bound);
     stopped_at_once(
         "read-only-sqlite",
@@ -354,34 +374,9 @@ fn a_cleanly_closed_sqlite_database_on_a_read_only_mount_is_read_and_never_writt
         .filter(|n| n != "n.db")
         .collect();
     assert!(leftovers.is_empty(), "closed cleanly: {leftovers:?}");
-    let view = tempfile::tempdir().unwrap();
-    run(Command::new("mount")
-        .arg("--bind")
-        .arg(stored.path())
-        .arg(view.path()));
-    let _bound = Unmount(view.path());
-    run(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(view.path()));
-    let read_only = format!("sqlite://{}", view.path().join("n.db").display());
-    let status = crate::service::bin()
-        .args(["--database-url", &read_only, "status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let listed = crate::service::bin()
-        .args(["--database-url", &read_only, "dead-letters", "list"])
-        .output()
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "dead-letters list: {}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
+    let view = ReadOnlyView::of(stored.path());
+    let read_only = view.url();
+    let status = reads_work(&read_only);
     let clean = crate::support::sqlite();
     clean.provision(&devices);
     clean.ingest(&text);
