@@ -1014,7 +1014,7 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
         if shared.stopping.load(Ordering::SeqCst)
             || !run.may_fetch()
             || shared.db_down.load(Ordering::SeqCst)
-            || max - out.min(max) < room
+            || max.saturating_sub(out) < room
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
