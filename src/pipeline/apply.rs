@@ -10,7 +10,7 @@ use crate::core::message::raw_for_storage;
 use crate::core::{DeadLetterKind, Message};
 use crate::db::repo::fences::{self as fence_repo, Fence};
 use crate::db::repo::reference::ReferenceCache;
-use crate::db::repo::{batch, dead_letters, messages};
+use crate::db::repo::{batch, dead_letters};
 use crate::db::{AnyConnection, Database, Failure};
 use crate::outcome::{DeadLetter, Outcome};
 use diesel::QueryResult;
@@ -89,6 +89,7 @@ impl Prepared {
 /// and the end of a batch's bisection.
 pub(super) fn run_alone(
     db: &Database,
+    cache: &ReferenceCache,
     job: &Prepared,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
@@ -96,7 +97,13 @@ pub(super) fn run_alone(
     match &job.kind {
         PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token, fence),
         PreparedKind::Apply { message, raw } => {
-            apply_message(db, message, raw, &job.token, fence, job.job_ticket, hook)
+            let alone = Alone {
+                token: &job.token,
+                fence,
+                ticket: job.job_ticket,
+                hook,
+            };
+            apply_message(db, cache, message, raw, &alone)
         }
     }
 }
@@ -146,7 +153,7 @@ pub(super) fn run_batch(
 ) -> bool {
     if jobs.len() == 1 {
         let job = &jobs[0];
-        job.reply(run_alone(db, job, hook));
+        job.reply(run_alone(db, cache, job, hook));
         return false;
     }
     let items: Vec<batch::Item<'_>> = jobs
@@ -232,13 +239,17 @@ pub(super) fn run_batch(
 /// here: the retry loop waits them out or gives up.
 fn apply_message(
     db: &Database,
+    cache: &ReferenceCache,
     message: &Message,
     raw: &[u8],
-    token: &str,
-    fence: Option<&Fence>,
-    ticket: u64,
-    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+    alone: &Alone<'_>,
 ) -> Result<Outcome, Failure> {
+    let Alone {
+        token,
+        fence,
+        ticket,
+        hook,
+    } = *alone;
     let fences: Vec<&Fence> = fence.into_iter().collect();
     let mut last_failure = None;
     for attempt in 1..=2 {
@@ -248,7 +259,7 @@ fn apply_message(
                 if let Some(hook) = hook {
                     hook(message);
                 }
-                messages::apply(conn, message, raw, token)
+                batch::apply_one(conn, message, raw, token, cache)
             })
         });
         if let Some(failure) = fenced_failure(&lost) {
@@ -277,6 +288,15 @@ fn apply_message(
     // A new write, so a new token: the message's own token may already
     // name a landed dead letter of it (an earlier line with the same id).
     file_dead_letter(db, &letter, &new_token(), fence)
+}
+
+/// What a message applied on its own carries besides itself.
+#[derive(Clone, Copy)]
+struct Alone<'a> {
+    token: &'a str,
+    fence: Option<&'a Fence>,
+    ticket: u64,
+    hook: Option<&'a (dyn Fn(&Message) + Send + Sync)>,
 }
 
 fn file_dead_letter(

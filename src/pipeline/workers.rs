@@ -249,7 +249,7 @@ fn work(
         let prepared: Vec<Prepared> = batch.into_iter().map(Prepared::from).collect();
         if options.batch_size == 1 {
             for job in prepared {
-                let result = run_alone(db, &job, hook);
+                let result = run_alone(db, cache, &job, hook);
                 job.reply(result);
             }
         } else {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use normalizer::core::message::{parse_line, Parsed};
-use normalizer::db::repo::{dead_letters, messages};
+use normalizer::db::repo::reference::ReferenceCache;
+use normalizer::db::repo::{batch, dead_letters};
 use normalizer::db::{AnyConnection, Database, DatabaseUrl, PoolSettings, RetryPolicy};
 use normalizer::metrics::Cause;
 use normalizer::outcome::{DeadLetter, Outcome};
@@ -221,11 +222,12 @@ fn a_commit_whose_acknowledgement_was_lost_is_not_applied_twice() {
         };
         // The same write (same token) committed twice, as a retry after a
         // lost acknowledgement would: the second sees its own commit.
+        let cache = ReferenceCache::default();
         let first =
-            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1"))
+            t.db.transaction(|c| batch::apply_one(c, &m, line.as_bytes(), "token-1", &cache))
                 .unwrap();
         let again =
-            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-1"))
+            t.db.transaction(|c| batch::apply_one(c, &m, line.as_bytes(), "token-1", &cache))
                 .unwrap();
         assert!(matches!(first, Outcome::Processed(a) if a.readings == 1 && a.alerts_opened == 1));
         assert!(
@@ -234,7 +236,7 @@ fn a_commit_whose_acknowledgement_was_lost_is_not_applied_twice() {
             t.name
         );
         let other =
-            t.db.transaction(|c| messages::apply(c, &m, line.as_bytes(), "token-2"))
+            t.db.transaction(|c| batch::apply_one(c, &m, line.as_bytes(), "token-2", &cache))
                 .unwrap();
         assert_eq!(other, Outcome::Duplicate);
         let snap = t.snapshot();

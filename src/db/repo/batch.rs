@@ -1,11 +1,25 @@
-//! Many messages in one transaction, with set-based statements, ending in
-//! exactly the state that applying them one at a time, in order, would.
+//! The apply engine (CONTRACT section 3, steps 2 to 8): messages in one
+//! transaction, with set-based statements, ending in exactly the state that
+//! applying them one at a time, in order, would. One message is a batch of
+//! one ([`apply_one`]): the one-message-per-transaction mode and the end of
+//! a batch's bisection run the same code, so each rule lives here once.
 //!
 //! The transaction reads what the batch needs in a few statements (processed
 //! ids, devices, mappings, sensors, active alarms, open alerts), decides
-//! every message in memory in arrival order (the same pure functions as the
-//! one-message path), and writes with multi-row inserts and, on PostgreSQL,
-//! array updates.
+//! every message in memory in arrival order with the pure core
+//! (`core::normalize`, `core::alarm`), and writes with multi-row inserts
+//! and, on PostgreSQL, array updates. The passes, in order:
+//!
+//! 1. [`lock_devices`], then [`processed_tokens`]: the batch's devices
+//!    locked, then which ids are already processed (step 2);
+//! 2. [`decide`]: each line's fate in arrival order: duplicate, dead letter
+//!    (steps 1, 3 and 4, filed at once, in order) or to be processed;
+//! 3. [`store_readings`]: the readings, the first of a sensor and instant
+//!    winning (step 5);
+//! 4. [`evaluate_and_touch`]: alarms and last-seen, in arrival order
+//!    (steps 6 and 7);
+//! 5. [`mark_processed`] and the removal of replayed ids' dead letters
+//!    (step 8).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -50,6 +64,26 @@ pub enum Item<'a> {
 /// Rows per statement: within PostgreSQL's 65,535 and SQLite's 32,766 binds.
 const CHUNK: usize = 1000;
 
+/// Applies one message inside the caller's transaction: a batch of one.
+/// `raw` is the line as read, for a dead letter; `token` names this write
+/// (see [`dead_letters::record`]). Safe to run again after a commit whose
+/// outcome was unknown: the processed-id check comes first.
+pub fn apply_one(
+    conn: &mut AnyConnection,
+    message: &Message,
+    raw: &[u8],
+    token: &str,
+    cache: &ReferenceCache,
+) -> QueryResult<Outcome> {
+    let item = Item::Message {
+        message,
+        raw,
+        token,
+    };
+    let mut outcomes = apply(conn, &[item], cache)?;
+    Ok(outcomes.pop().expect("one outcome per item"))
+}
+
 /// Applies `items` in order inside the caller's transaction; returns one
 /// outcome per item. Mappings, sensors and alarms come from `cache`.
 pub fn apply(
@@ -86,10 +120,7 @@ pub fn apply(
         .map(|c| (c.message.id.as_str(), c.token))
         .collect();
     mark_processed(conn, &done)?;
-    let deletes: Vec<&str> = decided.pending_delete.into_iter().collect();
-    for chunk in deletes.chunks(CHUNK) {
-        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
-    }
+    remove_dead_letters(conn, decided.pending_delete)?;
     Ok(decided
         .outcomes
         .into_iter()
@@ -554,6 +585,16 @@ fn touch_devices(
                 .execute(c)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// A dead-lettered id that is now processed (a replay after provisioning)
+/// loses its dead-letter row.
+fn remove_dead_letters(conn: &mut AnyConnection, ids: HashSet<&str>) -> QueryResult<()> {
+    let ids: Vec<&str> = ids.into_iter().collect();
+    for chunk in ids.chunks(CHUNK) {
+        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
     }
     Ok(())
 }
