@@ -9,6 +9,7 @@ mod faults;
 mod input;
 mod nats;
 mod netns;
+mod oracle;
 mod partition;
 mod pg;
 mod provisioning;
