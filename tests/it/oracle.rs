@@ -26,6 +26,15 @@ struct ModelSensor {
     alarms: Vec<(String, Condition, f64)>,
 }
 
+/// (sensor, alarm name, opened at, open value, closed at and value)
+type ModelAlert = (
+    usize,
+    String,
+    DateTime<Utc>,
+    f64,
+    Option<(DateTime<Utc>, f64)>,
+);
+
 /// The tables other services read, as the contract says one message at a
 /// time leaves them.
 #[derive(Default)]
@@ -38,14 +47,7 @@ struct Model {
     latest_good: HashMap<usize, DateTime<Utc>>,
     /// (sensor, alarm name) -> index into `alerts` of its open alert.
     open: HashMap<(usize, String), usize>,
-    /// (sensor, alarm name, opened at, open value, closed)
-    alerts: Vec<(
-        usize,
-        String,
-        DateTime<Utc>,
-        f64,
-        Option<(DateTime<Utc>, f64)>,
-    )>,
+    alerts: Vec<ModelAlert>,
     /// Rows with an id by id; rows without one in order.
     letters: BTreeMap<String, DeadLetterRow>,
     anonymous: Vec<DeadLetterRow>,
