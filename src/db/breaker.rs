@@ -15,6 +15,7 @@
 //! kind: the same one probe at a time, its own two lines, and its own limit
 //! ([`RetryPolicy::resource_wait`]).
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,9 +129,13 @@ pub(super) struct Breaker<C = SystemClock> {
     /// The database, as the log names it (its URL without the password).
     name: String,
     open: Mutex<Option<Open>>,
-    /// When the circuit last closed: a failure of a transaction admitted
-    /// before then belongs to the outage that ended (see [`Breaker::failed`]).
-    closed_at: Mutex<Option<Instant>>,
+    /// Whether `open` holds an outage: read without the lock on the
+    /// success path, written with it held.
+    is_open: AtomicBool,
+    /// How often the circuit has closed: a failure of a transaction
+    /// admitted before the last closing belongs to the outage that ended
+    /// (see [`Breaker::failed`]).
+    closures: AtomicU64,
     changed: Condvar,
     clock: Mutex<C>,
 }
@@ -151,8 +156,8 @@ impl Breaker<SystemClock> {
 pub(super) struct Call<'b, C> {
     breaker: &'b Breaker<C>,
     counted: bool,
-    /// When the last admission was given.
-    admitted_at: Option<Instant>,
+    /// How often the circuit had closed when the last admission was given.
+    admitted: Option<u64>,
 }
 
 impl<C: Clock> Call<'_, C> {
@@ -161,7 +166,7 @@ impl<C: Clock> Call<'_, C> {
     /// waits for its kind of outage.
     pub(super) fn admit(&mut self, policy: &RetryPolicy) -> Result<Admission, OpenTooLong> {
         let admission = self.breaker.admit(policy, &mut self.counted)?;
-        self.admitted_at = Some(self.breaker.now());
+        self.admitted = Some(self.breaker.closures.load(Ordering::Acquire));
         Ok(admission)
     }
 
@@ -174,8 +179,8 @@ impl<C: Clock> Call<'_, C> {
         error: &str,
         policy: &RetryPolicy,
     ) {
-        let began = self.admitted_at.unwrap_or_else(|| self.breaker.now());
-        self.breaker.failed(admission, began, outage, error, policy)
+        self.breaker
+            .failed(admission, self.admitted, outage, error, policy)
     }
 }
 
@@ -186,7 +191,8 @@ impl<C: Clock> Breaker<C> {
         Breaker {
             name: "the test database".into(),
             open: Mutex::new(None),
-            closed_at: Mutex::new(None),
+            is_open: AtomicBool::new(false),
+            closures: AtomicU64::new(0),
             changed: Condvar::new(),
             clock: Mutex::new(clock),
         }
@@ -197,7 +203,7 @@ impl<C: Clock> Breaker<C> {
         Call {
             breaker: self,
             counted: false,
-            admitted_at: None,
+            admitted: None,
         }
     }
 
@@ -213,6 +219,9 @@ impl<C: Clock> Breaker<C> {
     }
 
     fn admit(&self, policy: &RetryPolicy, counted: &mut bool) -> Result<Admission, OpenTooLong> {
+        if !self.is_open.load(Ordering::Acquire) {
+            return Ok(Admission::Closed);
+        }
         let mut open = self.open.lock().expect("breaker lock");
         loop {
             let Some(o) = open.as_mut() else {
@@ -253,7 +262,7 @@ impl<C: Clock> Breaker<C> {
     }
 
     /// A failure that is an outage (see [`Outage::of`]) of a transaction
-    /// admitted at `began`: opens the circuit, or schedules the next probe
+    /// admitted when the circuit had closed `admitted` times: opens the circuit, or schedules the next probe
     /// after a failed one. A transaction admitted before the circuit last
     /// closed fails late for the outage that has ended (a connection cut off
     /// mid-query waits out its deadline, or its TCP retransmission, after
@@ -262,7 +271,7 @@ impl<C: Clock> Breaker<C> {
     pub(super) fn failed(
         &self,
         admission: Admission,
-        began: Instant,
+        admitted: Option<u64>,
         outage: Outage,
         error: &str,
         policy: &RetryPolicy,
@@ -270,12 +279,7 @@ impl<C: Clock> Breaker<C> {
         let mut open = self.open.lock().expect("breaker lock");
         let now = self.now();
         match open.as_mut() {
-            None if self
-                .closed_at
-                .lock()
-                .expect("breaker closed_at lock")
-                .is_some_and(|closed| began < closed) =>
-            {
+            None if admitted.is_some_and(|n| n < self.closures.load(Ordering::Acquire)) => {
                 log::info!(
                     "a transaction begun before the database came back failed: {error}; retrying it"
                 );
@@ -314,6 +318,7 @@ impl<C: Clock> Breaker<C> {
                     reminded: now,
                     reminders: 0,
                 });
+                self.is_open.store(true, Ordering::Release);
             }
             Some(o) => {
                 o.last_error = error.to_string();
@@ -345,6 +350,9 @@ impl<C: Clock> Breaker<C> {
     /// the outage began may still fit, and would end it while the next one
     /// fails again.
     pub(super) fn reached(&self, admission: Admission) -> Option<Duration> {
+        if admission != Admission::Probe && !self.is_open.load(Ordering::Acquire) {
+            return None;
+        }
         let mut open = self.open.lock().expect("breaker lock");
         if admission != Admission::Probe
             && open
@@ -354,8 +362,9 @@ impl<C: Clock> Breaker<C> {
             return None;
         }
         let o = open.take()?;
+        self.is_open.store(false, Ordering::Release);
+        self.closures.fetch_add(1, Ordering::AcqRel);
         let now = self.now();
-        *self.closed_at.lock().expect("breaker closed_at lock") = Some(now);
         let down = now.saturating_duration_since(o.since);
         log::info!(
             "{} after {:.1} s (since {}), {} transactions waited",
@@ -422,7 +431,8 @@ mod tests {
     impl Breaker<ManualClock> {
         /// A failure of a transaction admitted just now.
         fn failed_now(&self, admission: Admission, outage: Outage, error: &str, p: &RetryPolicy) {
-            self.failed(admission, self.now(), outage, error, p)
+            let admitted = Some(self.closures.load(Ordering::Acquire));
+            self.failed(admission, admitted, outage, error, p)
         }
     }
 

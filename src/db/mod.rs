@@ -63,6 +63,9 @@ pub struct Database {
     /// Server sessions of discarded connections, to end at the next
     /// checkout (see [`Session::end_all`]).
     abandoned: std::sync::Mutex<Vec<Session>>,
+    /// Whether `abandoned` may hold sessions: checked without its lock on
+    /// every transaction.
+    any_abandoned: AtomicBool,
     /// The health check's own connection (see [`Database::probe`]).
     probe: Probe,
 }
@@ -118,6 +121,7 @@ impl Database {
             cancelled: AtomicBool::new(false),
             _watchdog: watchdog,
             abandoned: Default::default(),
+            any_abandoned: AtomicBool::new(false),
             probe,
         }
     }
@@ -257,6 +261,7 @@ impl Database {
                 if conn.discard || conn.cut_after().is_some() {
                     if let Some(session) = conn.session.take() {
                         self.abandoned.lock().expect("abandoned lock").push(session);
+                        self.any_abandoned.store(true, Ordering::Release);
                     }
                 }
                 result
@@ -286,6 +291,9 @@ impl Database {
     /// the next transaction may wait for their row locks. Best effort: a
     /// session the server already ended is simply not found.
     fn end_abandoned_sessions(&self, conn: &mut PooledConn) {
+        if !self.any_abandoned.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let sessions = std::mem::take(&mut *self.abandoned.lock().expect("abandoned lock"));
         if sessions.is_empty() {
             return;
