@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::PgConnection;
 use normalizer::db::repo::snapshot::Snapshot;
@@ -195,6 +196,19 @@ fn done(conn: &mut PgConnection) -> i64 {
     .get_result::<N>(conn)
     .map(|r| r.n)
     .unwrap_or(0)
+}
+
+/// Server sessions waiting for a lock.
+fn lock_waiters(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        .get_result::<N>(conn)
+        .map(|r| r.n)
+        .unwrap_or(0)
 }
 
 /// The owners of the fences, by partition key.
@@ -416,14 +430,12 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
         ..
     } = Scene::new(crate::pg::shared(), 20_000);
 
-    let debug = std::env::var_os("NATS_DEBUG").is_some();
-    let extra: &[&str] = if debug {
-        &["--nats-lease", "3s", "--log-level", "debug"]
-    } else {
-        &["--nats-lease", "3s"]
-    };
-    let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, extra);
-    let other = Instance::start(dir.path(), "other", &url, &nats.urls, extra);
+    let mut extra = vec!["--nats-lease", "3s"];
+    if std::env::var_os("NATS_DEBUG").is_some() {
+        extra.extend(["--log-level", "debug"]);
+    }
+    let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, &extra);
+    let other = Instance::start(dir.path(), "other", &url, &nats.urls, &extra);
     let sent = send(&nats.urls, &file).join().unwrap();
     assert!(
         sent.status.success(),
@@ -441,7 +453,23 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
                     .any(|(_, o)| *o == frozen_name)
         },
     );
+    // Frozen mid-transaction, for certain: every device row locked here,
+    // so that the workers of both instances wait on a lock with their
+    // batches in flight (three waiting means the frozen one has at least
+    // one of them); frozen; the locks released. The frozen instance's
+    // backend then takes its locks and waits for a client that does not
+    // answer, until the server ends it after the lease.
+    let mut locker = PgConnection::establish(&url).unwrap();
+    locker
+        .batch_execute("BEGIN; SELECT id FROM devices FOR UPDATE")
+        .unwrap();
+    wait_until(
+        "three workers waiting on the device locks",
+        Duration::from_secs(30),
+        || lock_waiters(&mut conn) >= 3,
+    );
     frozen.signal(libc::SIGSTOP);
+    locker.batch_execute("COMMIT").unwrap();
     wait_until(
         "the other instance owning every partition",
         Duration::from_secs(60),
