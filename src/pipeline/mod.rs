@@ -60,7 +60,7 @@ impl Default for IngestOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             queue_per_worker: 2048,
             queue_bytes: 64 * 1024 * 1024,
-            batch_size: 1000,
+            batch_size: 5000,
             batch_wait: std::time::Duration::from_millis(2),
             hook: None,
             interrupt: None,
