@@ -12,7 +12,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::{RunQueryDsl, SqliteConnection};
-use normalizer::db::{AnyConnection, Database, DatabaseUrl, PoolSettings, RetryPolicy};
+use normalizer::db::{
+    AnyConnection, Database, DatabaseUrl, PoolSettings, RetryPolicy, SQLITE_PRAGMAS,
+};
 
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS bench (v INTEGER)";
 const INSERT: &str = "INSERT INTO bench (v) VALUES (1)";
@@ -22,10 +24,9 @@ struct Pragmas;
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(
-            "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(diesel::r2d2::Error::QueryError)
+        // The normalizer's own settings (its default busy_timeout is 5 s).
+        conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {SQLITE_PRAGMAS}"))
+            .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 

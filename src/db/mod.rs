@@ -30,7 +30,7 @@ use self::breaker::{Breaker, Outage};
 pub use self::classify::{classify, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
 use self::pool::Access;
-pub use self::pool::{AnyConnection, PoolSettings};
+pub use self::pool::{AnyConnection, PoolSettings, SQLITE_PRAGMAS};
 use self::pool::{Manager, PooledConn, QuietErrors, Session};
 pub(crate) use self::retry::shortage_of;
 use self::retry::{AttemptError, Observer, Stage, SystemClock};

@@ -211,6 +211,18 @@ impl PooledConn {
     }
 }
 
+/// What every SQLite connection is set to, after its `busy_timeout`: WAL,
+/// `synchronous = NORMAL` (durable across a crash of the process; see
+/// docs/RELIABILITY.md), foreign keys on, a 16 MiB page cache (SQLite's
+/// default is 2 MiB) and a checkpoint every 10,000 WAL pages (default
+/// 1,000): a batch dirties index pages all over `readings (sensor_id, ts)`,
+/// and a page rewritten by many batches is then copied into the database
+/// file once per checkpoint rather than ten times. Measured in
+/// docs/PERFORMANCE.md ("SQLite settings"). Public for the benchmarks,
+/// whose plain connections must be set the same.
+pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+     PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 10000;";
+
 /// The r2d2 manager for both backends.
 pub(super) struct Manager {
     url: DatabaseUrl,
@@ -272,16 +284,8 @@ impl Manager {
                 s.lock_timeout.as_millis(),
                 s.idle_in_transaction_timeout.as_millis(),
             ),
-            // A 16 MiB page cache per connection (SQLite's default is 2 MiB)
-            // and a checkpoint every 10,000 WAL pages (default 1,000): a
-            // batch dirties index pages all over `readings (sensor_id, ts)`,
-            // and a page rewritten by many batches is then copied into the
-            // database file once per checkpoint rather than ten times.
-            // Measured in docs/PERFORMANCE.md ("SQLite settings").
             DatabaseUrl::Sqlite(_) => format!(
-                "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
-                 PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-                 PRAGMA cache_size = -16384; PRAGMA wal_autocheckpoint = 10000;",
+                "PRAGMA busy_timeout = {}; {SQLITE_PRAGMAS}",
                 s.busy_timeout.as_millis()
             ),
         }
