@@ -198,17 +198,58 @@ fn done(conn: &mut PgConnection) -> i64 {
     .unwrap_or(0)
 }
 
-/// Server sessions waiting for a lock.
-fn lock_waiters(conn: &mut PgConnection) -> i64 {
+/// Server sessions waiting for a lock whose client is on one of `ports`.
+fn lock_waiters(conn: &mut PgConnection, ports: &[u16]) -> i64 {
     #[derive(QueryableByName)]
     struct N {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    diesel::sql_query("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-        .get_result::<N>(conn)
-        .map(|r| r.n)
-        .unwrap_or(0)
+    let ports: Vec<i32> = ports.iter().map(|&p| i32::from(p)).collect();
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND client_port = ANY($1)",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(ports)
+    .get_result::<N>(conn)
+    .map(|r| r.n)
+    .unwrap_or(0)
+}
+
+/// The local TCP ports of process `pid`'s sockets (its database
+/// connections among them): its socket inodes, looked up in the
+/// namespace's TCP tables.
+fn local_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
+                    Some(inode.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
+                continue;
+            };
+            if inodes.contains(*inode) {
+                if let Some(port) = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
 }
 
 /// The owners of the fences, by partition key.
@@ -436,37 +477,37 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
     }
     let frozen = Instance::start(dir.path(), "frozen", &url, &nats.urls, &extra);
     let other = Instance::start(dir.path(), "other", &url, &nats.urls, &extra);
+    let (frozen_name, other_name) = (frozen.name(), other.name());
+    wait_until(
+        "both instances owning partitions",
+        Duration::from_secs(60),
+        || {
+            let owners = fence_owners(&mut conn);
+            owners.len() == 16
+                && owners.iter().any(|(_, o)| *o == frozen_name)
+                && owners.iter().any(|(_, o)| *o == other_name)
+        },
+    );
+    // Frozen mid-transaction, for certain: every device row is locked here
+    // before the messages are sent, so that the workers wait on a lock with
+    // their first batches in flight; the instance is frozen once one of its
+    // own sessions waits; then the locks are released. Its backend takes
+    // its locks and waits for a client that does not answer, until the
+    // server ends it after the lease.
+    let mut locker = PgConnection::establish(&url).unwrap();
+    locker
+        .batch_execute("BEGIN; SELECT id FROM devices FOR UPDATE")
+        .unwrap();
     let sent = send(&nats.urls, &file).join().unwrap();
     assert!(
         sent.status.success(),
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    let (frozen_name, other_name) = (frozen.name(), other.name());
     wait_until(
-        "the first partitions done",
-        Duration::from_secs(120),
-        || {
-            done(&mut conn) >= total / 5
-                && fence_owners(&mut conn)
-                    .iter()
-                    .any(|(_, o)| *o == frozen_name)
-        },
-    );
-    // Frozen mid-transaction, for certain: every device row locked here,
-    // so that the workers of both instances wait on a lock with their
-    // batches in flight (three waiting means the frozen one has at least
-    // one of them); frozen; the locks released. The frozen instance's
-    // backend then takes its locks and waits for a client that does not
-    // answer, until the server ends it after the lease.
-    let mut locker = PgConnection::establish(&url).unwrap();
-    locker
-        .batch_execute("BEGIN; SELECT id FROM devices FOR UPDATE")
-        .unwrap();
-    wait_until(
-        "three workers waiting on the device locks",
-        Duration::from_secs(30),
-        || lock_waiters(&mut conn) >= 3,
+        "a worker of the instance to freeze waiting on the device locks",
+        Duration::from_secs(60),
+        || lock_waiters(&mut conn, &local_ports(frozen.child.id())) > 0,
     );
     frozen.signal(libc::SIGSTOP);
     locker.batch_execute("COMMIT").unwrap();
