@@ -262,8 +262,8 @@ impl<C: Clock> Breaker<C> {
     }
 
     /// A failure that is an outage (see [`Outage::of`]) of a transaction
-    /// admitted when the circuit had closed `admitted` times: opens the circuit, or schedules the next probe
-    /// after a failed one. A transaction admitted before the circuit last
+    /// admitted when the circuit had closed `admitted` times: opens the
+    /// circuit, or schedules the next probe after a failed one. A transaction admitted before the circuit last
     /// closed fails late for the outage that has ended (a connection cut off
     /// mid-query waits out its deadline, or its TCP retransmission, after
     /// the database is back): it is retried like any other, but opens no new

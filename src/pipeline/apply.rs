@@ -96,15 +96,7 @@ pub(super) fn run_alone(
     let fence = job.fence.as_ref();
     match &job.kind {
         PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token, fence),
-        PreparedKind::Apply { message, raw } => {
-            let alone = Alone {
-                token: &job.token,
-                fence,
-                ticket: job.job_ticket,
-                hook,
-            };
-            apply_message(db, cache, message, raw, &alone)
-        }
+        PreparedKind::Apply { message, raw } => apply_message(db, cache, job, message, raw, hook),
     }
 }
 
@@ -240,16 +232,12 @@ pub(super) fn run_batch(
 fn apply_message(
     db: &Database,
     cache: &ReferenceCache,
+    job: &Prepared,
     message: &Message,
     raw: &[u8],
-    alone: &Alone<'_>,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> Result<Outcome, Failure> {
-    let Alone {
-        token,
-        fence,
-        ticket,
-        hook,
-    } = *alone;
+    let (token, fence, ticket) = (job.token.as_str(), job.fence.as_ref(), job.job_ticket);
     let fences: Vec<&Fence> = fence.into_iter().collect();
     let mut last_failure = None;
     for attempt in 1..=2 {
@@ -288,15 +276,6 @@ fn apply_message(
     // A new write, so a new token: the message's own token may already
     // name a landed dead letter of it (an earlier line with the same id).
     file_dead_letter(db, &letter, &new_token(), fence)
-}
-
-/// What a message applied on its own carries besides itself.
-#[derive(Clone, Copy)]
-struct Alone<'a> {
-    token: &'a str,
-    fence: Option<&'a Fence>,
-    ticket: u64,
-    hook: Option<&'a (dyn Fn(&Message) + Send + Sync)>,
 }
 
 fn file_dead_letter(
