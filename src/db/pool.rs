@@ -273,13 +273,28 @@ impl Manager {
         Ok((conn, Some(watch)))
     }
 
+    /// Session settings of every new connection. On PostgreSQL,
+    /// `enable_seqscan = off`: every statement of the engine finds its rows
+    /// by a key that has an index, and a plan must not depend on how small a
+    /// table was when it was made. diesel prepares its statements, and after
+    /// five executions PostgreSQL may keep one generic plan; made while
+    /// `processed_messages` held a few pages, the processed-ids lookup
+    /// (`message_id = ANY($1)`) was a sequential scan that compared every
+    /// row with each of the batch's ids, kept while the table grew until
+    /// autovacuum's ANALYZE invalidated it: a third of the ingests into a new
+    /// database took 80 s instead of 6 (docs/PERFORMANCE.md). Custom plans
+    /// (`plan_cache_mode`) do not help: with 5,000 ids the planner prices a
+    /// sequential scan of 200,000 cached rows below 5,000 index probes, and it
+    /// took 17 ms against the index's 5. A sequential scan stays possible
+    /// where no index applies.
     fn setup_sql(&self) -> String {
         let s = &self.settings;
         match self.url {
             DatabaseUrl::Postgres(_) => format!(
                 "SET application_name = 'normalizer'; \
                  SET statement_timeout = {}; SET lock_timeout = {}; \
-                 SET idle_in_transaction_session_timeout = {};",
+                 SET idle_in_transaction_session_timeout = {}; \
+                 SET enable_seqscan = off;",
                 s.statement_timeout.as_millis(),
                 s.lock_timeout.as_millis(),
                 s.idle_in_transaction_timeout.as_millis(),

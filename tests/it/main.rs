@@ -12,6 +12,7 @@ mod netns;
 mod oracle;
 mod partition;
 mod pg;
+mod plans;
 mod provisioning;
 mod service;
 mod support;
