@@ -4,13 +4,16 @@
 //! as the table grows: diesel prepares its statements, PostgreSQL keeps a
 //! generic plan after five executions, and such a plan of the processed-ids
 //! lookup made a third of the ingests into new databases thirteen times
-//! slower (docs/PERFORMANCE.md, "A plan made on an empty table").
+//! slower (docs/PERFORMANCE.md, "A plan made on an empty table"). Nor may
+//! a statement be compiled by JIT: `enable_seqscan = off` prices a
+//! sequential scan above `jit_above_cost`.
 
 use diesel::prelude::*;
 use normalizer::db::PoolSettings;
 use normalizer::gen::{self, GenOptions};
 use normalizer::pipeline::IngestOptions;
 
+use crate::pg::PgCluster;
 use crate::support;
 
 #[derive(QueryableByName, Debug)]
@@ -24,8 +27,11 @@ struct Scans {
 }
 
 #[test]
-fn the_engine_never_scans_the_growing_tables_sequentially_on_a_new_postgres_database() {
-    let t = support::postgres();
+fn on_a_new_postgres_database_the_engine_finds_rows_by_index_and_compiles_nothing() {
+    // A cluster of its own, with pg_stat_statements, whose counters only
+    // this test's sessions move.
+    let cluster = PgCluster::start_with(&["shared_preload_libraries = 'pg_stat_statements'"]);
+    let url = cluster.create_database();
     let options = GenOptions {
         devices: 40,
         messages: 20_000,
@@ -34,23 +40,29 @@ fn the_engine_never_scans_the_growing_tables_sequentially_on_a_new_postgres_data
         duplicate_share: 0.02,
         late_share: 0.05,
     };
+    let settings = || PoolSettings {
+        max_size: 5,
+        ..PoolSettings::default()
+    };
+    let t = support::TestDb::open(&url, settings());
     t.provision(&gen::provisioning(&options).to_string());
-    let url = t.url.clone();
     // The counters before the ingest (migrations and provisioning scan
     // their empty tables): read once the pool's sessions have ended and
     // flushed their statistics.
     drop(t);
     let before = scans(&url);
+    let mut admin = PgConnection::establish(&url).unwrap();
+    diesel::sql_query("CREATE EXTENSION pg_stat_statements")
+        .execute(&mut admin)
+        .unwrap();
+    diesel::sql_query("SELECT pg_stat_statements_reset()")
+        .execute(&mut admin)
+        .unwrap();
+    drop(admin);
     let mut input = Vec::new();
     gen::messages(&options, &mut input).unwrap();
     let input = String::from_utf8(input).unwrap();
-    let t = support::TestDb::open(
-        &url,
-        PoolSettings {
-            max_size: 5,
-            ..PoolSettings::default()
-        },
-    );
+    let t = support::TestDb::open(&url, settings());
     // Small batches: many executions of each statement while the tables
     // grow from empty, as in the first minutes of a new deployment.
     let summary = t
@@ -86,6 +98,30 @@ fn the_engine_never_scans_the_growing_tables_sequentially_on_a_new_postgres_data
         lookups(&after) - lookups(&before) >= 200,
         "the processed-ids lookups ran, by index: before {before:?}, after {after:?}"
     );
+
+    // No statement was compiled by JIT: a sequential scan priced as
+    // disabled is above `jit_above_cost`, and compiling the one-row read of
+    // `reference_version` cost 20-100 ms a batch.
+    let jit: Jit = diesel::sql_query(
+        "SELECT coalesce(sum(jit_functions), 0)::bigint AS functions, \
+                coalesce(sum(calls), 0)::bigint AS calls \
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .get_result(&mut PgConnection::establish(&url).unwrap())
+    .unwrap();
+    assert!(
+        jit.calls > 1000,
+        "the engine's statements were counted: {jit:?}"
+    );
+    assert_eq!(jit.functions, 0, "statements were compiled by JIT: {jit:?}");
+}
+
+#[derive(QueryableByName, Debug)]
+struct Jit {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    functions: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    calls: i64,
 }
 
 /// The engine's growing tables' scan counters, once every other session of
