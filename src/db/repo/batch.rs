@@ -525,6 +525,40 @@ fn insert_readings<'a>(
     let mut stored = HashSet::with_capacity(rows.len());
     let by_key: HashMap<(i64, DateTime<Utc>), &'a str> =
         rows.iter().map(|r| ((r.0, r.1 .0), r.4)).collect();
+    if let AnyConnection::Pg(c) = conn {
+        // One statement of five arrays per chunk of 10,000: parsed and
+        // planned once, where the multi-row VALUES form has five parameters
+        // a row (docs/PERFORMANCE.md, "Choices made by measurement").
+        for chunk in rows.chunks(CHUNK * 10) {
+            let mut sensors = Vec::with_capacity(chunk.len());
+            let mut instants = Vec::with_capacity(chunk.len());
+            let mut values = Vec::with_capacity(chunk.len());
+            let mut qualities = Vec::with_capacity(chunk.len());
+            let mut ids = Vec::with_capacity(chunk.len());
+            for (sensor, ts, value, quality, id) in chunk {
+                sensors.push(*sensor);
+                instants.push(ts.0);
+                values.push(*value);
+                qualities.push(*quality);
+                ids.push(*id);
+            }
+            let inserted: Vec<Inserted> = diesel::sql_query(
+                "INSERT INTO readings (sensor_id, ts, value, quality, message_id) \
+                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::float8[], $4::text[], $5::text[]) \
+                 ON CONFLICT (sensor_id, ts) DO NOTHING RETURNING sensor_id, ts",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(sensors)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(instants)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Double>, _>(values)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(qualities)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+            .load(c)?;
+            for row in inserted {
+                stored.insert((row.sensor_id, row.ts, by_key[&(row.sensor_id, row.ts)]));
+            }
+        }
+        return Ok(stored);
+    }
     for chunk in rows.chunks(CHUNK) {
         let values: Vec<_> = chunk
             .iter()
@@ -549,6 +583,15 @@ fn insert_readings<'a>(
         }
     }
     Ok(stored)
+}
+
+/// A reading the PostgreSQL insert stored.
+#[derive(diesel::QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    sensor_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    ts: DateTime<Utc>,
 }
 
 fn touch_devices(
