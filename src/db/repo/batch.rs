@@ -521,44 +521,62 @@ fn insert_readings<'a>(
     conn: &mut AnyConnection,
     rows: &[ReadingRow<'a>],
 ) -> QueryResult<HashSet<(i64, DateTime<Utc>, &'a str)>> {
-    use readings::dsl as rd;
-    let mut stored = HashSet::with_capacity(rows.len());
     let by_key: HashMap<(i64, DateTime<Utc>), &'a str> =
         rows.iter().map(|r| ((r.0, r.1 .0), r.4)).collect();
-    if let AnyConnection::Pg(c) = conn {
-        // One statement of five arrays per chunk of 10,000: parsed and
-        // planned once, where the multi-row VALUES form has five parameters
-        // a row (docs/PERFORMANCE.md, "Choices made by measurement").
-        for chunk in rows.chunks(CHUNK * 10) {
-            let mut sensors = Vec::with_capacity(chunk.len());
-            let mut instants = Vec::with_capacity(chunk.len());
-            let mut values = Vec::with_capacity(chunk.len());
-            let mut qualities = Vec::with_capacity(chunk.len());
-            let mut ids = Vec::with_capacity(chunk.len());
-            for (sensor, ts, value, quality, id) in chunk {
-                sensors.push(*sensor);
-                instants.push(ts.0);
-                values.push(*value);
-                qualities.push(*quality);
-                ids.push(*id);
-            }
-            let inserted: Vec<Inserted> = diesel::sql_query(
-                "INSERT INTO readings (sensor_id, ts, value, quality, message_id) \
-                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::float8[], $4::text[], $5::text[]) \
-                 ON CONFLICT (sensor_id, ts) DO NOTHING RETURNING sensor_id, ts",
-            )
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(sensors)
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(instants)
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Double>, _>(values)
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(qualities)
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
-            .load(c)?;
-            for row in inserted {
-                stored.insert((row.sensor_id, row.ts, by_key[&(row.sensor_id, row.ts)]));
-            }
+    let stored = match conn {
+        AnyConnection::Pg(c) => insert_readings_unnest(c, rows)?,
+        AnyConnection::Sqlite(c) => insert_readings_values(c, rows)?,
+    };
+    Ok(stored
+        .into_iter()
+        .map(|(sensor, ts)| (sensor, ts, by_key[&(sensor, ts)]))
+        .collect())
+}
+
+/// PostgreSQL: one statement of five arrays per 10,000 rows, parsed and
+/// planned once, where the multi-row VALUES form has five parameters a row
+/// (docs/PERFORMANCE.md, "Choices made by measurement").
+fn insert_readings_unnest(
+    c: &mut diesel::PgConnection,
+    rows: &[ReadingRow<'_>],
+) -> QueryResult<Vec<(i64, DateTime<Utc>)>> {
+    let mut stored = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(CHUNK * 10) {
+        let mut sensors = Vec::with_capacity(chunk.len());
+        let mut instants = Vec::with_capacity(chunk.len());
+        let mut values = Vec::with_capacity(chunk.len());
+        let mut qualities = Vec::with_capacity(chunk.len());
+        let mut ids = Vec::with_capacity(chunk.len());
+        for (sensor, ts, value, quality, id) in chunk {
+            sensors.push(*sensor);
+            instants.push(ts.0);
+            values.push(*value);
+            qualities.push(*quality);
+            ids.push(*id);
         }
-        return Ok(stored);
+        let inserted: Vec<Inserted> = diesel::sql_query(
+            "INSERT INTO readings (sensor_id, ts, value, quality, message_id) \
+             SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::float8[], $4::text[], $5::text[]) \
+             ON CONFLICT (sensor_id, ts) DO NOTHING RETURNING sensor_id, ts",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(sensors)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Timestamptz>, _>(instants)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Double>, _>(values)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(qualities)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+        .load(c)?;
+        stored.extend(inserted.into_iter().map(|row| (row.sensor_id, row.ts)));
     }
+    Ok(stored)
+}
+
+/// SQLite: multi-row INSERT … VALUES of 1,000 rows a statement.
+fn insert_readings_values(
+    c: &mut diesel::SqliteConnection,
+    rows: &[ReadingRow<'_>],
+) -> QueryResult<Vec<(i64, DateTime<Utc>)>> {
+    use readings::dsl as rd;
+    let mut stored = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(CHUNK) {
         let values: Vec<_> = chunk
             .iter()
@@ -572,15 +590,13 @@ fn insert_readings<'a>(
                 )
             })
             .collect();
-        let inserted: Vec<(i64, Instant)> = dispatch!(conn, c => diesel::insert_into(rd::readings)
+        let inserted: Vec<(i64, Instant)> = diesel::insert_into(rd::readings)
             .values(&values)
             .on_conflict((rd::sensor_id, rd::ts))
             .do_nothing()
             .returning((rd::sensor_id, rd::ts))
-            .get_results(c))?;
-        for (sensor, ts) in inserted {
-            stored.insert((sensor, ts.0, by_key[&(sensor, ts.0)]));
-        }
+            .get_results(c)?;
+        stored.extend(inserted.into_iter().map(|(sensor, ts)| (sensor, ts.0)));
     }
     Ok(stored)
 }
