@@ -263,11 +263,11 @@ impl<C: Clock> Breaker<C> {
 
     /// A failure that is an outage (see [`Outage::of`]) of a transaction
     /// admitted when the circuit had closed `admitted` times: opens the
-    /// circuit, or schedules the next probe after a failed one. A transaction admitted before the circuit last
-    /// closed fails late for the outage that has ended (a connection cut off
-    /// mid-query waits out its deadline, or its TCP retransmission, after
-    /// the database is back): it is retried like any other, but opens no new
-    /// outage. If the database is down again, the next failure says so.
+    /// circuit, or schedules the next probe after a failed one. A
+    /// transaction admitted before the circuit last closed fails late for
+    /// the outage that has ended (a connection cut off mid-query waits out
+    /// its deadline, or its TCP retransmission, after the database is
+    /// back): it is retried like any other, but opens no new outage. If the database is down again, the next failure says so.
     pub(super) fn failed(
         &self,
         admission: Admission,

@@ -217,8 +217,8 @@ impl PooledConn {
 /// default is 2 MiB): a batch reads index pages all over `readings
 /// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite settings").
 /// The checkpoint interval stays SQLite's 1,000 pages: 10,000 was 2% faster
-/// but lets the WAL grow to 40 MB, which a 24 MiB volume in the full-disk
-/// tests could not hold. Public for the benchmarks, whose plain connections
+/// with batches of 1000 and no faster with 5000, and it lets the WAL grow to
+/// 40 MB, which a 24 MiB volume in the full-disk tests could not hold. Public for the benchmarks, whose plain connections
 /// must be set the same.
 pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;";
