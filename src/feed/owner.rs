@@ -46,20 +46,40 @@ pub(super) struct View {
     pub held: std::collections::BTreeSet<u32>,
 }
 
-/// Reads every live key (expired ones are gone from the bucket). The
-/// listing also delivers the writes made while it runs, so a key renewed
-/// meanwhile comes more than once: each counts once (counted twice, one
-/// instance alone took itself for one of 16 and gave 15 partitions up).
+/// Reads every live key (expired ones are gone from the bucket): the
+/// bucket's subjects from one stream info request, then the last entry of
+/// each by a direct get, which leaves deleted keys out. No consumer: the
+/// client's key listing creates an ephemeral consumer each time, two
+/// proposals to the cluster's meta layer (create, remove); every instance
+/// listing every tick kept the meta layer busy, and a node restarted under
+/// it stayed "not current" with it for over a minute.
 pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
-    // The listing is a consumer's stream: bounded, so that a listing that
-    // never completes cannot hold the ownership loop.
-    let keys: Vec<String> = tokio::time::timeout(Duration::from_secs(5), async {
-        let keys: Vec<String> = store.keys().await?.try_collect().await?;
-        anyhow::Ok(keys)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("listing the ownership bucket took over 5 s"))??;
+    // Bounded, so that a server that never answers cannot hold the
+    // ownership loop.
+    let keys = tokio::time::timeout(Duration::from_secs(5), live_keys(store))
+        .await
+        .map_err(|_| anyhow::anyhow!("reading the ownership bucket took over 5 s"))??;
     Ok(View::of(keys))
+}
+
+async fn live_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
+    let subjects: Vec<(String, usize)> = store
+        .stream
+        .info_with_subjects(format!("{}>", store.prefix))
+        .await?
+        .try_collect()
+        .await?;
+    let entries = subjects.iter().filter_map(|(subject, _)| {
+        let key = subject.strip_prefix(store.prefix.as_str())?;
+        Some(async move { store.entry(key).await })
+    });
+    let entries = futures_util::future::try_join_all(entries).await?;
+    Ok(entries
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry.operation == kv::Operation::Put)
+        .map(|entry| entry.key)
+        .collect())
 }
 
 impl View {

@@ -488,6 +488,14 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
                 && owners.iter().any(|(_, o)| *o == other_name)
         },
     );
+    // Balancing reads the ownership bucket without creating consumers (each
+    // would be two proposals to the meta layer): about ten balancing rounds
+    // (two instances, one every 0.6 s with a 3 s lease), none may create one.
+    let created = consumers_created(&nats.urls, "KV_normalizer-owners", Duration::from_secs(3));
+    assert_eq!(
+        created, 0,
+        "consumers created on the ownership bucket in 3 s"
+    );
     // Frozen mid-transaction, for certain: every device row is locked here
     // before the messages are sent, so that the workers wait on a lock with
     // their first batches in flight; the instance is frozen once one of its
@@ -770,6 +778,23 @@ fn publish_raw(urls: &str, payloads: &[(&str, Vec<u8>)]) {
                 .unwrap();
         }
     });
+}
+
+/// How many consumers the cluster at `urls` creates on `stream` while it
+/// watches, for `during` (JetStream's creation advisories).
+fn consumers_created(urls: &str, stream: &str, during: Duration) -> usize {
+    with_jetstream(urls, async |js| {
+        use futures_util::StreamExt;
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream}.*");
+        let mut advisories = js.client().subscribe(subject).await.unwrap();
+        js.client().flush().await.unwrap();
+        let mut created = 0;
+        let end = tokio::time::Instant::now() + during;
+        while let Ok(Some(_)) = tokio::time::timeout_at(end, advisories.next()).await {
+            created += 1;
+        }
+        created
+    })
 }
 
 /// Every consumer's messages delivered and acknowledged.
