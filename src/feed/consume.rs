@@ -888,6 +888,11 @@ impl Coordinator {
         if let Some(lease) = self.member.take() {
             owner::release(&self.store, &owner::member_key(self.instance()), lease).await;
         }
+        match owner::release_named(&self.store, self.instance()).await {
+            Ok(0) => {}
+            Ok(n) => log::info!("nats: gave up {n} more key(s) that a claim cut short by the shutdown had taken"),
+            Err(e) => log::debug!("nats: cannot look for keys left with this instance's name: {e} (they expire by themselves)"),
+        }
         self.shared
             .status
             .partitions

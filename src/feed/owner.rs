@@ -56,13 +56,33 @@ pub(super) struct View {
 pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
     // Bounded, so that a server that never answers cannot hold the
     // ownership loop.
-    let keys = tokio::time::timeout(Duration::from_secs(5), live_keys(store))
+    let entries = tokio::time::timeout(Duration::from_secs(5), live_entries(store))
         .await
         .map_err(|_| anyhow::anyhow!("reading the ownership bucket took over 5 s"))??;
-    Ok(View::of(keys))
+    Ok(View::of(entries.into_iter().map(|entry| entry.key)))
 }
 
-async fn live_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
+/// Gives up every key that still holds `value` (this instance's name), and
+/// says how many there were. At shutdown, after the leases the instance
+/// knows of: a shutdown cancels the balancing round under way, and a
+/// `create` that it had sent may have landed unrecorded; left alone, its
+/// partition would stay idle until the lease ran out (10 s by default).
+/// Nobody else writes this name, so each such key is this instance's.
+pub(super) async fn release_named(store: &kv::Store, value: &str) -> anyhow::Result<usize> {
+    let mut released = 0;
+    for entry in live_entries(store).await? {
+        if entry.value.as_ref() == value.as_bytes() {
+            store
+                .delete_expect_revision(&entry.key, Some(entry.revision))
+                .await?;
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+/// The bucket's live entries, deleted keys left out.
+async fn live_entries(store: &kv::Store) -> anyhow::Result<Vec<kv::Entry>> {
     let subjects: Vec<(String, usize)> = store
         .stream
         .info_with_subjects(format!("{}>", store.prefix))
@@ -78,7 +98,6 @@ async fn live_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
         .into_iter()
         .flatten()
         .filter(|entry| entry.operation == kv::Operation::Put)
-        .map(|entry| entry.key)
         .collect())
 }
 
