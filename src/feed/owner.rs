@@ -50,9 +50,10 @@ pub(super) struct View {
 /// bucket's subjects from one stream info request, then the last entry of
 /// each by a direct get, which leaves deleted keys out. No consumer: the
 /// client's key listing creates an ephemeral consumer each time, two
-/// proposals to the cluster's meta layer (create, remove); every instance
-/// listing every tick kept the meta layer busy, and a node restarted under
-/// it stayed "not current" with it for over a minute.
+/// proposals to the cluster's meta layer (create, remove), about 1.5 a
+/// second with three instances; under that load (and a busy machine) a
+/// node restarted in CI stayed "not current" with the meta layer for over
+/// a minute.
 pub(super) async fn view(store: &kv::Store) -> anyhow::Result<View> {
     // Bounded, so that a server that never answers cannot hold the
     // ownership loop.
