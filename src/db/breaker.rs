@@ -267,7 +267,8 @@ impl<C: Clock> Breaker<C> {
     /// transaction admitted before the circuit last closed fails late for
     /// the outage that has ended (a connection cut off mid-query waits out
     /// its deadline, or its TCP retransmission, after the database is
-    /// back): it is retried like any other, but opens no new outage. If the database is down again, the next failure says so.
+    /// back): it is retried like any other, but opens no new outage. If
+    /// the database is down again, the next failure says so.
     pub(super) fn failed(
         &self,
         admission: Admission,

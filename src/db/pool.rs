@@ -218,8 +218,8 @@ impl PooledConn {
 /// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite settings").
 /// The checkpoint interval stays SQLite's 1,000 pages: 10,000 was 2% faster
 /// with batches of 1000 and no faster with 5000, and it lets the WAL grow to
-/// 40 MB, which a 24 MiB volume in the full-disk tests could not hold. Public for the benchmarks, whose plain connections
-/// must be set the same.
+/// 40 MB, which a 24 MiB volume in the full-disk tests could not hold.
+/// Public for the benchmarks, whose plain connections must be set the same.
 pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;";
 
