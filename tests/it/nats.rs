@@ -175,7 +175,19 @@ impl Instance {
 }
 
 impl Drop for Instance {
+    /// Kills it if it still runs; a failing test prints the end of its log
+    /// first (the log's directory goes with the test).
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- the last lines of {}:\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -277,6 +289,34 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// How long the lines done may stay the same before a wait for them fails.
+/// Longer than any pause a test causes on purpose (a takeover after a lease,
+/// a breaker closing, a cluster coming back), and no bound on the whole run:
+/// a loaded machine may go slowly (four tests at once on two CPUs, one
+/// message per transaction, a debug build), a feed that stopped may not.
+const STALL: Duration = Duration::from_secs(90);
+
+/// Waits until `count` reaches `target`, failing only when it has not grown
+/// for `STALL`. Returns how long it took.
+fn wait_for_lines(what: &str, target: i64, mut count: impl FnMut() -> i64) -> Duration {
+    let started = Instant::now();
+    let mut last = count();
+    let mut moved = Instant::now();
+    while last < target {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = count();
+        if now > last {
+            last = now;
+            moved = Instant::now();
+        }
+        assert!(
+            moved.elapsed() < STALL,
+            "waiting for {what}: {last} of {target} lines done, none more for {STALL:?}"
+        );
+    }
+    started.elapsed()
+}
+
 /// `send --nats` of a file, in the background.
 fn send(urls: &str, file: &Path) -> std::thread::JoinHandle<Output> {
     let mut command = bin();
@@ -376,21 +416,26 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
 
     let started = Instant::now();
     let sender = send(&nats.urls, &file);
-    let progress = |conn: &mut PgConnection| done(conn) as f64 / total as f64;
     let mut leader_killed = None;
     let mut instance_killed = None;
     let mut takeover = None;
     let mut restarted = false;
     let mut backends_killed = 0;
     let mut last_backend_kill = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(900);
-    while done(&mut conn) < total {
+    let (mut last, mut moved) = (0, Instant::now());
+    loop {
+        let now = done(&mut conn);
+        if now >= total {
+            break;
+        }
+        if now > last {
+            (last, moved) = (now, Instant::now());
+        }
         assert!(
-            Instant::now() < deadline,
-            "not done: {} of {total}",
-            done(&mut conn)
+            moved.elapsed() < STALL,
+            "{last} of {total} lines done, none more for {STALL:?}"
         );
-        let share = progress(&mut conn);
+        let share = now as f64 / total as f64;
         if leader_killed.is_none() && share >= 0.1 {
             let leader = nats.leader("normalizer");
             nats.kill(leader);
@@ -528,15 +573,10 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
         },
     );
     let taken_at = done(&mut conn);
-    wait_until(
-        "more work done by the other",
-        Duration::from_secs(120),
-        || done(&mut conn) >= (taken_at + total / 10).min(total),
-    );
+    let more = (taken_at + total / 10).min(total);
+    let alone = wait_for_lines("more work done by the other", more, || done(&mut conn));
     frozen.signal(libc::SIGCONT);
-    wait_until("every line done", Duration::from_secs(300), || {
-        done(&mut conn) >= total
-    });
+    wait_for_lines("every line", total, || done(&mut conn));
     // The frozen one learns it lost its partitions, and gets a share back.
     wait_until(
         "the resumed instance saying it lost its partitions",
@@ -571,7 +611,11 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
         fenced > 0,
         "the frozen owner had work in flight that its fence stopped: {frozen_log}"
     );
-    println!("nats fencing: an owner frozen past its 3 s lease, its partitions taken over; after SIGCONT it logged {lost_lines} lost partitions and {fenced} messages ended at a fence; end state exact");
+    println!(
+        "nats fencing: an owner frozen past its 3 s lease, its partitions taken over, the other did {} lines alone in {:.1} s; after SIGCONT it logged {lost_lines} lost partitions and {fenced} messages ended at a fence; end state exact",
+        more - taken_at,
+        alone.as_secs_f64()
+    );
 }
 
 /// A stop cancels the balancing round under way, whose `create` of a
@@ -639,9 +683,7 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
             "mosquitto_pub {device}"
         );
     }
-    wait_until("every MQTT message done", Duration::from_secs(120), || {
-        done(&mut conn) >= total
-    });
+    wait_for_lines("every MQTT message", total, || done(&mut conn));
     let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
     assert_eq!(faulty.processed, clean.processed);
     assert_eq!(faulty.readings, clean.readings);
@@ -661,11 +703,9 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
             .unwrap();
         assert!(published.success(), "mosquitto_pub sensors/{key}");
     }
-    wait_until(
-        "the multi-level topics done",
-        Duration::from_secs(60),
-        || done(&mut conn) >= total + keys.len() as i64,
-    );
+    wait_for_lines("the multi-level topics", total + keys.len() as i64, || {
+        done(&mut conn)
+    });
     #[derive(QueryableByName)]
     struct Key {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -988,29 +1028,23 @@ fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
         );
     };
     publish(&halves[0]);
-    wait_until("a third done", Duration::from_secs(120), || {
-        done(&mut conn) >= total / 3
-    });
+    wait_for_lines("a third", total / 3, || done(&mut conn));
     drop(conn);
     pg.stop("immediate");
     publish(&halves[1]);
     std::thread::sleep(Duration::from_secs(4));
     pg.start();
     let mut conn = PgConnection::establish(&url).unwrap();
-    wait_until(
-        "more done after the database came back",
-        Duration::from_secs(120),
-        || done(&mut conn) >= total * 2 / 3,
-    );
+    wait_for_lines("more after the database came back", total * 2 / 3, || {
+        done(&mut conn)
+    });
     for node in 1..=3 {
         nats.kill(node);
     }
     std::thread::sleep(Duration::from_secs(4));
     nats.start_missing();
     let mut conn = PgConnection::establish(&url).unwrap();
-    wait_until("every line done", Duration::from_secs(180), || {
-        done(&mut conn) >= total
-    });
+    wait_for_lines("every line", total, || done(&mut conn));
     let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
     assert_exact(&clean, &faulty);
     let (status, log) = instance.stop();
@@ -1079,9 +1113,7 @@ fn a_delivery_taken_by_another_client_is_not_overtaken() {
         String::from_utf8_lossy(&sent.stderr)
     );
     assert_eq!(thief.join().unwrap(), Some(true), "the thief got a message");
-    wait_until("every line done", Duration::from_secs(120), || {
-        done(&mut conn) >= total
-    });
+    wait_for_lines("every line", total, || done(&mut conn));
     let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
     assert_exact(&clean, &faulty);
     let (status, log) = instance.stop();
