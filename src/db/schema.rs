@@ -163,5 +163,6 @@ diesel::table! {
         token -> BigInt,
         owner -> Text,
         claimed_at -> UtcTime,
+        resume_after -> BigInt,
     }
 }

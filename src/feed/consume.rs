@@ -56,10 +56,17 @@ struct Settle {
     ack: bool,
 }
 
-/// A fence claim for the bridge thread.
+/// A fence claim for the bridge thread: the reply is the partition's
+/// resume point, or `None` when a later owner's token is there.
 struct Claim {
     fence: Fence,
-    reply: oneshot::Sender<Result<bool, Failure>>,
+    reply: oneshot::Sender<Result<Option<u64>, Failure>>,
+}
+
+/// How far a partition run has settled, for the records thread.
+struct Record {
+    run: Arc<Run>,
+    through: u64,
 }
 
 /// A message fetched and not settled.
@@ -100,24 +107,27 @@ impl Window {
         slot.reply = reply;
     }
 
-    /// Settles one delivery; returns the reply subject to acknowledge up to,
-    /// and how many messages that acknowledges, when the settled prefix grew.
-    fn settled(&mut self, sequence: u64, committed: bool) -> Option<(Subject, u64)> {
+    /// Settles one delivery; when the settled prefix grew, returns the reply
+    /// subject to acknowledge up to, how many messages that acknowledges,
+    /// and the stream sequence the prefix now ends at.
+    fn settled(&mut self, sequence: u64, committed: bool) -> Option<(Subject, u64, u64)> {
         if let Some(slot) = self.slots.get_mut(&sequence) {
             slot.open = slot.open.saturating_sub(1);
             slot.committed = committed;
         }
         let mut last = None;
         let mut count = 0;
+        let mut through = 0;
         while let Some(entry) = self.slots.first_entry() {
             let slot = entry.get();
             if slot.open > 0 || !slot.committed {
                 break;
             }
+            through = *entry.key();
             last = entry.remove().reply.or(last);
             count += 1;
         }
-        last.map(|reply| (reply, count))
+        last.map(|reply| (reply, count, through))
     }
 }
 
@@ -135,6 +145,11 @@ struct Run {
     gap: AtomicBool,
     /// The consumer sequence of the last delivery seen.
     last_delivery: AtomicU64,
+    /// The stream sequence through which every message of this run has its
+    /// outcome committed (0: none yet).
+    settled_through: AtomicU64,
+    /// What of it is recorded in the database (`feed_fences`).
+    recorded: AtomicU64,
     in_flight: AtomicUsize,
     window: Mutex<Window>,
     /// Its fetch loop runs (a fetch may still deliver messages).
@@ -160,6 +175,7 @@ struct Shared {
     next_ticket: AtomicU64,
     lines: Sender<Fetched>,
     claims: Sender<Claim>,
+    records: Sender<Record>,
     settle: mpsc::UnboundedSender<Settle>,
     db_down: AtomicBool,
     /// No new fetches: the instance is shutting down.
@@ -173,6 +189,7 @@ pub struct Feed {
     shared: Arc<Shared>,
     lines: Receiver<Fetched>,
     claims: Receiver<Claim>,
+    records: Receiver<Record>,
     start: Mutex<Option<oneshot::Sender<()>>>,
     quit: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -191,6 +208,7 @@ impl Feed {
         let addrs = super::server_addrs(&options.servers).map_err(FeedError::Url)?;
         let (lines_tx, lines) = unbounded();
         let (claims_tx, claims) = unbounded();
+        let (records_tx, records) = unbounded();
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             options,
@@ -199,6 +217,7 @@ impl Feed {
             next_ticket: AtomicU64::new(1),
             lines: lines_tx,
             claims: claims_tx,
+            records: records_tx,
             settle: settle_tx,
             db_down: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -225,6 +244,7 @@ impl Feed {
             shared,
             lines,
             claims,
+            records,
             start: Mutex::new(Some(start_tx)),
             quit,
             thread: Mutex::new(Some(thread)),
@@ -255,7 +275,7 @@ impl Feed {
         self.shared.status.clone()
     }
 
-    /// Starts consuming: the feeder, ack and bridge threads in `scope`, and
+    /// Starts consuming: the feeder, ack, bridge and records threads in `scope`, and
     /// the ownership loop. `on_done` sees every outcome first.
     pub fn run<'scope, 'env>(
         &'scope self,
@@ -282,6 +302,10 @@ impl Feed {
                 run_claims(shared, db, &self.claims, &self.done_rx)
             })
             .expect("spawn the claim thread");
+        std::thread::Builder::new()
+            .name("nats-records".into())
+            .spawn_scoped(scope, move || run_records(db, &self.records, &self.done_rx))
+            .expect("spawn the records thread");
         if let Some(start) = self.start.lock().expect("feed lock").take() {
             let _ = start.send(());
         }
@@ -594,6 +618,7 @@ impl Coordinator {
 
     async fn tick(&mut self, claimed: &mpsc::UnboundedSender<Claimed>) {
         self.renew().await;
+        self.record();
         if self.shared.stopping.load(Ordering::SeqCst) {
             // Draining: the leases are kept (renewed) until the work in
             // flight is done, nothing new is fetched or claimed.
@@ -672,6 +697,21 @@ impl Coordinator {
                 if let Some(run) = held.run {
                     run.stop.store(true, Ordering::SeqCst);
                 }
+            }
+        }
+    }
+
+    /// Hands how far each partition has settled to the records thread,
+    /// where it grew since it was last recorded.
+    fn record(&self) {
+        for held in self.held.values() {
+            let Some(run) = &held.run else { continue };
+            let through = run.settled_through.load(Ordering::SeqCst);
+            if through > run.recorded.load(Ordering::SeqCst) {
+                let _ = self.shared.records.send(Record {
+                    run: run.clone(),
+                    through,
+                });
             }
         }
     }
@@ -835,14 +875,23 @@ impl Coordinator {
         let mut pending = HashMap::new();
         if refresh {
             self.last_pending = Instant::now();
-            for (&n, held) in &self.held {
-                if held.run.is_none() {
-                    continue;
-                }
+            // All at once, each given a second: a consumer whose node is
+            // down does not answer, and the tick must go on to renew the
+            // leases.
+            let stream = &self.stream;
+            let infos = self.held.iter().filter_map(|(&n, held)| {
+                let run = held.run.as_ref()?;
                 let name = consumer_name(n, held.token);
-                if let Ok(info) = self.stream.consumer_info(&name).await {
+                Some(async move {
+                    let info =
+                        tokio::time::timeout(Duration::from_secs(1), stream.consumer_info(&name))
+                            .await;
+                    (n, run, info)
+                })
+            });
+            for (n, run, info) in futures_util::future::join_all(infos).await {
+                if let Ok(Ok(info)) = info {
                     pending.insert(n, info.num_pending);
-                    let run = held.run.as_ref().expect("running");
                     log::debug!(
                         "nats: partition {n}: here in flight {}, window {}, may fetch {}, fetching {}; server: pending {}, ack pending {}, waiting {}, ack floor {}, delivered {}",
                         run.in_flight.load(Ordering::SeqCst),
@@ -924,14 +973,16 @@ async fn take_over(
             reply,
         })
         .map_err(|_| anyhow::anyhow!("shutting down"))?;
-    match claimed.await? {
-        Ok(true) => {}
-        Ok(false) => anyhow::bail!("a later owner's token is already in the database"),
+    let resume = match claimed.await? {
+        Ok(Some(resume)) => resume,
+        Ok(None) => anyhow::bail!("a later owner's token is already in the database"),
         Err(failure) => anyhow::bail!("cannot claim its fence: {failure}"),
-    }
-    // The previous owners' consumers of this partition: the newest one's
-    // ack floor is where this one starts (messages after it that were
-    // acknowledged come again, and find their own write token).
+    };
+    // This consumer starts after the partition's resume point in the
+    // database, or after the newest previous consumer's ack floor if that
+    // is further and can be read (its node may be gone with it). Both only
+    // cover messages whose outcomes are committed; messages after them
+    // that were committed come again, and find their own write token.
     let mut previous: Vec<(u64, String)> = Vec::new();
     let mut names = stream.consumer_names();
     while let Some(name) = names.next().await {
@@ -943,10 +994,19 @@ async fn take_over(
         }
     }
     previous.sort();
-    let start = match previous.last() {
-        Some((_, name)) => Some(stream.consumer_info(name).await?.ack_floor.stream_sequence + 1),
-        None => None,
-    };
+    let mut settled = resume;
+    if let Some((_, name)) = previous.last() {
+        // Given a second: its node may be down.
+        match tokio::time::timeout(Duration::from_secs(1), stream.consumer_info(name)).await {
+            Ok(Ok(info)) => settled = settled.max(info.ack_floor.stream_sequence),
+            Ok(Err(e)) => log::debug!(
+                "nats: partition {n}: the previous consumer {name} cannot be read ({e}); starting after {resume}, the database's resume point"
+            ),
+            Err(_) => log::debug!(
+                "nats: partition {n}: the previous consumer {name} does not answer; starting after {resume}, the database's resume point"
+            ),
+        }
+    }
     let name = consumer_name(n, token);
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -957,12 +1017,20 @@ async fn take_over(
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait: shared.options.ack_wait,
                 max_ack_pending: shared.options.max_in_flight as i64,
-                deliver_policy: match start {
-                    Some(start_sequence) => {
-                        consumer::DeliverPolicy::ByStartSequence { start_sequence }
-                    }
-                    None => consumer::DeliverPolicy::All,
+                deliver_policy: match settled {
+                    0 => consumer::DeliverPolicy::All,
+                    s => consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: s + 1,
+                    },
                 },
+                // One replica, in memory: an ack is not a Raft proposal
+                // that two more nodes apply and write (most of
+                // nats-server's CPU on this path, docs/PERFORMANCE.md).
+                // What it loses with its node, the resume point in the
+                // database keeps; `fetch` takes the partition again when
+                // the consumer is gone or does not answer.
+                num_replicas: 1,
+                memory_storage: true,
                 ..Default::default()
             },
         )
@@ -979,6 +1047,8 @@ async fn take_over(
         fenced: AtomicBool::new(false),
         gap: AtomicBool::new(false),
         last_delivery: AtomicU64::new(0),
+        settled_through: AtomicU64::new(settled),
+        recorded: AtomicU64::new(resume),
         in_flight: AtomicUsize::new(0),
         window: Mutex::new(Window::default()),
         fetching: AtomicBool::new(true),
@@ -1002,13 +1072,28 @@ const FETCH_SILENCE: Duration = Duration::from_secs(5);
 /// The most one fetch asks for.
 const FETCH_BATCH: usize = 500;
 
+/// How long fetches may fail (or go unanswered) in a row before the
+/// partition is taken again with a new consumer: a consumer of one replica
+/// is out of reach while its node is down.
+const CONSUMER_UNREACHABLE: Duration = Duration::from_secs(5);
+
 async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: &Arc<Run>) {
     let max = shared.options.max_in_flight;
     // A fetch waits for room for a full batch (or half the window, if that
     // is less): fetches of the few slots that each settled batch frees cost
     // nats-server a request, an inbox and a reply each, for a few messages.
     let room = FETCH_BATCH.min(max.div_ceil(2)).max(1);
+    // Since when fetches have failed or gone unanswered, in a row.
+    let mut failing: Option<Instant> = None;
     loop {
+        if failing.is_some_and(|since| since.elapsed() >= CONSUMER_UNREACHABLE) {
+            log::warn!(
+                "nats: partition {}: its consumer has not answered for {CONSUMER_UNREACHABLE:?} (its node is down?); taking the partition again from its resume point",
+                run.partition
+            );
+            run.gap.store(true, Ordering::SeqCst);
+            return;
+        }
         if run.stop.load(Ordering::SeqCst)
             || run.fenced.load(Ordering::SeqCst)
             || run.gap.load(Ordering::SeqCst)
@@ -1042,11 +1127,11 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
             Ok(b) => b,
             Err(e) => {
                 if consumer_gone(&mut consumer).await {
-                    log::warn!("nats: partition {}: its consumer was removed (another instance took it over); fetching stopped", run.partition);
-                    run.stop.store(true, Ordering::SeqCst);
+                    gone(run);
                     return;
                 }
                 log::debug!("nats: partition {}: fetch failed: {e}", run.partition);
+                failing.get_or_insert_with(Instant::now);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -1055,12 +1140,16 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
         loop {
             let message = match tokio::time::timeout(FETCH_SILENCE, batch.next()).await {
                 Ok(Some(message)) => message,
-                Ok(None) => break,
+                Ok(None) => {
+                    failing = None;
+                    break;
+                }
                 Err(_) => {
                     log::debug!(
                         "nats: partition {}: no answer to a fetch for {FETCH_SILENCE:?}",
                         run.partition
                     );
+                    failing.get_or_insert_with(Instant::now);
                     break;
                 }
             };
@@ -1075,13 +1164,16 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
             match message {
                 Ok(message) => {
                     got += 1;
+                    failing = None;
                     deliver(shared, run, message)
                 }
                 Err(e) => {
                     log::debug!("nats: partition {}: {e}", run.partition);
                     if consumer_gone(&mut consumer).await {
-                        run.stop.store(true, Ordering::SeqCst);
+                        gone(run);
+                        return;
                     }
+                    failing.get_or_insert_with(Instant::now);
                     break;
                 }
             }
@@ -1091,6 +1183,18 @@ async fn fetch(shared: &Arc<Shared>, mut consumer: consumer::PullConsumer, run: 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The run's consumer is gone: another instance took the partition over
+/// and removed it, or its node restarted without it. Taken again: from the
+/// resume point if this instance still owns the partition, not at all if
+/// it does not (its lease is lost, its claim is refused).
+fn gone(run: &Run) {
+    log::warn!(
+        "nats: partition {}: its consumer is gone (another instance took the partition over, or its node restarted); fetching stopped",
+        run.partition
+    );
+    run.gap.store(true, Ordering::SeqCst);
 }
 
 async fn consumer_gone(consumer: &mut consumer::PullConsumer) -> bool {
@@ -1207,7 +1311,11 @@ async fn settle_loop(
                     .lock()
                     .expect("window lock")
                     .settled(entry.sequence, s.ack);
-                if let Some((reply, count)) = ack {
+                if let Some((reply, count, through)) = ack {
+                    entry
+                        .run
+                        .settled_through
+                        .fetch_max(through, Ordering::SeqCst);
                     let slot = acks
                         .entry(Arc::as_ptr(&entry.run) as usize)
                         .or_insert_with(|| (entry.run.clone(), reply.clone(), 0));
@@ -1346,6 +1454,42 @@ fn run_claims(shared: &Shared, db: &Database, claims: &Receiver<Claim>, done: &R
     }
 }
 
+/// The records thread: each partition's settled point into its fence row
+/// (the latest of each run's, whatever queued meanwhile). Not while the
+/// database is down: the next ownership tick hands it again.
+fn run_records(db: &Database, records: &Receiver<Record>, done: &Receiver<()>) {
+    loop {
+        let first = crossbeam_channel::select! {
+            recv(records) -> r => match r { Ok(r) => r, Err(_) => return },
+            recv(done) -> _ => return,
+        };
+        let mut latest: HashMap<usize, Record> = HashMap::new();
+        for record in std::iter::once(first).chain(records.try_iter()) {
+            let key = Arc::as_ptr(&record.run) as usize;
+            match latest.get(&key) {
+                Some(kept) if kept.through >= record.through => {}
+                _ => {
+                    latest.insert(key, record);
+                }
+            }
+        }
+        if db.down_since().is_some() {
+            continue;
+        }
+        for Record { run, through } in latest.into_values() {
+            match db.transaction(|conn| fences::record(conn, &run.fence, through)) {
+                Ok(_) => {
+                    run.recorded.fetch_max(through, Ordering::SeqCst);
+                }
+                Err(e) => log::debug!(
+                    "nats: partition {}: its resume point {through} not recorded: {e}",
+                    run.partition
+                ),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1363,16 +1507,17 @@ mod tests {
         // 2 and 3 commit first: nothing before them is done yet.
         assert!(w.settled(2, true).is_none());
         assert!(w.settled(3, true).is_none());
-        // 1 commits: 1 to 3 are acknowledged with one ack on 3.
-        let (reply, count) = w.settled(1, true).unwrap();
-        assert_eq!((reply.as_str(), count), ("ack.3", 3));
+        // 1 commits: 1 to 3 are acknowledged with one ack on 3, settled
+        // through 3.
+        let (reply, count, through) = w.settled(1, true).unwrap();
+        assert_eq!((reply.as_str(), count, through), ("ack.3", 3, 3));
         // 4 fails (fenced, cancelled): never acknowledged, 5 waits behind it.
         assert!(w.settled(4, false).is_none());
         assert!(w.settled(5, true).is_none());
         // Redelivered and committed: 4 and 5 go.
         w.delivered(4, subject(40));
-        let (reply, count) = w.settled(4, true).unwrap();
-        assert_eq!((reply.as_str(), count), ("ack.5", 2));
+        let (reply, count, through) = w.settled(4, true).unwrap();
+        assert_eq!((reply.as_str(), count, through), ("ack.5", 2, 5));
         assert!(w.slots.is_empty());
     }
 

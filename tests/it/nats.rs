@@ -104,6 +104,26 @@ impl NatsCluster {
     }
 }
 
+impl NatsCluster {
+    /// The node (1 to 3) that each consumer of `stream` lives on, by name.
+    pub(crate) fn consumer_nodes(&self, stream: &str) -> Vec<(String, usize)> {
+        with_jetstream(&self.urls, async |js| {
+            use futures_util::StreamExt;
+            let stream = js.get_stream(stream).await.unwrap();
+            let mut consumers = stream.consumers();
+            let mut nodes = Vec::new();
+            while let Some(info) = consumers.next().await {
+                let info = info.unwrap();
+                let leader = info.cluster.and_then(|c| c.leader).unwrap_or_default();
+                if let Ok(node) = leader.trim_start_matches('n').parse() {
+                    nodes.push((info.name, node));
+                }
+            }
+            nodes
+        })
+    }
+}
+
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         let _ = script().arg("stop").arg(&self.dir).output();
@@ -618,6 +638,138 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
     );
 }
 
+/// The partitions' consumers have one replica, in memory: the node that
+/// holds most of them dies and stays down, and their partitions are taken
+/// again with new consumers on the other two nodes, which start after the
+/// resume points the owner recorded in the database (the dead consumers'
+/// ack floors cannot be read). The first half is applied and recorded
+/// before the kill, the second half published after it. Nothing lost,
+/// nothing doubled.
+#[test]
+fn partitions_whose_consumers_die_with_their_node_are_taken_again_from_the_database() {
+    let Scene {
+        input,
+        clean,
+        total,
+        url,
+        mut conn,
+        nats,
+        dir,
+        ..
+    } = Scene::new(crate::pg::shared(), 10_000);
+    let lines: Vec<&str> = input.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let halves = [
+        dir.path().join("first.jsonl"),
+        dir.path().join("second.jsonl"),
+    ];
+    for (path, part) in halves.iter().zip([first, second]) {
+        std::fs::write(path, part.join("\n") + "\n").unwrap();
+    }
+    let publish = |path: &Path| {
+        let sent = send(&nats.urls, path).join().unwrap();
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+    };
+    let extra = ["--nats-replicas", "3"];
+    let instance = Instance::start(dir.path(), "survivor", &url, &nats.urls, &extra);
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let recorded = |conn: &mut PgConnection| {
+        diesel::sql_query("SELECT count(*) AS n FROM feed_fences WHERE resume_after > 0")
+            .get_result::<N>(conn)
+            .unwrap()
+            .n
+    };
+    publish(&halves[0]);
+    // The first half's outcomes, from an ingest of it alone.
+    let half = {
+        let (provisioning, _) = chaos::input(10_000);
+        let reference = TestDb::open(
+            &crate::pg::shared().create_database(),
+            PoolSettings::default(),
+        );
+        reference.provision(&provisioning);
+        reference.ingest(&(first.join("\n") + "\n"));
+        let snapshot = reference.snapshot();
+        (snapshot.processed.len() + snapshot.dead_letters.len()) as i64
+    };
+    wait_for_lines("the first half", half, || done(&mut conn));
+    // Each partition's settled point goes into its fence row within an
+    // ownership tick or so.
+    wait_until(
+        "every partition's resume point recorded",
+        Duration::from_secs(30),
+        || recorded(&mut conn) == 16,
+    );
+    let before = nats.consumer_nodes("normalizer");
+    let victim = (1..=3)
+        .max_by_key(|k| before.iter().filter(|(_, n)| n == k).count())
+        .unwrap();
+    let dead: Vec<&str> = before
+        .iter()
+        .filter(|(_, n)| *n == victim)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert!(!dead.is_empty(), "{before:?}");
+    nats.kill(victim);
+    publish(&halves[1]);
+    let took = wait_for_lines("every line", total, || done(&mut conn));
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_exact(&clean, &faulty);
+    let log = instance.log();
+    assert!(
+        log.contains("its consumer has not answered") || log.contains("its consumer is gone"),
+        "{log}"
+    );
+    // The dead consumers' partitions run on new consumers, each made to
+    // start after its partition's recorded resume point.
+    let partition = |name: &str| name.split('-').next().unwrap().to_string();
+    let starts = with_jetstream(&nats.urls, async |js| {
+        use futures_util::StreamExt;
+        let stream = js.get_stream("normalizer").await.unwrap();
+        let mut consumers = stream.consumers();
+        let mut starts = Vec::new();
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            starts.push((info.name, info.config.deliver_policy));
+        }
+        starts
+    });
+    for name in &dead {
+        let (new, policy) = starts
+            .iter()
+            .find(|(n, _)| partition(n) == partition(name) && n != name)
+            .unwrap_or_else(|| panic!("no new consumer for {name}: {starts:?}"));
+        assert!(
+            matches!(
+                policy,
+                async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                    if *start_sequence > 1
+            ),
+            "{new}: {policy:?}"
+        );
+    }
+    nats.start_missing();
+    let (status, log) = instance.stop();
+    if std::env::var_os("NATS_DEBUG").is_some() {
+        println!("{log}");
+    }
+    assert!(status.success(), "{status}: {log}");
+    println!(
+        "nats consumer node: node {victim} killed with {} of {} consumers, half the lines applied and recorded; the second half published after, done {:.1} s later, exact; the new consumers started after the recorded resume points",
+        dead.len(),
+        before.len(),
+        took.as_secs_f64()
+    );
+}
+
 /// A stop cancels the balancing round under way, whose `create` of a
 /// partition key may have landed unrecorded: at the end the instance gives
 /// up every key with its name, else that partition would wait for the
@@ -727,7 +879,8 @@ fn mqtt_sensors_publish_at_qos_1_and_are_normalized() {
 /// The fence on its own, on both backends: a job of a partition whose token
 /// is no longer the stored one commits nothing and ends as `Fenced`; a job
 /// of the current owner commits, and a redelivered one (same write token)
-/// changes nothing.
+/// changes nothing. The resume point goes with the fence: recorded only
+/// under the stored token and never downwards, returned by the next claim.
 #[test]
 fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
     use normalizer::db::repo::fences::{self, Fence};
@@ -749,7 +902,13 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             t.db.transaction(|c| fences::claim(c, fence, owner))
                 .unwrap()
         };
-        assert!(claim(&old, "a"));
+        let record = |fence: &Fence, through: u64| {
+            t.db.transaction(|c| fences::record(c, fence, through))
+                .unwrap()
+        };
+        assert_eq!(claim(&old, "a"), Some(0), "a new fence has nothing settled");
+        assert!(record(&old, 5));
+        assert!(!record(&old, 3), "the resume point never goes down");
         // Each id as its own line; the results of all of them (one batch).
         let run_all = |ids: &[&str], fence: &Fence| {
             let stop = AtomicBool::new(false);
@@ -792,8 +951,15 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             run("f-1", &old, "nats:s:1:1"),
             Ok(Outcome::Processed(_))
         ));
-        assert!(claim(&new, "b"), "a higher token takes the fence");
-        assert!(!claim(&old, "a"), "a lower token never takes it back");
+        assert_eq!(claim(&new, "b"), Some(5), "a higher token takes the fence");
+        assert_eq!(claim(&old, "a"), None, "a lower token never takes it back");
+        assert!(!record(&old, 8), "a former owner records nothing");
+        assert!(record(&new, 8));
+        assert_eq!(
+            claim(&new, "b"),
+            Some(8),
+            "claimed again: where it was left"
+        );
         match run("f-2", &old, "nats:s:1:2") {
             Err(Failure::Fenced(key)) => assert_eq!(key, "normalizer/3"),
             other => panic!("{other:?}"),

@@ -9,6 +9,10 @@
 //! transaction that checks after a claim committed sees the new token (READ
 //! COMMITTED re-reads the row). On SQLite, write transactions run one at a
 //! time, so the check and the commit are never split by a claim.
+//!
+//! The owner also [`record`]s how far the partition is settled (every
+//! message through a stream sequence has its outcome committed); a claim
+//! returns it, and the new owner's consumer starts after it.
 
 use chrono::Utc;
 use diesel::prelude::*;
@@ -26,10 +30,11 @@ pub struct Fence {
     pub token: i64,
 }
 
-/// Raises the partition's token to `fence.token`, for `owner`. Returns
-/// false when the stored token is already higher: someone claimed it after
-/// us, and we do not own it.
-pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResult<bool> {
+/// Raises the partition's token to `fence.token`, for `owner`. Returns the
+/// stream sequence through which the partition is settled (0: none
+/// recorded), or `None` when the stored token is already higher: someone
+/// claimed it after us, and we do not own it.
+pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResult<Option<u64>> {
     let now = Instant(Utc::now());
     let inserted = dispatch!(conn, c => diesel::insert_into(f::feed_fences)
         .values((
@@ -41,7 +46,7 @@ pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResul
         .on_conflict_do_nothing()
         .execute(c))?;
     if inserted == 1 {
-        return Ok(true);
+        return Ok(Some(0));
     }
     let changed = dispatch!(conn, c => diesel::update(
         f::feed_fences
@@ -49,6 +54,30 @@ pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResul
             .filter(f::token.le(fence.token)),
     )
     .set((f::token.eq(fence.token), f::owner.eq(owner), f::claimed_at.eq(now)))
+    .execute(c))?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    let resume: i64 = dispatch!(conn, c => f::feed_fences
+        .filter(f::partition_key.eq(fence.key.as_ref()))
+        .select(f::resume_after)
+        .first(c))?;
+    Ok(Some(resume as u64))
+}
+
+/// Records that every message of the partition through stream sequence
+/// `through` has its outcome committed: only under the fence's own token
+/// (a former owner records nothing), and never downwards. Returns whether
+/// the row moved.
+pub fn record(conn: &mut AnyConnection, fence: &Fence, through: u64) -> QueryResult<bool> {
+    let through = through as i64;
+    let changed = dispatch!(conn, c => diesel::update(
+        f::feed_fences
+            .filter(f::partition_key.eq(fence.key.as_ref()))
+            .filter(f::token.eq(fence.token))
+            .filter(f::resume_after.lt(through)),
+    )
+    .set(f::resume_after.eq(through))
     .execute(c))?;
     Ok(changed == 1)
 }

@@ -1,0 +1,1 @@
+ALTER TABLE feed_fences DROP COLUMN resume_after;
