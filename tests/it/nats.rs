@@ -344,6 +344,27 @@ fn send(urls: &str, file: &Path) -> std::thread::JoinHandle<Output> {
     std::thread::spawn(move || command.output().unwrap())
 }
 
+/// `send --nats` of a file, which must store every line.
+fn publish(urls: &str, file: &Path) {
+    let sent = send(urls, file).join().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+}
+
+/// `input`'s first and second half, as two files in `dir`.
+fn write_halves(dir: &Path, input: &str) -> [PathBuf; 2] {
+    let lines: Vec<&str> = input.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let halves = [dir.join("first.jsonl"), dir.join("second.jsonl")];
+    for (path, part) in halves.iter().zip([first, second]) {
+        std::fs::write(path, part.join("\n") + "\n").unwrap();
+    }
+    halves
+}
+
 /// What every feed test starts from: generated input, its clean reference
 /// (one `ingest` into a database of its own), an empty provisioned database
 /// for the feed, a NATS cluster, and the input as a file.
@@ -571,12 +592,7 @@ fn a_frozen_owner_commits_nothing_for_the_partitions_it_lost() {
     locker
         .batch_execute("BEGIN; SELECT id FROM devices FOR UPDATE")
         .unwrap();
-    let sent = send(&nats.urls, &file).join().unwrap();
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    publish(&nats.urls, &file);
     wait_until(
         "a worker of the instance to freeze waiting on the device locks",
         Duration::from_secs(60),
@@ -657,23 +673,7 @@ fn partitions_whose_consumers_die_with_their_node_are_taken_again_from_the_datab
         dir,
         ..
     } = Scene::new(crate::pg::shared(), 10_000);
-    let lines: Vec<&str> = input.lines().collect();
-    let (first, second) = lines.split_at(lines.len() / 2);
-    let halves = [
-        dir.path().join("first.jsonl"),
-        dir.path().join("second.jsonl"),
-    ];
-    for (path, part) in halves.iter().zip([first, second]) {
-        std::fs::write(path, part.join("\n") + "\n").unwrap();
-    }
-    let publish = |path: &Path| {
-        let sent = send(&nats.urls, path).join().unwrap();
-        assert!(
-            sent.status.success(),
-            "{}",
-            String::from_utf8_lossy(&sent.stderr)
-        );
-    };
+    let halves = write_halves(dir.path(), &input);
     let extra = ["--nats-replicas", "3"];
     let instance = Instance::start(dir.path(), "survivor", &url, &nats.urls, &extra);
     #[derive(QueryableByName)]
@@ -687,7 +687,7 @@ fn partitions_whose_consumers_die_with_their_node_are_taken_again_from_the_datab
             .unwrap()
             .n
     };
-    publish(&halves[0]);
+    publish(&nats.urls, &halves[0]);
     // The first half's outcomes, from an ingest of it alone.
     let half = {
         let (provisioning, _) = chaos::input(10_000);
@@ -696,7 +696,7 @@ fn partitions_whose_consumers_die_with_their_node_are_taken_again_from_the_datab
             PoolSettings::default(),
         );
         reference.provision(&provisioning);
-        reference.ingest(&(first.join("\n") + "\n"));
+        reference.ingest(&std::fs::read_to_string(&halves[0]).unwrap());
         let snapshot = reference.snapshot();
         (snapshot.processed.len() + snapshot.dead_letters.len()) as i64
     };
@@ -719,7 +719,7 @@ fn partitions_whose_consumers_die_with_their_node_are_taken_again_from_the_datab
         .collect();
     assert!(!dead.is_empty(), "{before:?}");
     nats.kill(victim);
-    publish(&halves[1]);
+    publish(&nats.urls, &halves[1]);
     let took = wait_for_lines("every line", total, || done(&mut conn));
     let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
     assert_exact(&clean, &faulty);
@@ -1176,28 +1176,12 @@ fn nats_and_database_outages_are_ridden_out_and_logged_once_each() {
     // The input in two halves: the second is published while the database
     // is down, so that the instance has work to apply during the outage.
     let input = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = input.lines().collect();
-    let (first, second) = lines.split_at(lines.len() / 2);
-    let halves = [
-        dir.path().join("first.jsonl"),
-        dir.path().join("second.jsonl"),
-    ];
-    for (path, part) in halves.iter().zip([first, second]) {
-        std::fs::write(path, part.join("\n") + "\n").unwrap();
-    }
-    let publish = |path: &Path| {
-        let sent = send(&nats.urls, path).join().unwrap();
-        assert!(
-            sent.status.success(),
-            "{}",
-            String::from_utf8_lossy(&sent.stderr)
-        );
-    };
-    publish(&halves[0]);
+    let halves = write_halves(dir.path(), &input);
+    publish(&nats.urls, &halves[0]);
     wait_for_lines("a third", total / 3, || done(&mut conn));
     drop(conn);
     pg.stop("immediate");
-    publish(&halves[1]);
+    publish(&nats.urls, &halves[1]);
     std::thread::sleep(Duration::from_secs(4));
     pg.start();
     let mut conn = PgConnection::establish(&url).unwrap();
@@ -1272,12 +1256,7 @@ fn a_delivery_taken_by_another_client_is_not_overtaken() {
         })
     });
     std::thread::sleep(Duration::from_millis(500));
-    let sent = send(&nats.urls, &file).join().unwrap();
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    publish(&nats.urls, &file);
     assert_eq!(thief.join().unwrap(), Some(true), "the thief got a message");
     wait_for_lines("every line", total, || done(&mut conn));
     let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
