@@ -164,5 +164,6 @@ diesel::table! {
         owner -> Text,
         claimed_at -> UtcTime,
         resume_after -> BigInt,
+        resume_stream -> BigInt,
     }
 }

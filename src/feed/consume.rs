@@ -304,7 +304,9 @@ impl Feed {
             .expect("spawn the claim thread");
         std::thread::Builder::new()
             .name("nats-records".into())
-            .spawn_scoped(scope, move || run_records(db, &self.records, &self.done_rx))
+            .spawn_scoped(scope, move || {
+                run_records(shared, db, &self.records, &self.done_rx)
+            })
             .expect("spawn the records thread");
         if let Some(start) = self.start.lock().expect("feed lock").take() {
             let _ = start.send(());
@@ -1443,7 +1445,9 @@ fn run_claims(shared: &Shared, db: &Database, claims: &Receiver<Claim>, done: &R
             recv(claims) -> c => match c {
                 Ok(claim) => {
                     let owner = &shared.options.instance;
-                    let result = db.transaction(|conn| fences::claim(conn, &claim.fence, owner));
+                    let stream = shared.stream_epoch.load(Ordering::SeqCst) as i64;
+                    let result =
+                        db.transaction(|conn| fences::claim(conn, &claim.fence, owner, stream));
                     let _ = claim.reply.send(result);
                 }
                 Err(_) => return,
@@ -1457,7 +1461,8 @@ fn run_claims(shared: &Shared, db: &Database, claims: &Receiver<Claim>, done: &R
 /// The records thread: each partition's settled point into its fence row
 /// (the latest of each run's, whatever queued meanwhile). Not while the
 /// database is down: the next ownership tick hands it again.
-fn run_records(db: &Database, records: &Receiver<Record>, done: &Receiver<()>) {
+fn run_records(shared: &Shared, db: &Database, records: &Receiver<Record>, done: &Receiver<()>) {
+    let stream = shared.stream_epoch.load(Ordering::SeqCst) as i64;
     loop {
         let first = crossbeam_channel::select! {
             recv(records) -> r => match r { Ok(r) => r, Err(_) => return },
@@ -1477,7 +1482,7 @@ fn run_records(db: &Database, records: &Receiver<Record>, done: &Receiver<()>) {
             continue;
         }
         for Record { run, through } in latest.into_values() {
-            match db.transaction(|conn| fences::record(conn, &run.fence, through)) {
+            match db.transaction(|conn| fences::record(conn, &run.fence, stream, through)) {
                 Ok(_) => {
                     run.recorded.fetch_max(through, Ordering::SeqCst);
                 }

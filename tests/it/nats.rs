@@ -898,14 +898,19 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             token: 7,
         };
         let new = Fence { key, token: 9 };
-        let claim = |fence: &Fence, owner: &str| {
-            t.db.transaction(|c| fences::claim(c, fence, owner))
+        // The stream's creation time: a stream made again under the same
+        // name counts its sequences from 1.
+        let stream = 1_700_000_000_000_000_000;
+        let claim_in = |fence: &Fence, owner: &str, stream: i64| {
+            t.db.transaction(|c| fences::claim(c, fence, owner, stream))
                 .unwrap()
         };
-        let record = |fence: &Fence, through: u64| {
-            t.db.transaction(|c| fences::record(c, fence, through))
+        let claim = |fence: &Fence, owner: &str| claim_in(fence, owner, stream);
+        let record_in = |fence: &Fence, stream: i64, through: u64| {
+            t.db.transaction(|c| fences::record(c, fence, stream, through))
                 .unwrap()
         };
+        let record = |fence: &Fence, through: u64| record_in(fence, stream, through);
         assert_eq!(claim(&old, "a"), Some(0), "a new fence has nothing settled");
         assert!(record(&old, 5));
         assert!(!record(&old, 3), "the resume point never goes down");
@@ -960,6 +965,13 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             Some(8),
             "claimed again: where it was left"
         );
+        assert_eq!(
+            claim_in(&new, "b", stream + 1),
+            Some(0),
+            "another stream of the same name starts from its beginning"
+        );
+        assert!(record_in(&new, stream + 1, 2), "and is recorded from there");
+        assert_eq!(claim_in(&new, "b", stream + 1), Some(2));
         match run("f-2", &old, "nats:s:1:2") {
             Err(Failure::Fenced(key)) => assert_eq!(key, "normalizer/3"),
             other => panic!("{other:?}"),

@@ -1,1 +1,2 @@
+ALTER TABLE feed_fences DROP COLUMN resume_stream;
 ALTER TABLE feed_fences DROP COLUMN resume_after;

@@ -11,8 +11,9 @@
 //! time, so the check and the commit are never split by a claim.
 //!
 //! The owner also [`record`]s how far the partition is settled (every
-//! message through a stream sequence has its outcome committed); a claim
-//! returns it, and the new owner's consumer starts after it.
+//! message through a stream sequence has its outcome committed), with the
+//! creation time of the stream the sequence counts in; a claim returns it
+//! for the same stream, and the new owner's consumer starts after it.
 
 use chrono::Utc;
 use diesel::prelude::*;
@@ -31,10 +32,16 @@ pub struct Fence {
 }
 
 /// Raises the partition's token to `fence.token`, for `owner`. Returns the
-/// stream sequence through which the partition is settled (0: none
-/// recorded), or `None` when the stored token is already higher: someone
+/// sequence of `stream` (its creation time) through which the partition is
+/// settled (0: none recorded, or recorded in another stream of the same
+/// name), or `None` when the stored token is already higher: someone
 /// claimed it after us, and we do not own it.
-pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResult<Option<u64>> {
+pub fn claim(
+    conn: &mut AnyConnection,
+    fence: &Fence,
+    owner: &str,
+    stream: i64,
+) -> QueryResult<Option<u64>> {
     let now = Instant(Utc::now());
     let inserted = dispatch!(conn, c => diesel::insert_into(f::feed_fences)
         .values((
@@ -58,26 +65,35 @@ pub fn claim(conn: &mut AnyConnection, fence: &Fence, owner: &str) -> QueryResul
     if changed == 0 {
         return Ok(None);
     }
-    let resume: i64 = dispatch!(conn, c => f::feed_fences
+    let (resume, in_stream): (i64, i64) = dispatch!(conn, c => f::feed_fences
         .filter(f::partition_key.eq(fence.key.as_ref()))
-        .select(f::resume_after)
+        .select((f::resume_after, f::resume_stream))
         .first(c))?;
-    Ok(Some(resume as u64))
+    Ok(Some(if in_stream == stream {
+        resume as u64
+    } else {
+        0
+    }))
 }
 
-/// Records that every message of the partition through stream sequence
-/// `through` has its outcome committed: only under the fence's own token
-/// (a former owner records nothing), and never downwards. Returns whether
-/// the row moved.
-pub fn record(conn: &mut AnyConnection, fence: &Fence, through: u64) -> QueryResult<bool> {
+/// Records that every message of the partition through sequence `through`
+/// of `stream` (its creation time) has its outcome committed: only under
+/// the fence's own token (a former owner records nothing), and never
+/// downwards within one stream. Returns whether the row moved.
+pub fn record(
+    conn: &mut AnyConnection,
+    fence: &Fence,
+    stream: i64,
+    through: u64,
+) -> QueryResult<bool> {
     let through = through as i64;
     let changed = dispatch!(conn, c => diesel::update(
         f::feed_fences
             .filter(f::partition_key.eq(fence.key.as_ref()))
             .filter(f::token.eq(fence.token))
-            .filter(f::resume_after.lt(through)),
+            .filter(f::resume_stream.ne(stream).or(f::resume_after.lt(through))),
     )
-    .set(f::resume_after.eq(through))
+    .set((f::resume_after.eq(through), f::resume_stream.eq(stream)))
     .execute(c))?;
     Ok(changed == 1)
 }
