@@ -102,9 +102,7 @@ impl NatsCluster {
             leader.trim_start_matches('n').parse().unwrap()
         })
     }
-}
 
-impl NatsCluster {
     /// The node (1 to 3) that each consumer of `stream` lives on, by name.
     pub(crate) fn consumer_nodes(&self, stream: &str) -> Vec<(String, usize)> {
         with_jetstream(&self.urls, async |js| {
