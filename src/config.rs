@@ -8,8 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::db::DEFAULT_URL;
-use crate::feed::NatsOptions;
+use crate::feed::connect::split_credentials;
+use crate::feed::{Login, NatsAuth, NatsOptions, Tls};
 use crate::pipeline::IngestOptions;
+use crate::secret::{read_secret_file, Secret};
 
 /// Every setting that a config file may hold (the same keys as the flags,
 /// with `_` for `-`).
@@ -18,6 +20,8 @@ use crate::pipeline::IngestOptions;
 pub(crate) struct FileSettings {
     /// `--database-url`
     pub database_url: Option<String>,
+    /// `--database-url-file`
+    pub database_url_file: Option<PathBuf>,
     /// `--log-level`
     pub log_level: Option<String>,
     /// `--log-file`
@@ -66,6 +70,74 @@ pub(crate) struct NatsFile {
     pub replicas: Option<usize>,
     /// `--nats-lease`, e.g. "10s"
     pub lease: Option<String>,
+    /// `--nats-user`
+    pub user: Option<String>,
+    /// `--nats-password`
+    pub password: Option<Secret>,
+    /// `--nats-password-file`
+    pub password_file: Option<PathBuf>,
+    /// `--nats-token`
+    pub token: Option<Secret>,
+    /// `--nats-token-file`
+    pub token_file: Option<PathBuf>,
+    /// `--nats-nkey`: a file holding an NKey seed.
+    pub nkey: Option<PathBuf>,
+    /// `--nats-creds`: a credentials file (user JWT and seed).
+    pub creds: Option<PathBuf>,
+    /// `--nats-ca`
+    pub ca: Option<PathBuf>,
+    /// `--nats-cert`
+    pub cert: Option<PathBuf>,
+    /// `--nats-key`
+    pub key: Option<PathBuf>,
+    /// `--nats-tls`
+    pub tls: Option<bool>,
+}
+
+impl NatsFile {
+    fn auth(&self) -> NatsAuthSettings {
+        NatsAuthSettings {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            password_file: self.password_file.clone(),
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+            nkey: self.nkey.clone(),
+            creds: self.creds.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls: self.tls,
+        }
+    }
+}
+
+/// How to log in to NATS and check its servers, as one source (the flags
+/// and their environment variables, or the config file) gives it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatsAuthSettings {
+    /// `--nats-user` or `NATS_USER`
+    pub user: Option<String>,
+    /// `--nats-password` or `NATS_PASSWORD`
+    pub password: Option<Secret>,
+    /// `--nats-password-file` or `NATS_PASSWORD_FILE`
+    pub password_file: Option<PathBuf>,
+    /// `--nats-token` or `NATS_TOKEN`
+    pub token: Option<Secret>,
+    /// `--nats-token-file` or `NATS_TOKEN_FILE`
+    pub token_file: Option<PathBuf>,
+    /// `--nats-nkey` or `NATS_NKEY`: a seed file.
+    pub nkey: Option<PathBuf>,
+    /// `--nats-creds` or `NATS_CREDS`: a credentials file.
+    pub creds: Option<PathBuf>,
+    /// `--nats-ca` or `NATS_CA`
+    pub ca: Option<PathBuf>,
+    /// `--nats-cert` or `NATS_CERT`
+    pub cert: Option<PathBuf>,
+    /// `--nats-key` or `NATS_KEY`
+    pub key: Option<PathBuf>,
+    /// `--nats-tls`
+    pub tls: Option<bool>,
 }
 
 impl FileSettings {
@@ -196,6 +268,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct FlagSettings {
     /// `--database-url` or `DATABASE_URL`
     pub database_url: Option<String>,
+    /// `--database-url-file` or `DATABASE_URL_FILE`
+    pub database_url_file: Option<PathBuf>,
     /// `--log-level`
     pub log_level: Option<String>,
     /// `--log-file`
@@ -234,6 +308,8 @@ pub struct FlagSettings {
     pub nats_replicas: Option<usize>,
     /// `--nats-lease`
     pub nats_lease: Option<Duration>,
+    /// How to log in to NATS (`send --nats` as `serve`).
+    pub nats_auth: NatsAuthSettings,
 }
 
 impl Settings {
@@ -250,10 +326,24 @@ impl Settings {
         Ok(Settings {
             socket_given,
             nats,
-            database_url: flags
-                .database_url
-                .or(file.database_url)
-                .unwrap_or(d.database_url),
+            database_url: one_secret(
+                flags.database_url.map(Secret::new),
+                flags.database_url_file.as_deref(),
+                "--database-url",
+                "the database URL",
+            )?
+            .map_or_else(
+                || {
+                    one_secret(
+                        file.database_url.clone().map(Secret::new),
+                        file.database_url_file.as_deref(),
+                        "database_url",
+                        "the database URL",
+                    )
+                },
+                |s| Ok(Some(s)),
+            )?
+            .map_or(d.database_url, |s| s.expose().trim().to_string()),
             log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
             log_file: flags.log_file.or(file.log_file),
             max_outage: flags
@@ -313,9 +403,16 @@ fn resolve_nats(
     if servers.is_some() && table.servers.is_some() {
         return Err("config: `nats_servers` and `[nats] servers` both set; keep one".into());
     }
-    let Some(servers) = flags.nats_servers.clone().or(table.servers).or(servers) else {
+    let Some(servers) = flags
+        .nats_servers
+        .clone()
+        .or(table.servers.clone())
+        .or(servers)
+    else {
         return Ok(None);
     };
+    let (servers, from_url) = split_credentials(&servers).map_err(|e| format!("--nats {e}"))?;
+    let auth = resolve_auth(&flags.nats_auth, &table.auth(), from_url)?;
     let d = NatsOptions::default();
     let lease = match (flags.nats_lease, table.lease) {
         (Some(l), _) => l,
@@ -348,12 +445,110 @@ fn resolve_nats(
     }
     Ok(Some(NatsOptions {
         servers,
+        auth,
         stream,
         partitions,
         replicas: flags.nats_replicas.or(table.replicas).unwrap_or(d.replicas),
         lease,
         ..d
     }))
+}
+
+/// A secret given directly or as a file, by one source; both is an error.
+fn one_secret(
+    value: Option<Secret>,
+    file: Option<&Path>,
+    flag: &str,
+    what: &str,
+) -> Result<Option<Secret>, String> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(format!("{flag} and {flag}-file both set; keep one")),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => read_secret_file(path, what).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The NATS login and TLS settings: the flags' (and environment's) first,
+/// then the file's, then the URLs' user info. One way to log in at most.
+fn resolve_auth(
+    flags: &NatsAuthSettings,
+    file: &NatsAuthSettings,
+    from_url: Option<Login>,
+) -> Result<NatsAuth, String> {
+    let password = match one_secret(
+        flags.password.clone(),
+        flags.password_file.as_deref(),
+        "--nats-password",
+        "the NATS password",
+    )? {
+        Some(p) => Some(p),
+        None => one_secret(
+            file.password.clone(),
+            file.password_file.as_deref(),
+            "nats.password",
+            "the NATS password",
+        )?,
+    };
+    let token = match one_secret(
+        flags.token.clone(),
+        flags.token_file.as_deref(),
+        "--nats-token",
+        "the NATS token",
+    )? {
+        Some(t) => Some(t),
+        None => one_secret(
+            file.token.clone(),
+            file.token_file.as_deref(),
+            "nats.token",
+            "the NATS token",
+        )?,
+    };
+    let user = flags.user.clone().or(file.user.clone());
+    let nkey = flags.nkey.clone().or(file.nkey.clone());
+    let creds = flags.creds.clone().or(file.creds.clone());
+    let mut logins = Vec::new();
+    match (user, password) {
+        (Some(user), Some(password)) => logins.push(Login::UserPassword { user, password }),
+        (Some(_), None) => {
+            return Err("--nats-user needs its password: --nats-password-file, NATS_PASSWORD or --nats-password".into())
+        }
+        (None, Some(_)) => return Err("a NATS password needs its user: --nats-user".into()),
+        (None, None) => {}
+    }
+    if let Some(token) = token {
+        logins.push(Login::Token(token));
+    }
+    if let Some(file) = nkey {
+        let seed = read_secret_file(&file, "the NKey seed")?;
+        let seed = Secret::new(seed.expose().trim());
+        logins.push(Login::NKey { file, seed });
+    }
+    if let Some(file) = creds {
+        let contents = read_secret_file(&file, "the NATS credentials")?;
+        logins.push(Login::Credentials { file, contents });
+    }
+    if let Some(login) = from_url {
+        logins.push(login);
+    }
+    if logins.len() > 1 {
+        let given: Vec<String> = logins.iter().map(Login::described).collect();
+        return Err(format!(
+            "give one way to log in to NATS, not {} (a user and password, in the URL or as settings; a token; an NKey; or a credentials file)",
+            given.join(" and ")
+        ));
+    }
+    let auth = NatsAuth {
+        login: logins.pop().unwrap_or_default(),
+        tls: Tls {
+            require: flags.tls.or(file.tls).unwrap_or(false),
+            ca: flags.ca.clone().or(file.ca.clone()),
+            cert: flags.cert.clone().or(file.cert.clone()),
+            key: flags.key.clone().or(file.key.clone()),
+        },
+    };
+    crate::feed::connect::check(&auth)?;
+    Ok(auth)
 }
 
 #[cfg(test)]

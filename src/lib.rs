@@ -18,4 +18,5 @@ pub mod input;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
+pub mod secret;
 pub mod service;

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_duration, parse_mode, FlagSettings};
+use crate::config::{parse_duration, parse_mode, FlagSettings, NatsAuthSettings};
 use crate::core::DeadLetterKind;
+use crate::secret::Secret;
 
 /// Turns raw sensor messages into readings and alerts.
 #[derive(Debug, Parser)]
@@ -18,8 +19,14 @@ pub struct Cli {
 
     /// Database URL: postgres://…, postgresql://…, sqlite://PATH or a bare path
     /// [default: sqlite://normalizer.db].
+    /// Prefer --database-url-file, or a password in ~/.pgpass or libpq's
+    /// passfile=: a flag shows in `ps`.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// Read the database URL from this file (systemd: LoadCredential=).
+    #[arg(long, env = "DATABASE_URL_FILE", global = true, value_name = "FILE")]
+    pub database_url_file: Option<PathBuf>,
 
     /// Log level (error, warn, info, debug, trace, off) or a filter such as
     /// normalizer::db=debug [default: info]; RUST_LOG wins.
@@ -79,10 +86,86 @@ pub struct NatsArgs {
     /// partitions move after this long [default: 10s].
     #[arg(long = "nats-lease", value_parser = parse_duration)]
     pub lease: Option<Duration>,
+    /// How to log in to NATS.
+    #[command(flatten)]
+    pub auth: NatsAuthArgs,
+}
+
+/// How to log in to NATS and check its servers (`serve` and `send`). Each
+/// secret may come from a flag, its environment variable, the config
+/// file's `[nats]` table or a file; a flag shows in `ps`, so prefer a file.
+#[derive(Debug, Args)]
+pub struct NatsAuthArgs {
+    /// NATS user (or nats://USER:PASSWORD@host in the URL).
+    #[arg(long = "nats-user", env = "NATS_USER", value_name = "NAME")]
+    pub user: Option<String>,
+    /// The NATS user's password.
+    #[arg(
+        long = "nats-password",
+        env = "NATS_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub password: Option<String>,
+    /// Read the NATS user's password from this file.
+    #[arg(
+        long = "nats-password-file",
+        env = "NATS_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub password_file: Option<PathBuf>,
+    /// A NATS authorization token.
+    #[arg(
+        long = "nats-token",
+        env = "NATS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Read the NATS token from this file.
+    #[arg(long = "nats-token-file", env = "NATS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Log in with the NKey whose seed (SU…) is in this file.
+    #[arg(long = "nats-nkey", env = "NATS_NKEY", value_name = "FILE")]
+    pub nkey: Option<PathBuf>,
+    /// Log in with this credentials file (user JWT and seed, decentralized auth).
+    #[arg(long = "nats-creds", env = "NATS_CREDS", value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// Trust the NATS servers' certificates signed by this CA (PEM).
+    #[arg(long = "nats-ca", env = "NATS_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for servers that verify clients.
+    #[arg(long = "nats-cert", env = "NATS_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "nats-key", env = "NATS_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Require TLS even for nats:// URLs (tls:// requires it anyway).
+    #[arg(long = "nats-tls")]
+    pub tls: bool,
+}
+
+impl NatsAuthArgs {
+    fn apply(&self, flags: &mut FlagSettings) {
+        flags.nats_auth = NatsAuthSettings {
+            user: self.user.clone(),
+            password: self.password.clone().map(Secret::new),
+            password_file: self.password_file.clone(),
+            token: self.token.clone().map(Secret::new),
+            token_file: self.token_file.clone(),
+            nkey: self.nkey.clone(),
+            creds: self.creds.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls: self.tls.then_some(true),
+        };
+    }
 }
 
 impl NatsArgs {
     fn apply(&self, flags: &mut FlagSettings) {
+        self.auth.apply(flags);
         flags.nats_servers = self.servers.clone();
         flags.nats_stream = self.stream.clone();
         flags.nats_partitions = self.partitions;
@@ -172,6 +255,9 @@ pub enum Command {
         /// Publishes awaiting JetStream's acknowledgement at most (NATS only).
         #[arg(long, default_value_t = 256, requires = "nats")]
         nats_in_flight: usize,
+        /// How to log in to NATS.
+        #[command(flatten)]
+        nats_auth: NatsAuthArgs,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -281,6 +367,7 @@ impl Cli {
     pub fn flags(&self) -> FlagSettings {
         let mut flags = FlagSettings {
             database_url: self.database_url.clone(),
+            database_url_file: self.database_url_file.clone(),
             log_level: self.log_level.clone(),
             log_file: self.log_file.clone(),
             max_outage: self.max_outage,
@@ -313,7 +400,16 @@ impl Cli {
                 flags.metrics_file = metrics_file.clone();
                 flags.metrics_listen = *metrics_listen;
             }
-            Command::Send { socket, .. } => flags.socket = socket.clone(),
+            Command::Send {
+                socket,
+                nats,
+                nats_auth,
+                ..
+            } => {
+                flags.socket = socket.clone();
+                flags.nats_servers = nats.clone();
+                nats_auth.apply(&mut flags);
+            }
             _ => {}
         }
         flags

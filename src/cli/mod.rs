@@ -119,7 +119,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
         Command::Send {
             file,
             json,
-            nats: Some(servers),
+            nats: Some(_),
             nats_timeout,
             nats_in_flight,
             ..
@@ -131,8 +131,14 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
                     .display()
                     .to_string(),
             };
+            let nats = context
+                .settings
+                .nats
+                .clone()
+                .expect("--nats makes the NATS settings");
             let options = PublishOptions {
-                servers,
+                servers: nats.servers,
+                auth: nats.auth,
                 in_flight: nats_in_flight,
                 timeout: nats_timeout.unwrap_or(std::time::Duration::from_secs(60)),
                 input_name,
@@ -285,8 +291,9 @@ impl Context {
     fn setup_failure(&self, failure: Failure) -> RunError {
         match failure.refused_connection() {
             Some(why) => RunError::Failed(anyhow!(
-                "cannot connect to the database at {}: {why}",
-                self.url
+                "cannot connect to the database at {}: {why}{}",
+                self.url,
+                crate::db::remedy(why).map_or(String::new(), |r| format!("; {r}"))
             )),
             None => failure.into(),
         }

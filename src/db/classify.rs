@@ -345,6 +345,52 @@ const MESSAGES: &[(&str, Classified)] = &[
         c(Permanent, Cause::Other, Some("28000")),
     ),
     (
+        "pg_hba.conf rejects connection",
+        c(Permanent, Cause::Other, Some("28000")),
+    ),
+    // TLS: the server's certificate, the client's, or TLS itself refused.
+    // (An SSL error that breaks the connection, "SSL SYSCALL error" or an
+    // unexpected EOF, stays a lost connection above.)
+    (
+        "certificate verify failed",
+        c(Permanent, Cause::Other, None),
+    ),
+    ("does not match host name", c(Permanent, Cause::Other, None)),
+    (
+        "server does not support ssl",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
+        "requires a valid client certificate",
+        c(Permanent, Cause::Other, Some("28000")),
+    ),
+    (
+        "certificate authentication failed",
+        c(Permanent, Cause::Other, Some("28000")),
+    ),
+    ("alert unknown ca", c(Permanent, Cause::Other, None)),
+    ("alert bad certificate", c(Permanent, Cause::Other, None)),
+    (
+        "alert certificate required",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
+        "alert certificate unknown",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
+        "could not read certificate file",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
+        "could not load private key file",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
+        "has group or world access",
+        c(Permanent, Cause::Other, None),
+    ),
+    (
         "invalid connection option",
         c(Permanent, Cause::Other, None),
     ),
@@ -404,6 +450,34 @@ const MESSAGES: &[(&str, Classified)] = &[
         c(Permanent, Cause::Other, Some("42501")),
     ),
 ];
+
+/// What an operator does about a connection refused for good, by the
+/// server's (or libpq's) words: the second half of the one sentence that
+/// a set-up error prints.
+const REMEDIES: &[(&str, &str)] = &[
+    ("certificate verify failed", "the server's certificate is not signed by the CA that sslrootcert= names (default ~/.postgresql/root.crt): give the CA that signed it"),
+    ("does not match host name", "connect by a host name that the server's certificate lists, or have the certificate re-issued for this one"),
+    ("server does not support ssl", "the server has ssl = off: turn it on, or ask for less in sslmode="),
+    ("pg_hba.conf rejects connection", "a pg_hba.conf line on the server rejects this user, database, address or encryption: connect as another line admits (hostssl lines need sslmode=require or stronger), or change pg_hba.conf"),
+    ("no pg_hba.conf entry", "no pg_hba.conf line on the server admits this user, database, address and encryption: add one, or connect as an existing line admits"),
+    ("requires a valid client certificate", "the server's pg_hba.conf asks for a client certificate: give sslcert= and sslkey="),
+    ("certificate authentication failed", "the client certificate's CN does not name this role: use the role it names, or a pg_ident.conf map"),
+    ("alert unknown ca", "the server does not trust the client certificate (sslcert=): have it signed by a CA in the server's ssl_ca_file"),
+    ("alert certificate unknown", "the server does not trust the client certificate (sslcert=): have it signed by a CA in the server's ssl_ca_file"),
+    ("alert bad certificate", "the server does not accept the client certificate (sslcert=)"),
+    ("password authentication failed", "check the password: in the URL, in ~/.pgpass (or passfile=), in PGPASSWORD, or in the file --database-url-file names"),
+    ("no password supplied", "the server asks for a password: put it in ~/.pgpass (or passfile=), or in the URL given by --database-url-file"),
+    ("has group or world access", "the key file (sslkey=) must be readable by its owner only: chmod 0600 it"),
+];
+
+/// What to do about a connection refused for good, when its words are known.
+pub fn remedy(message: &str) -> Option<&'static str> {
+    let lower = message.to_ascii_lowercase();
+    REMEDIES
+        .iter()
+        .find(|(needle, _)| lower.contains(needle))
+        .map(|(_, remedy)| *remedy)
+}
 
 /// Classifies an error by its text alone: connection failures and unknown
 /// database errors only carry their message.

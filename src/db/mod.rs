@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use diesel::QueryResult;
 
 use self::breaker::{Breaker, Outage};
-pub use self::classify::{classify, Classified, DbError, ErrorClass, Reason};
+pub use self::classify::{classify, remedy, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
 use self::pool::Access;
 pub use self::pool::{AnyConnection, PoolSettings, SQLITE_PRAGMAS};

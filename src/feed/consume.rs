@@ -21,6 +21,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::connect;
 use super::owner::{self, Lease, Renewal};
 use super::setup::{self, partition_subject, Mismatch};
 use super::{FeedStatus, NatsOptions, PartitionStatus, TRUNCATED_HEADER};
@@ -40,6 +41,10 @@ pub enum FeedError {
     /// The NATS URLs are not valid.
     #[error("--nats: {0}")]
     Url(String),
+    /// The server refused this instance's credentials or certificate, or
+    /// the TLS settings cannot work: fatal at start.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A fetched message on its way to the feeder.
@@ -373,25 +378,29 @@ async fn main(
     settle_rx: mpsc::UnboundedReceiver<Settle>,
     mut quit: watch::Receiver<bool>,
 ) {
-    let status = shared.status.clone();
-    let servers = shared.options.servers.clone();
-    let connect = async_nats::ConnectOptions::new()
-        .name(format!("normalizer {}", shared.options.instance))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        // Every request of the ownership loop answers or fails within it.
-        .request_timeout(Some(Duration::from_secs(3)))
-        .event_callback(move |event| {
-            let status = status.clone();
-            async move { on_event(&status, event) }
-        })
-        .connect(addrs);
-    tokio::spawn(watch_outage(shared.status.clone(), servers));
+    let options = &shared.options;
+    let servers = options.servers.clone();
+    let make = || {
+        let status = shared.status.clone();
+        let login = options.auth.login.described();
+        Ok(
+            connect::options(&options.auth, format!("normalizer {}", options.instance))?
+                // Every request of the ownership loop answers or fails within it.
+                .request_timeout(Some(Duration::from_secs(3)))
+                .event_callback(move |event| {
+                    let status = status.clone();
+                    let login = login.clone();
+                    async move { on_event(&status, &login, event) }
+                }),
+        )
+    };
+    let connect = connect::until_connected(&options.auth, &servers, &addrs, make);
+    tokio::spawn(watch_outage(shared.status.clone(), servers.clone()));
     let client = tokio::select! {
         c = connect => match c {
             Ok(c) => c,
             Err(e) => {
-                let _ = ready.send(Err(FeedError::Url(e.to_string())));
+                let _ = ready.send(Err(FeedError::Refused(e.0)));
                 return;
             }
         },
@@ -463,7 +472,7 @@ async fn set_up(
                 }
                 if waiting_since.is_none() {
                     log::warn!(
-                        "nats: waiting for the stream {} at {} ({e}); as long as it takes",
+                        "nats: waiting for the stream {} at {} ({e:#}); as long as it takes",
                         options.stream,
                         options.servers
                     );
@@ -513,12 +522,26 @@ const NATS_OUTAGE_AFTER: Duration = Duration::from_secs(2);
 
 /// Connection events: a disconnection starts the clock; only one that
 /// lasts `NATS_OUTAGE_AFTER` is logged (by `watch_outage`), once when it
-/// starts and once when it ends.
-fn on_event(status: &FeedStatus, event: async_nats::Event) {
+/// starts and once when it ends. A server that stops accepting this
+/// instance's credentials (its authorization reloaded) is an ERROR, logged
+/// once, and once more when it lets the instance in again: nothing is
+/// fetched in between, and the client keeps trying.
+fn on_event(status: &FeedStatus, login: &str, event: async_nats::Event) {
+    if is_refusal(&event) {
+        if !status.refused.swap(true, Ordering::SeqCst) {
+            log::error!(
+                "nats: the server refuses {login} (Authorization Violation); no work is taken from NATS until the server lets this instance in again; retrying"
+            );
+        }
+        return;
+    }
     let mut down = status.down_since.lock().expect("status lock");
     match event {
         async_nats::Event::Disconnected if down.is_none() => *down = Some(chrono::Utc::now()),
         async_nats::Event::Connected => {
+            if status.refused.swap(false, Ordering::SeqCst) {
+                log::info!("nats: the server accepts {login} again");
+            }
             if let Some(since) = down.take() {
                 let secs = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
                 if status.down_logged.swap(false, Ordering::SeqCst) {
@@ -535,6 +558,18 @@ fn on_event(status: &FeedStatus, event: async_nats::Event) {
     }
 }
 
+/// The server's `-ERR 'Authorization Violation'` on a live connection, or a
+/// reconnection attempt that it refused.
+fn is_refusal(event: &async_nats::Event) -> bool {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => true,
+        async_nats::Event::ClientError(async_nats::ClientError::Other(text)) => {
+            text == &async_nats::ConnectErrorKind::AuthorizationViolation.to_string()
+        }
+        _ => false,
+    }
+}
+
 /// Logs an outage of NATS once it has lasted `NATS_OUTAGE_AFTER`.
 async fn watch_outage(status: Arc<FeedStatus>, servers: String) {
     loop {
@@ -542,6 +577,8 @@ async fn watch_outage(status: Arc<FeedStatus>, servers: String) {
         let since = *status.down_since.lock().expect("status lock");
         let Some(since) = since else { continue };
         let long = (chrono::Utc::now() - since).to_std().unwrap_or_default() >= NATS_OUTAGE_AFTER;
+        // A refusal is logged as what it is, not as an outage.
+        let long = long && !status.refused.load(Ordering::SeqCst);
         if long && !status.down_logged.swap(true, Ordering::SeqCst) {
             log::warn!(
                 "nats: unreachable since {} at {servers}; reconnecting as long as it takes",

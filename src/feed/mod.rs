@@ -15,6 +15,7 @@
 //! The async side (one single-threaded tokio runtime on its own thread) only
 //! talks to NATS; the database is touched only by blocking threads.
 
+pub mod connect;
 mod consume;
 mod owner;
 pub mod publish;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub use connect::{Login, NatsAuth, Tls};
 pub use consume::{Feed, FeedError};
 pub use owner::fair_share;
 
@@ -41,8 +43,11 @@ pub const TRUNCATED_HEADER: &str = "Normalizer-Truncated";
 /// How an instance uses the feed. Defaults in `impl Default`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NatsOptions {
-    /// The cluster's client URLs, comma-separated.
+    /// The cluster's client URLs, comma-separated, without credentials
+    /// (see [`connect::split_credentials`]): safe to print.
     pub servers: String,
+    /// How to log in and check the servers.
+    pub auth: NatsAuth,
     /// The stream.
     pub stream: String,
     /// Partitions of the stream, when `serve` creates it; an existing
@@ -67,6 +72,7 @@ impl Default for NatsOptions {
     fn default() -> Self {
         NatsOptions {
             servers: "nats://127.0.0.1:4222".to_string(),
+            auth: NatsAuth::default(),
             stream: "normalizer".to_string(),
             partitions: 16,
             replicas: 1,
@@ -125,7 +131,7 @@ pub fn server_addrs(servers: &str) -> Result<Vec<async_nats::ServerAddr>, String
         .split(',')
         .map(|s| s.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{servers:?}: {e}"))
+        .map_err(|e| format!("{}: {e}", connect::redact_servers(servers)))
 }
 
 /// A device key as one subject token: bytes other than ASCII letters,
@@ -163,6 +169,9 @@ pub struct FeedStatus {
     pub down_since: Mutex<Option<DateTime<Utc>>>,
     /// The outage was logged (it lasted long enough to count).
     pub down_logged: AtomicBool,
+    /// The server refuses this instance's credentials now (it did accept
+    /// them at start): nothing is fetched until it accepts them again.
+    pub refused: AtomicBool,
     /// Instances seen in the ownership bucket at the last look.
     pub instances: AtomicU64,
     /// Whether the feed is set up and consuming.
@@ -186,8 +195,11 @@ impl FeedStatus {
         let partitions = self.partitions.lock().expect("status lock");
         let owned: Vec<String> = partitions.keys().map(u32::to_string).collect();
         let pending: u64 = partitions.values().map(|p| p.pending).sum();
-        let state =
-            crate::service::stats::up_or_down_since(*self.down_since.lock().expect("status lock"));
+        let state = if self.refused.load(Ordering::Relaxed) {
+            "refused (Authorization Violation)".to_string()
+        } else {
+            crate::service::stats::up_or_down_since(*self.down_since.lock().expect("status lock"))
+        };
         format!(
             "nats partitions [{}] of {} instances; pending={pending}; redelivered={}; nats {state}",
             owned.join(","),

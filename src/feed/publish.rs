@@ -23,8 +23,10 @@ use crate::input::LineReader;
 /// How `send --nats` publishes.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// The cluster's client URLs, comma-separated.
+    /// The cluster's client URLs, comma-separated, without credentials.
     pub servers: String,
+    /// How to log in and check the servers.
+    pub auth: super::NatsAuth,
     /// Publishes awaiting their acknowledgement at most.
     pub in_flight: usize,
     /// How long one line may keep failing (a cluster without a stream
@@ -89,13 +91,16 @@ pub fn publish(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<
 /// parallel, at most `in_flight` lines out or waiting at once.
 async fn publish_all(options: &PublishOptions, input: impl BufRead) -> anyhow::Result<Published> {
     let addrs = super::server_addrs(&options.servers).map_err(|e| anyhow::anyhow!("--nats {e}"))?;
-    let client = async_nats::ConnectOptions::new()
-        .name("normalizer send")
-        .max_reconnects(None)
+    let client = super::connect::options(&options.auth, "normalizer send".to_string())?
         .connection_timeout(Duration::from_secs(5))
         .connect(addrs)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", options.servers))?;
+        .map_err(
+            |e| match super::connect::refusal(&e, &options.auth, &options.servers) {
+                Some(why) => anyhow::anyhow!(why),
+                None => anyhow::anyhow!("cannot connect to NATS at {}: {e}", options.servers),
+            },
+        )?;
     let js = jetstream::new(client.clone());
     let mut done = Published::default();
     let mut out = FuturesUnordered::new();
