@@ -242,36 +242,52 @@ pub fn refusal(error: &ConnectError, auth: &NatsAuth, servers: &str) -> Option<S
             source_text(error)
         )),
         ConnectErrorKind::ServerParse => Some(format!("--nats {servers}: {}", source_text(error))),
-        ConnectErrorKind::Io => tls_refusal(error, servers),
+        ConnectErrorKind::Io => tls_refusal(error, auth, servers),
         _ => None,
     }
 }
 
 /// A TLS handshake that failed on what was said in it (a certificate, an
-/// alert), as opposed to a connection that broke during it.
-fn tls_refusal(error: &ConnectError, servers: &str) -> Option<String> {
+/// alert, bytes that are not TLS), as opposed to a connection that broke
+/// during it: rustls's error, inside the I/O error that async-nats returns.
+fn tls_refusal(error: &ConnectError, auth: &NatsAuth, servers: &str) -> Option<String> {
+    use async_nats::rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
     let io = std::error::Error::source(error)?.downcast_ref::<io::Error>()?;
-    if io.kind() != io::ErrorKind::InvalidData {
-        return None;
-    }
-    let text = io.to_string();
-    let why = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-        "certificate verify failed: the server's certificate is not signed by a CA this instance trusts; give the CA that signed it with --nats-ca"
-    } else if text.contains("NotValidForName") {
-        "certificate verify failed: the server's certificate does not match the host name in the URL; connect by a name (or address) that the certificate lists"
-    } else if text.contains("Expired") || text.contains("NotValidYet") {
-        "certificate verify failed: the server's certificate has expired or is not valid yet"
-    } else if text.contains("CertificateRequired") {
-        "the server requires a client certificate: give --nats-cert and --nats-key"
-    } else if text.contains("UnknownCA") || text.contains("BadCertificate") {
-        "the server does not accept this instance's client certificate (--nats-cert): it is not signed by a CA the server trusts"
-    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
-        "the server does not offer TLS, but TLS is required (a tls:// URL or --nats-tls)"
-    } else {
-        "the TLS handshake failed"
+    let tls = io.get_ref()?.downcast_ref::<Error>()?;
+    let why = match tls {
+        Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer | Cert::BadSignature => {
+                "certificate verify failed: the server's certificate is not signed by a CA this instance trusts; give the CA that signed it with --nats-ca"
+            }
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                "certificate verify failed: the server's certificate does not match the host name in the URL; connect by a name (or address) that the certificate lists"
+            }
+            Cert::Expired | Cert::ExpiredContext { .. } | Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                "certificate verify failed: the server's certificate has expired or is not valid yet"
+            }
+            _ => "certificate verify failed",
+        },
+        // Go's TLS server says BadCertificate for a missing certificate too.
+        Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::UnknownCA
+            | Alert::BadCertificate
+            | Alert::CertificateUnknown
+            | Alert::DecryptError,
+        ) => {
+            if auth.tls.cert.is_none() {
+                "the server requires a client certificate: give --nats-cert and --nats-key"
+            } else {
+                "the server does not accept this instance's client certificate (--nats-cert): it is not signed by a CA the server trusts"
+            }
+        }
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
+            "the server does not offer TLS, but TLS is required (a tls:// URL or --nats-tls)"
+        }
+        _ => "the TLS handshake failed",
     };
     Some(format!(
-        "cannot connect to the NATS server at {servers}: {why} ({text})"
+        "cannot connect to the NATS server at {servers}: {why} ({tls})"
     ))
 }
 

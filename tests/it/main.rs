@@ -14,5 +14,6 @@ mod partition;
 mod pg;
 mod plans;
 mod provisioning;
+mod secure;
 mod service;
 mod support;
