@@ -333,7 +333,7 @@ fn round_trip(url: &str, login: &Login, database: Option<&str>, extra: &[&str]) 
     printed += &logged;
     for extra in extra.windows(2) {
         if extra[0] == "--metrics-file" {
-            printed += &std::fs::read_to_string(&extra[1]).unwrap();
+            printed += &std::fs::read_to_string(extra[1]).unwrap();
         }
     }
     Printed(printed)
