@@ -40,6 +40,30 @@ fn script() -> Command {
 
 impl NatsCluster {
     pub(crate) fn start() -> NatsCluster {
+        Self::start_with(&[])
+    }
+
+    /// A cluster with TLS on every port and users with the least privilege
+    /// of scripts/nats/permissions.conf (`nats-cluster start --secure`).
+    pub(crate) fn start_secure() -> NatsCluster {
+        Self::start_with(&["--secure"])
+    }
+
+    /// The flags that log `user` (normalizer or producer) in to a secure
+    /// cluster: its password from the file the cluster wrote, its CA.
+    pub(crate) fn login(&self, user: &str) -> Vec<String> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            "--nats-user".into(),
+            user.into(),
+            "--nats-password-file".into(),
+            file(&format!("{user}.password")),
+            "--nats-ca".into(),
+            file("ca.crt"),
+        ]
+    }
+
+    fn start_with(flags: &[&str]) -> NatsCluster {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = PathBuf::from(format!(
             "/tmp/normalizer-nats-{}-{}",
@@ -52,7 +76,17 @@ impl NatsCluster {
             mqtt_port: 0,
             dir,
         };
-        cluster.start_missing();
+        let out = script()
+            .arg("start")
+            .args(flags)
+            .arg(&cluster.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/nats-cluster start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let read = |name: &str| {
             std::fs::read_to_string(cluster.dir.join(name))
                 .unwrap()
@@ -337,8 +371,13 @@ fn wait_for_lines(what: &str, target: i64, mut count: impl FnMut() -> i64) -> Du
 
 /// `send --nats` of a file, in the background.
 fn send(urls: &str, file: &Path) -> std::thread::JoinHandle<Output> {
+    send_as(urls, &[], file)
+}
+
+/// `send --nats` of a file with `login`, in the background.
+fn send_as(urls: &str, login: &[String], file: &Path) -> std::thread::JoinHandle<Output> {
     let mut command = bin();
-    command.args(["send", "--nats", urls]).arg(file);
+    command.args(["send", "--nats", urls]).args(login).arg(file);
     std::thread::spawn(move || command.output().unwrap())
 }
 
@@ -381,6 +420,10 @@ struct Scene {
 
 impl Scene {
     fn new(pg: &PgCluster, messages: usize) -> Scene {
+        Self::on(pg, messages, NatsCluster::start())
+    }
+
+    fn on(pg: &PgCluster, messages: usize, nats: NatsCluster) -> Scene {
         let (provisioning, input) = chaos::input(messages);
         let reference = TestDb::open(&pg.create_database(), PoolSettings::default());
         reference.provision(&provisioning);
@@ -402,7 +445,7 @@ impl Scene {
             ingest_took,
             url,
             conn,
-            nats: NatsCluster::start(),
+            nats,
             dir,
             file,
         }
@@ -1274,4 +1317,181 @@ fn a_delivery_taken_by_another_client_is_not_overtaken() {
     let (status, log) = instance.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("went missing"), "{log}");
+}
+
+/// The lines of every node's log of `nats` that report a refused publish
+/// or subscription.
+fn violations(nats: &NatsCluster) -> Vec<String> {
+    (1..=3)
+        .flat_map(|n| {
+            { std::fs::read_to_string(nats.dir.join(format!("node{n}.log"))).unwrap_or_default() }
+                .lines()
+                .filter(|l| l.contains("Violation"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_secured_cluster_runs_instances_under_least_privilege_and_takes_a_killed_ones_partitions() {
+    let pg = crate::pg::shared();
+    let Scene {
+        input,
+        clean,
+        total,
+        url,
+        mut conn,
+        nats,
+        dir,
+        ..
+    } = Scene::on(pg, 5_000, NatsCluster::start_secure());
+    assert!(nats.urls.starts_with("tls://"), "{}", nats.urls);
+    let normalizer = nats.login("normalizer");
+    let producer = nats.login("producer");
+    let mut extra: Vec<&str> = normalizer.iter().map(String::as_str).collect();
+    extra.extend(["--nats-replicas", "3"]);
+    let mut instances: Vec<Instance> = (0..3)
+        .map(|k| Instance::start(dir.path(), &format!("s{k}"), &url, &nats.urls, &extra))
+        .collect();
+    wait_until(
+        "every instance owning partitions",
+        Duration::from_secs(60),
+        || {
+            instances
+                .iter()
+                .all(|i| i.log().contains("owning partition"))
+        },
+    );
+    let [first, second] = write_halves(dir.path(), &input);
+    let sent = send_as(&nats.urls, &producer, &first).join().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    wait_for_lines("some of the first half", 1, || done(&mut conn));
+    // The fault, required: an instance killed, its partitions taken over.
+    let victim = instances[0].name();
+    assert!(
+        fence_owners(&mut conn)
+            .iter()
+            .any(|(_, owner)| *owner == victim),
+        "the victim owns partitions before it is killed"
+    );
+    instances[0].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let sent = send_as(&nats.urls, &producer, &second).join().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    wait_until(
+        "the killed instance's partitions taken over",
+        Duration::from_secs(60),
+        || {
+            !fence_owners(&mut conn)
+                .iter()
+                .any(|(_, owner)| *owner == victim)
+        },
+    );
+    let takeover = killed.elapsed();
+    wait_for_lines("every line", total, || done(&mut conn));
+    let faulty = TestDb::open(&url, PoolSettings::default()).snapshot();
+    assert_exact(&clean, &faulty);
+    // Under exactly these permissions nothing the instances or send did
+    // was refused.
+    assert_eq!(
+        violations(&nats),
+        Vec::<String>::new(),
+        "refused operations"
+    );
+
+    // MQTT over TLS with the producer's credentials reaches the database
+    // (an unprovisioned device: a dead letter); without them, refused.
+    let password = std::fs::read_to_string(nats.dir.join("producer.password")).unwrap();
+    let ca = nats.dir.join("ca.crt");
+    let mqtt = |id: &str, login: &[&str]| {
+        let line = format!(
+            r#"{{"id":"{id}","device":"hall/secure","ts":"2026-01-01T00:00:00Z","payload":{{"t":1}}}}"#
+        );
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &nats.mqtt_port.to_string(),
+                "--cafile",
+            ])
+            .arg(&ca)
+            .args(login)
+            .args(["-q", "1", "-t", "sensors/hall/secure", "-m", &line])
+            .output()
+            .unwrap()
+    };
+    let out = mqtt("mqtt-anonymous", &[]);
+    assert!(!out.status.success(), "MQTT without credentials is refused");
+    let out = mqtt("mqtt-producer", &["-u", "producer", "-P", password.trim()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_lines("the MQTT message", total + 1, || done(&mut conn));
+    let ids: Vec<String> = diesel::sql_query(
+        "SELECT message_id AS device_key FROM dead_letters WHERE message_id LIKE 'mqtt-%'",
+    )
+    .load::<DeviceKey>(&mut conn)
+    .unwrap()
+    .into_iter()
+    .map(|k| k.device_key)
+    .collect();
+    assert_eq!(ids, ["mqtt-producer"]);
+
+    // The producer may do nothing else: each attempt is refused by the server.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password("producer".into(), password.trim().into())
+            .add_root_certificates(ca.clone())
+            .connect(normalizer::feed::server_addrs(&nats.urls).unwrap())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        assert!(js.delete_stream("normalizer").await.is_err());
+        let _sub = client.subscribe("normalizer.>").await.unwrap();
+        client
+            .publish("$KV.normalizer-owners.normalizer/0", "mine".into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let refused = violations(&nats).join("\n");
+    for what in [
+        "Publish Violation - User \"producer\", Subject \"$JS.API.STREAM.DELETE.normalizer\"",
+        "Subscription Violation - User \"producer\", Subject \"normalizer.>\"",
+        "Publish Violation - User \"producer\", Subject \"$KV.normalizer-owners.normalizer/0\"",
+    ] {
+        assert!(refused.contains(what), "{what} not in {refused}");
+    }
+    assert!(!refused.contains("User \"normalizer\""), "{refused}");
+    for instance in instances.drain(1..) {
+        let (status, log) = instance.stop();
+        assert!(status.success(), "{status}: {log}");
+    }
+    println!(
+        "nats secured: TLS, users with least privilege; 1 of 3 instances killed, taken over after {:.1} s; exact",
+        takeover.as_secs_f64()
+    );
+}
+
+#[derive(QueryableByName)]
+struct DeviceKey {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    device_key: String,
 }
