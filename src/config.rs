@@ -525,7 +525,15 @@ fn resolve_auth(
         logins.push(Login::NKey { file, seed });
     }
     if let Some(file) = creds {
-        let contents = read_secret_file(&file, "the NATS credentials")?;
+        // As it is: the format's last line must end with its line end.
+        let contents = std::fs::read_to_string(&file)
+            .map(Secret::new)
+            .map_err(|e| {
+                format!(
+                    "cannot read the NATS credentials from {}: {e}",
+                    file.display()
+                )
+            })?;
         logins.push(Login::Credentials { file, contents });
     }
     if let Some(login) = from_url {

@@ -117,7 +117,6 @@ struct Nats {
 
 impl Nats {
     fn start(body: &str) -> Nats {
-        let dir = tempfile::tempdir().unwrap();
         let mapping = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/scripts/nats/normalizer.conf"
@@ -125,6 +124,17 @@ impl Nats {
         .unwrap()
         .replace("@PARTITIONS@", "16")
         .replace("@STREAM@", "normalizer");
+        Self::start_with_mapping(body, &mapping)
+    }
+
+    /// A server whose configuration has no mapping of its own (in operator
+    /// mode the account's JWT holds it).
+    fn start_bare(body: &str) -> Nats {
+        Self::start_with_mapping(body, "")
+    }
+
+    fn start_with_mapping(body: &str, mapping: &str) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mapping.conf"), mapping).unwrap();
         let port = free_port();
         configure(dir.path(), port, body);
@@ -963,5 +973,140 @@ fn postgres_over_tls_works_verified_and_each_tls_or_rule_mistake_is_one_sentence
     pg_refused(
         &format!("{plain}?sslmode=require"),
         &["server does not support SSL", "ssl = off"],
+    );
+}
+
+/// A NATS JWT (`ed25519-nkey`, version 2) of `kind` for `subject`, signed
+/// by `issuer`, with `nats` as its kind's own claims.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, kind: &str, mut nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    nats["type"] = kind.into();
+    nats["version"] = 2.into();
+    let claims = serde_json::json!({
+        "jti": format!("T{:020}", rand::random::<u64>()),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": format!("test {kind}"),
+        "sub": subject,
+        "nats": nats,
+    });
+    let head = format!(
+        "{}.{}",
+        b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64.encode(claims.to_string())
+    );
+    let signature = issuer.sign(head.as_bytes()).unwrap();
+    format!("{head}.{}", b64.encode(signature))
+}
+
+/// Decentralized authorization as `nsc` would set it up: an operator, an
+/// account with JetStream and the project's mapping, and a user of it whose
+/// `.creds` file (JWT and seed) is written to `creds`. Returns the server's
+/// configuration.
+fn operator_mode(creds: &Path) -> String {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let mut mappings = serde_json::Map::new();
+    let levels = [
+        "sensors.*",
+        "sensors.*.*",
+        "sensors.*.*.*",
+        "sensors.*.*.*.*",
+    ];
+    for (n, from) in levels.iter().enumerate() {
+        let tokens: Vec<String> = (1..=n + 1).map(|k| k.to_string()).collect();
+        let rest: String = (2..=n + 1)
+            .map(|k| format!(".{{{{partition(1,{k})}}}}"))
+            .collect();
+        let to = if n == 0 {
+            "normalizer.p.{{partition(16,1)}}.0".to_string()
+        } else {
+            format!(
+                "normalizer.p.{{{{partition(16,{})}}}}{rest}",
+                tokens.join(",")
+            )
+        };
+        mappings.insert(
+            from.to_string(),
+            serde_json::json!([{ "subject": to, "weight": 100 }]),
+        );
+    }
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "account",
+        serde_json::json!({
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+            },
+            "mappings": mappings,
+        }),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "user",
+        serde_json::json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1 }),
+    );
+    std::fs::write(
+        creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n************************* IMPORTANT *************************\nNKEY Seed printed below can be used to sign and prove identity.\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "account",
+        serde_json::json!({ "limits": { "subs": -1, "data": -1, "payload": -1, "conn": -1 } }),
+    );
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "operator",
+        serde_json::json!({ "system_account": system.public_key() }),
+    );
+    format!(
+        "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{ {}: {}, {}: {} }}\n",
+        system.public_key(),
+        account.public_key(),
+        account_jwt,
+        system.public_key(),
+        system_jwt,
+    )
+}
+
+#[test]
+fn a_credentials_file_logs_in_to_a_server_in_operator_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("normalizer.creds");
+    let nats = Nats::start_bare(&operator_mode(&creds));
+    round_trip(
+        &nats.url("nats"),
+        &Login::args(&["--nats-creds", &creds.display().to_string()]),
+        None,
+        &[],
+    );
+    // Another operator's user: the server does not know its account.
+    let other = dir.path().join("other.creds");
+    operator_mode(&other);
+    both_refused(
+        &nats.url("nats"),
+        &Login::args(&["--nats-creds", &other.display().to_string()]),
+        &["refused the credentials file", "Authorization Violation"],
+    );
+    std::fs::write(&other, "not a creds file").unwrap();
+    both_refused(
+        &nats.url("nats"),
+        &Login::args(&["--nats-creds", &other.display().to_string()]),
+        &["is not a NATS .creds file"],
     );
 }
