@@ -634,4 +634,14 @@ fn install_stages_a_prebuilt_binary_without_building() {
         mapping.contains("normalizer.p.{{partition(16,1)}}") && !mapping.contains('@'),
         "{mapping}"
     );
+    let permissions = std::fs::read_to_string(
+        stage
+            .path()
+            .join("usr/local/share/doc/normalizer/nats/permissions.conf"),
+    )
+    .unwrap();
+    assert!(
+        permissions.contains("\"$JS.API.STREAM.INFO.normalizer\"") && !permissions.contains('@'),
+        "{permissions}"
+    );
 }
