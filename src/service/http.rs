@@ -19,10 +19,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use crate::db::Database;
 
 /// How often the prober asks the database.
-const EVERY: Duration = Duration::from_secs(1);
+pub const EVERY: Duration = Duration::from_secs(1);
 
 /// A check that has not ended after this long counts as failed.
-pub(super) const SILENT: Duration = Duration::from_secs(3);
+pub const SILENT: Duration = Duration::from_secs(3);
 
 /// The HTTP listener of `--metrics-listen`.
 pub struct MetricsListener(tiny_http::Server);

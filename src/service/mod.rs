@@ -16,6 +16,11 @@
 
 pub mod client;
 mod http;
+
+/// How soon `/healthz` says an outage: a failed check comes at most
+/// `EVERY` after the last good one, an unanswered one counts as failed
+/// after `SILENT`.
+pub use http::{EVERY as HEALTH_CHECK_EVERY, SILENT as HEALTH_CHECK_SILENT};
 pub mod logfile;
 pub mod protocol;
 pub mod stats;

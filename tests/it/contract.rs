@@ -449,6 +449,12 @@ fn replaying_the_same_input_changes_nothing_but_dead_letter_attempts() {
                 .cloned()
                 .collect::<Vec<_>>()
         };
+        assert_eq!(
+            with_id(&before).len(),
+            with_id(&after).len(),
+            "{}: the same dead letters with an id",
+            t.name
+        );
         for (b, a) in with_id(&before).iter().zip(with_id(&after).iter()) {
             assert_eq!(
                 (&a.0, &a.2, a.5),

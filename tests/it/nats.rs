@@ -549,6 +549,22 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let took = started.elapsed();
+    // The faults are the test: each must have happened (a run too small
+    // to reach them fails here rather than passing without them).
+    assert!(
+        leader_killed.is_some(),
+        "the stream leader's node was killed (at 10 %)"
+    );
+    assert!(
+        instance_killed.is_some(),
+        "an instance was killed (at 30 %)"
+    );
+    assert!(
+        takeover.is_some(),
+        "its partitions were taken over while lines remained"
+    );
+    assert!(restarted, "it came back (at 60 %)");
+    assert!(backends_killed > 0, "backends were killed");
     nats.start_missing();
     let sent = sender.join().unwrap();
     assert!(
@@ -561,10 +577,6 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
         "{}",
         String::from_utf8_lossy(&sent.stdout)
     );
-    if !restarted {
-        // Done before 60 %: the comeback is checked all the same.
-        instances[0] = Instance::start(dir.path(), "i0-again", &url, &nats.urls, &extra);
-    }
     wait_until(
         "the restarted instance getting its share again",
         Duration::from_secs(60),
@@ -955,8 +967,9 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
         assert_eq!(claim(&old, "a"), Some(0), "a new fence has nothing settled");
         assert!(record(&old, 5));
         assert!(!record(&old, 3), "the resume point never goes down");
-        // Each id as its own line; the results of all of them (one batch).
-        let run_all = |ids: &[&str], fence: &Fence| {
+        // Each (id, delivery token) as its own line; the results of all of
+        // them (one batch).
+        let run_all = |lines: &[(&str, &str)], fence: &Fence| {
             let stop = AtomicBool::new(false);
             let (reply, replies) = crossbeam_channel::unbounded();
             let options = normalizer::pipeline::IngestOptions {
@@ -966,11 +979,11 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             };
             std::thread::scope(|s| {
                 let workers = Workers::spawn(s, &t.db, &options, &stop);
-                for (i, id) in ids.iter().enumerate() {
+                for (i, (id, token)) in lines.iter().enumerate() {
                     let ts = format!("2026-11-29T10:00:{:02}Z", id[2..].parse::<u32>().unwrap());
                     let line = crate::support::msg(id, "dev-0042", &ts, r#"{"t":21.5}"#);
                     let origin = Origin {
-                        token: format!("nats:s:1:{id}"),
+                        token: token.to_string(),
                         fence: fence.clone(),
                     };
                     let line = Line {
@@ -987,7 +1000,7 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             drop(reply);
             replies.iter().map(|d| d.result).collect::<Vec<_>>()
         };
-        let run = |id: &str, fence: &Fence, _token: &str| run_all(&[id], fence).remove(0);
+        let run = |id: &str, fence: &Fence, token: &str| run_all(&[(id, token)], fence).remove(0);
         assert!(matches!(
             run("f-1", &old, "nats:s:1:1"),
             Ok(Outcome::Processed(_))
@@ -1022,7 +1035,14 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
             Ok(Outcome::Processed(_))
         ));
         // A whole batch behind the fence.
-        let batch = run_all(&["f-31", "f-32", "f-33"], &old);
+        let batch = run_all(
+            &[
+                ("f-31", "nats:s:1:31"),
+                ("f-32", "nats:s:1:32"),
+                ("f-33", "nats:s:1:33"),
+            ],
+            &old,
+        );
         assert_eq!(batch.len(), 3);
         assert!(
             batch.iter().all(|r| matches!(r, Err(Failure::Fenced(_)))),

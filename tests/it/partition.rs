@@ -3,8 +3,9 @@
 //! on either side of the link (as pgbouncer or a load balancer sit in
 //! between: the normalizer's own connection never breaks), once direct (the
 //! normalizer inside the namespace, PostgreSQL on the host's end of the
-//! link). The run must finish by itself soon after the link heals, with the
-//! clean run's end state.
+//! link). The run must commit again within the call deadline of the heal
+//! and finish by itself with the clean run's end state; how long the rest
+//! took is printed beside the clean run's time, not asserted.
 //!
 //! `CHAOS_PARTITION_SECONDS` sets how long the link stays cut (30 by
 //! default; `scripts/chaos` also runs 300).
@@ -46,14 +47,17 @@ fn check(placement: Placement) {
     let workers = 4;
     let settings = PoolSettings::default();
 
-    let clean_started = Instant::now();
-    let (clean_summary, clean_snap) = {
+    // The clean run's time is its ingest alone, as the faulty run's is
+    // (from its ingest's start to its end): not the database's creation,
+    // the provisioning or the snapshot.
+    let (clean_summary, clean_snap, clean_elapsed) = {
         let clean = TestDb::open(&cluster.create_database(), settings.clone());
         clean.provision(&devices);
+        let started = Instant::now();
         let summary = ingest_observed(&clean.db, &text, &Run::default(), workers);
-        (summary, clean.snapshot())
+        let elapsed = started.elapsed();
+        (summary, clean.snapshot(), elapsed)
     };
-    let clean_elapsed = clean_started.elapsed();
 
     let database = cluster.create_database();
     let database = database.rsplit('/').next().unwrap();
@@ -113,12 +117,15 @@ fn check(placement: Placement) {
         Placement::Relay => "partition-relay",
         Placement::Direct => "partition-direct",
     };
+    // A figure, not a verdict: how long the rest took next to what the
+    // clean run took for the same share (speed is for scripts/chaos to
+    // print, never for a test to assert).
     let how = format!(
-        "link cut for {} s at 20% ({name}); finished {:.1} s after the heal (target {:.1} s: 10 s + the clean run's time for the {:.0}% left)",
+        "link cut for {} s at 20% ({name}); finished {:.1} s after the heal (for comparison: 10 s + the clean run's ingest time for the {:.0}% left = {:.1} s)",
         down.as_secs(),
         after_heal.as_secs_f64(),
+        remaining * 100.0,
         budget.as_secs_f64(),
-        remaining * 100.0
     );
     let figures = Figures::of(
         fault,
@@ -131,8 +138,12 @@ fn check(placement: Placement) {
     );
     figures.check(&run, &clean_snap, &faulty_snap);
     // Liveness, not speed: without a deadline the run waited for TCP's
-    // retransmission backoff (minutes) or for ever. The bound is the
-    // deadline itself (statement_timeout + margin) plus 10 s.
+    // retransmission backoff (minutes) or for ever. The promise is the
+    // configured call deadline (statement_timeout + its margin): a call cut
+    // off by the partition ends within it. The stated margin, 10 s, covers
+    // what follows it: a new connection (libpq's connect_timeout, 5 s, if
+    // its first try still meets the cut), the backoff ceiling (0.25 s) and
+    // a loaded 2-CPU machine's scheduling.
     let bound = settings.call_deadline().unwrap() + Duration::from_secs(10);
     let recovery = figures
         .recovery
@@ -144,12 +155,14 @@ fn check(placement: Placement) {
 }
 
 #[test]
-fn a_partition_behind_a_relay_loses_and_doubles_nothing_and_ends_soon_after_the_heal() {
+fn a_partition_behind_a_relay_loses_and_doubles_nothing_and_commits_again_within_the_deadline_of_the_heal(
+) {
     check(Placement::Relay);
 }
 
 #[test]
-fn a_partition_of_a_direct_connection_loses_and_doubles_nothing_and_ends_soon_after_the_heal() {
+fn a_partition_of_a_direct_connection_loses_and_doubles_nothing_and_commits_again_within_the_deadline_of_the_heal(
+) {
     check(Placement::Direct);
 }
 

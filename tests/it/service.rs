@@ -466,13 +466,14 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not_stolen() {
 }
 
 #[test]
+#[ignore = "needs root (a client run as another user): scripts/test runs it as root with --ignored"]
 fn the_socket_mode_keeps_other_users_out() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        // Only root can run a client as another user; the mode bits are
-        // checked by the other tests.
-        return;
-    }
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root: only root can run a client as another user"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let db = format!("sqlite://{}", dir.path().join("n.db").display());
@@ -592,9 +593,16 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(took < Duration::from_secs(8), "the shutdown took {took:?}");
+    // The promise is the shutdown timeout (1 s here); after it comes the
+    // process's teardown during the outage: a connection attempt in flight
+    // may take libpq's connect_timeout (5 s) to fail. 2 s more for a loaded
+    // machine's scheduling.
+    let promised = Duration::from_secs(1 + 5 + 2);
+    assert!(took < promised, "the shutdown took {took:?}");
     let mut acks = String::new();
-    let _ = std::io::Read::read_to_string(&mut &stream, &mut acks);
+    // The service closed the connection: the read ends, with what it sent.
+    std::io::Read::read_to_string(&mut &stream, &mut acks)
+        .expect("the acknowledgements can be read to their end");
     assert!(
         acks.is_empty(),
         "nothing was committed, so nothing is acknowledged: {acks}"
@@ -852,10 +860,13 @@ fn metrics_over_http_are_scraped_by_prometheus_and_healthz_follows_the_database(
     let noticed = stopped.elapsed();
     println!("healthz: 503 {noticed:.1?} after the database stopped: {why}");
     assert_eq!(code, 503);
-    assert!(
-        noticed < Duration::from_secs(5),
-        "noticed after {noticed:?}"
-    );
+    // The promise: a failed check at most EVERY after the last good one,
+    // an unanswered one failed after SILENT; 1 s for this loop's polling
+    // and a loaded machine.
+    let promised = normalizer::service::HEALTH_CHECK_EVERY
+        + normalizer::service::HEALTH_CHECK_SILENT
+        + Duration::from_secs(1);
+    assert!(noticed < promised, "noticed after {noticed:?}");
     assert!(!why.trim().is_empty() && !why.contains("password"), "{why}");
     assert!(get("/metrics").1.contains("normalizer_database_up 0"));
     cluster.start();
