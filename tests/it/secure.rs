@@ -830,6 +830,52 @@ fn no_secret_given_through_any_input_reaches_any_output() {
         assert!(!bad.status.success());
         printed += &text(&bad);
     }
+    // Every other command that takes the database URL, given directly and
+    // through --database-url-file; and one that cannot connect.
+    let database = pg
+        .create_database()
+        .replace("postgres@", &format!("postgres:{secret}@"));
+    let url_file = dir.path().join("database-url");
+    std::fs::write(&url_file, format!("{database}\n")).unwrap();
+    let url_file = url_file.display().to_string();
+    let examples = |name: &str| example(name).display().to_string();
+    let commands: [&[&str]; 7] = [
+        &["migrate", "--json"],
+        &["provision", &examples("devices.json")],
+        &["ingest", "--json", &examples("messages.jsonl")],
+        &["dead-letters", "list", "--json"],
+        &["dead-letters", "replay", "--json"],
+        &["dead-letters", "purge", "--kind", "malformed", "--json"],
+        &["status"],
+    ];
+    for given in [
+        ["--database-url", &database],
+        ["--database-url-file", &url_file],
+    ] {
+        for command in commands {
+            let out = normalizer()
+                .args(given)
+                .args(["--log-level", "debug"])
+                .args(command)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{command:?}: {}", text(&out));
+            printed += &text(&out);
+        }
+    }
+    let unreachable = format!("postgres://postgres:{secret}@127.0.0.1:1/nowhere");
+    let out = normalizer()
+        .args([
+            "--database-url",
+            &unreachable,
+            "--max-outage",
+            "1s",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    printed += &text(&out);
     // /metrics and /healthz of a serving instance.
     let nats = Nats::start(&body);
     let listen = format!("127.0.0.1:{}", free_port());
