@@ -22,7 +22,7 @@ pub mod publish;
 mod setup;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -187,26 +187,6 @@ pub struct PartitionStatus {
     pub pending: u64,
     /// Messages delivered and not yet acknowledged.
     pub in_flight: u64,
-}
-
-impl FeedStatus {
-    /// `partitions 0,3,7 (3 of 16); pending 12; redelivered 0; nats up`.
-    pub fn line(&self) -> String {
-        let partitions = self.partitions.lock().expect("status lock");
-        let owned: Vec<String> = partitions.keys().map(u32::to_string).collect();
-        let pending: u64 = partitions.values().map(|p| p.pending).sum();
-        let state = if self.refused.load(Ordering::Relaxed) {
-            "refused (Authorization Violation)".to_string()
-        } else {
-            crate::service::stats::up_or_down_since(*self.down_since.lock().expect("status lock"))
-        };
-        format!(
-            "nats partitions [{}] of {} instances; pending={pending}; redelivered={}; nats {state}",
-            owned.join(","),
-            self.instances.load(Ordering::Relaxed),
-            self.redeliveries.load(Ordering::Relaxed),
-        )
-    }
 }
 
 #[cfg(test)]

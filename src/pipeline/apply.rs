@@ -4,7 +4,7 @@
 
 use crossbeam_channel::Sender;
 
-use super::workers::{Cost, Job, Work};
+use super::job::{Cost, Job, Work};
 use super::Done;
 use crate::core::message::raw_for_storage;
 use crate::core::{DeadLetterKind, Message};

@@ -14,6 +14,7 @@
 
 mod apply;
 pub mod ingest;
+mod job;
 pub mod summary;
 mod workers;
 
@@ -24,7 +25,8 @@ use crate::db::Failure;
 use crate::outcome::Outcome;
 pub use ingest::{ingest, IngestError, Interrupted, Progress, Stopped, PROGRESS_INTERVAL};
 pub use summary::Summary;
-pub use workers::{route, Budget, Job, Origin, Workers};
+pub use job::{Budget, Job, Origin};
+pub use workers::{route, Workers};
 
 /// A hook run inside each message's transaction, before it is applied: for
 /// injecting faults in tests. `None` in production.

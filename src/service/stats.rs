@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 
@@ -54,7 +55,7 @@ impl Report<'_> {
             self.idle,
             self.queued,
             self.producers,
-        ) + &self.feed.map_or(String::new(), |f| format!("; {}", f.line()))
+        ) + &self.feed.map_or(String::new(), |f| format!("; {}", feed_line(f)))
     }
 
     /// The counters in Prometheus text exposition format: one family a
@@ -141,6 +142,25 @@ impl Report<'_> {
             Family::gauge("database_up", "1 while the database is reachable.").of(up),
         ]
     }
+}
+
+/// The feed's part of the stats line: `nats partitions [0,3,7] of 3
+/// instances; pending=12; redelivered=0; nats up`.
+fn feed_line(feed: &FeedStatus) -> String {
+    let partitions = feed.partitions.lock().expect("status lock");
+    let owned: Vec<String> = partitions.keys().map(u32::to_string).collect();
+    let pending: u64 = partitions.values().map(|p| p.pending).sum();
+    let state = if feed.refused.load(Ordering::Relaxed) {
+        "refused (Authorization Violation)".to_string()
+    } else {
+        up_or_down_since(*feed.down_since.lock().expect("status lock"))
+    };
+    format!(
+        "nats partitions [{}] of {} instances; pending={pending}; redelivered={}; nats {state}",
+        owned.join(","),
+        feed.instances.load(Ordering::Relaxed),
+        feed.redeliveries.load(Ordering::Relaxed),
+    )
 }
 
 /// `up`, or `down since <RFC 3339>`: how the stats line says a peer is.

@@ -1,0 +1,113 @@
+//! A line on its way to a worker: what it is to do (`Work`), where it came
+//! from (`Origin`), and its share of the queue's byte budget (`Cost`, given
+//! back when the job is dropped). Shared by the worker pool, which queues
+//! jobs, and the apply engine, which consumes them.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use super::Done;
+use crate::core::{Message, Rejection};
+use crate::db::repo::fences::Fence;
+
+pub(super) enum Work {
+    Apply { message: Message, raw: Vec<u8> },
+    Reject { rejection: Rejection, raw: Vec<u8> },
+}
+
+/// One line on its way to a worker.
+pub struct Job {
+    pub(super) ticket: u64,
+    pub(super) work: Work,
+    pub(super) reply: Sender<Done>,
+    pub(super) cost: Cost,
+    pub(super) origin: Option<Origin>,
+}
+
+/// Where a line of a partitioned feed came from: what makes its writes
+/// exactly-once across redeliveries, and who may commit them.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The write token of this line: the same on every delivery of it (its
+    /// stream and sequence), so a redelivered line whose first delivery
+    /// committed finds its own token and changes nothing.
+    pub token: String,
+    /// The partition's fence, checked in every transaction of the line.
+    pub fence: Fence,
+}
+
+/// A job's share of the queue budget, given back when the job is dropped.
+pub(super) struct Cost {
+    bytes: usize,
+    budget: Arc<Budget>,
+}
+
+impl Cost {
+    /// `work`'s share of `budget`, once it fits (the caller waits until then).
+    pub(super) fn taken(budget: &Arc<Budget>, work: &Work) -> Cost {
+        let bytes = work.cost();
+        budget.acquire(bytes);
+        Cost {
+            bytes,
+            budget: budget.clone(),
+        }
+    }
+}
+
+impl Drop for Cost {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+impl Work {
+    /// Roughly the bytes a queued job holds: its line twice (raw, parsed).
+    fn cost(&self) -> usize {
+        match self {
+            Work::Apply { raw, .. } | Work::Reject { raw, .. } => 256 + 2 * raw.len(),
+        }
+    }
+}
+
+/// A bound on the bytes queued for the workers, so that memory stays flat
+/// whatever the lines hold: the reader waits while the budget is spent.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `cost` fits (a job larger than the whole budget goes
+    /// through alone).
+    fn acquire(&self, cost: usize) {
+        let mut used = self.used.lock().expect("budget lock");
+        while *used > 0 && *used + cost > self.limit {
+            used = self.freed.wait(used).expect("budget lock");
+        }
+        *used += cost;
+    }
+
+    fn release(&self, cost: usize) {
+        let mut used = self.used.lock().expect("budget lock");
+        *used = used.saturating_sub(cost);
+        self.freed.notify_all();
+    }
+
+    /// Bytes queued now.
+    pub fn used(&self) -> usize {
+        *self.used.lock().expect("budget lock")
+    }
+}
+
