@@ -24,8 +24,8 @@ use crate::core::Message;
 use crate::db::Failure;
 use crate::outcome::Outcome;
 pub use ingest::{ingest, IngestError, Interrupted, Progress, Stopped, PROGRESS_INTERVAL};
-pub use summary::Summary;
 pub use job::{Budget, Job, Origin};
+pub use summary::Summary;
 pub use workers::{route, Workers};
 
 /// A hook run inside each message's transaction, before it is applied: for

@@ -169,31 +169,3 @@ fn work(
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_byte_budget_blocks_until_jobs_are_done_and_lets_a_huge_job_through_alone() {
-        let budget = Arc::new(Budget::new(100));
-        budget.acquire(500); // larger than the whole budget: goes through alone
-        assert_eq!(budget.used(), 500);
-        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                budget.acquire(30);
-                tx.send(()).unwrap();
-            });
-            assert!(
-                rx.recv_timeout(std::time::Duration::from_millis(100))
-                    .is_err(),
-                "blocked while spent"
-            );
-            budget.release(500);
-            rx.recv_timeout(std::time::Duration::from_secs(5))
-                .expect("released");
-        });
-        assert_eq!(budget.used(), 30);
-    }
-}
