@@ -16,9 +16,12 @@
 //! talks to NATS; the database is touched only by blocking threads.
 
 pub mod connect;
-mod consume;
-mod owner;
+mod fetch;
+mod handle;
+mod lease;
+mod ownership;
 pub mod publish;
+mod settle;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -29,8 +32,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 pub use connect::{Login, NatsAuth, Tls};
-pub use consume::{Feed, FeedError};
-pub use owner::fair_share;
+pub use handle::{Feed, FeedError};
+pub use lease::fair_share;
 
 /// The subject prefix producers publish to: `sensors.<device token>` (MQTT
 /// topic `sensors/<device key>`).
