@@ -326,22 +326,20 @@ impl Settings {
         Ok(Settings {
             socket_given,
             nats,
-            database_url: one_secret(
-                flags.database_url.map(Secret::new),
-                flags.database_url_file.as_deref(),
-                "--database-url",
-                "the database URL",
-            )?
-            .map_or_else(
-                || {
-                    one_secret(
+            database_url: first_secret(
+                [
+                    (
+                        flags.database_url.map(Secret::new),
+                        flags.database_url_file.as_deref(),
+                        "--database-url",
+                    ),
+                    (
                         file.database_url.clone().map(Secret::new),
                         file.database_url_file.as_deref(),
                         "database_url",
-                        "the database URL",
-                    )
-                },
-                |s| Ok(Some(s)),
+                    ),
+                ],
+                "the database URL",
             )?
             .map_or(d.database_url, |s| s.expose().trim().to_string()),
             log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
@@ -469,41 +467,47 @@ fn one_secret(
     }
 }
 
-/// The NATS login and TLS settings: the flags' (and environment's) first,
-/// then the file's, then the URLs' user info. One way to log in at most.
-fn resolve_auth(
-    flags: &NatsAuthSettings,
-    file: &NatsAuthSettings,
-    from_url: Option<Login>,
-) -> Result<NatsAuth, String> {
-    let password = match one_secret(
-        flags.password.clone(),
-        flags.password_file.as_deref(),
-        "--nats-password",
+/// The first source (flags, then the file) that gives the secret.
+fn first_secret(
+    sources: [(Option<Secret>, Option<&Path>, &str); 2],
+    what: &str,
+) -> Result<Option<Secret>, String> {
+    for (value, file, flag) in sources {
+        if let Some(secret) = one_secret(value, file, flag, what)? {
+            return Ok(Some(secret));
+        }
+    }
+    Ok(None)
+}
+
+/// Every way to log in that the settings give, the secrets read.
+fn logins(flags: &NatsAuthSettings, file: &NatsAuthSettings) -> Result<Vec<Login>, String> {
+    let password = first_secret(
+        [
+            (
+                flags.password.clone(),
+                flags.password_file.as_deref(),
+                "--nats-password",
+            ),
+            (
+                file.password.clone(),
+                file.password_file.as_deref(),
+                "nats.password",
+            ),
+        ],
         "the NATS password",
-    )? {
-        Some(p) => Some(p),
-        None => one_secret(
-            file.password.clone(),
-            file.password_file.as_deref(),
-            "nats.password",
-            "the NATS password",
-        )?,
-    };
-    let token = match one_secret(
-        flags.token.clone(),
-        flags.token_file.as_deref(),
-        "--nats-token",
+    )?;
+    let token = first_secret(
+        [
+            (
+                flags.token.clone(),
+                flags.token_file.as_deref(),
+                "--nats-token",
+            ),
+            (file.token.clone(), file.token_file.as_deref(), "nats.token"),
+        ],
         "the NATS token",
-    )? {
-        Some(t) => Some(t),
-        None => one_secret(
-            file.token.clone(),
-            file.token_file.as_deref(),
-            "nats.token",
-            "the NATS token",
-        )?,
-    };
+    )?;
     let user = flags.user.clone().or(file.user.clone());
     let nkey = flags.nkey.clone().or(file.nkey.clone());
     let creds = flags.creds.clone().or(file.creds.clone());
@@ -536,6 +540,17 @@ fn resolve_auth(
             })?;
         logins.push(Login::Credentials { file, contents });
     }
+    Ok(logins)
+}
+
+/// The NATS login and TLS settings: the flags' (and environment's) first,
+/// then the file's, then the URLs' user info. One way to log in at most.
+fn resolve_auth(
+    flags: &NatsAuthSettings,
+    file: &NatsAuthSettings,
+    from_url: Option<Login>,
+) -> Result<NatsAuth, String> {
+    let mut logins = logins(flags, file)?;
     if let Some(login) = from_url {
         logins.push(login);
     }

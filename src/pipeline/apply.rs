@@ -31,6 +31,23 @@ enum PreparedKind {
     Letter { letter: DeadLetter, detail: String },
 }
 
+impl Prepared {
+    /// What the batch repository applies for this job.
+    fn item(&self) -> batch::Item<'_> {
+        match &self.kind {
+            PreparedKind::Apply { message, raw } => batch::Item::Message {
+                message,
+                raw,
+                token: &self.token,
+            },
+            PreparedKind::Letter { letter, .. } => batch::Item::Letter {
+                letter,
+                token: &self.token,
+            },
+        }
+    }
+}
+
 impl From<Job> for Prepared {
     fn from(job: Job) -> Self {
         let kind = match job.work {
@@ -148,20 +165,7 @@ pub(super) fn run_batch(
         job.reply(run_alone(db, cache, job, hook));
         return false;
     }
-    let items: Vec<batch::Item<'_>> = jobs
-        .iter()
-        .map(|j| match &j.kind {
-            PreparedKind::Apply { message, raw } => batch::Item::Message {
-                message,
-                raw,
-                token: &j.token,
-            },
-            PreparedKind::Letter { letter, .. } => batch::Item::Letter {
-                letter,
-                token: &j.token,
-            },
-        })
-        .collect();
+    let items: Vec<batch::Item<'_>> = jobs.iter().map(Prepared::item).collect();
     let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
     fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
     fences.dedup();
@@ -180,21 +184,7 @@ pub(super) fn run_batch(
     });
     drop(items);
     if !lost.is_empty() {
-        // The jobs of lost partitions end here, uncommitted; the others
-        // are applied without them.
-        let (gone, kept): (Vec<Prepared>, Vec<Prepared>) = jobs
-            .into_iter()
-            .partition(|j| j.fence.as_ref().is_some_and(|f| lost.contains(f)));
-        for job in &gone {
-            let key = job
-                .fence
-                .as_ref()
-                .map_or_else(String::new, |f| f.key.to_string());
-            job.reply(Err(Failure::Fenced(key)));
-        }
-        if !kept.is_empty() {
-            run_batch(db, cache, kept, hook);
-        }
+        end_fenced(db, cache, jobs, &lost, hook);
         return false;
     }
     match result {
@@ -222,6 +212,30 @@ pub(super) fn run_batch(
             run_batch(db, cache, second, hook);
             true
         }
+    }
+}
+
+/// A batch that met a raised fence: the jobs of the lost partitions end
+/// here, uncommitted; the others are applied without them.
+fn end_fenced(
+    db: &Database,
+    cache: &ReferenceCache,
+    jobs: Vec<Prepared>,
+    lost: &[Fence],
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) {
+    let (gone, kept): (Vec<Prepared>, Vec<Prepared>) = jobs
+        .into_iter()
+        .partition(|j| j.fence.as_ref().is_some_and(|f| lost.contains(f)));
+    for job in &gone {
+        let key = job
+            .fence
+            .as_ref()
+            .map_or_else(String::new, |f| f.key.to_string());
+        job.reply(Err(Failure::Fenced(key)));
+    }
+    if !kept.is_empty() {
+        run_batch(db, cache, kept, hook);
     }
 }
 

@@ -99,6 +99,45 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(socket: Option<PathBuf>, wake: Sender<()>) -> Shared {
+        Shared {
+            shutting_down: AtomicBool::new(false),
+            gave_up: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            summary: Mutex::new(Summary::new()),
+            socket,
+            wake,
+            active: AtomicUsize::new(0),
+            unacknowledged: AtomicU64::new(0),
+            cut_off: AtomicU64::new(0),
+        }
+    }
+
+    /// Logs the last line (what was done, what was left unacknowledged)
+    /// and says how the service ended.
+    fn stopped(&self) -> Exit {
+        let summary = self.summary.lock().expect("summary lock");
+        let unacknowledged = match self.unacknowledged.load(Ordering::SeqCst) {
+            0 => String::new(),
+            n => format!(
+                "; {n} lines of {} producers left unacknowledged (sending them again is safe)",
+                self.cut_off.load(Ordering::SeqCst)
+            ),
+        };
+        log::info!(
+            "stopped: processed {}, duplicate {}, dead letter {}{unacknowledged}",
+            summary.processed,
+            summary.duplicates,
+            summary.dead_letters
+        );
+        if self.gave_up.load(Ordering::SeqCst) {
+            Exit::GaveUp
+        } else {
+            Exit::Clean
+        }
+    }
+
     /// Stops accepting and stops reading: the readers see the end of their
     /// streams, the work in flight finishes and is acknowledged.
     fn begin_shutdown(&self) {
@@ -277,37 +316,11 @@ pub fn run(
     shutdown: Receiver<()>,
 ) -> Exit {
     let (wake, woken) = bounded::<()>(1);
-    let shared = Shared {
-        shutting_down: AtomicBool::new(false),
-        gave_up: AtomicBool::new(false),
-        streams: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
-        summary: Mutex::new(Summary::new()),
-        socket: listener.as_ref().and(options.socket.clone()),
-        wake,
-        active: AtomicUsize::new(0),
-        unacknowledged: AtomicU64::new(0),
-        cut_off: AtomicU64::new(0),
-    };
+    let shared = Shared::new(listener.as_ref().and(options.socket.clone()), wake);
     let stop = AtomicBool::new(false);
     let record = |done: &Done| shared.record(done);
     let on_done: &(dyn Fn(&Done) + Sync) = &record;
-    let mut feeds = Vec::new();
-    if let (Some(path), Some(_)) = (&options.socket, &listener) {
-        feeds.push(format!("{} (mode {:04o})", path.display(), options.mode));
-    }
-    if let Some(nats) = &options.nats {
-        feeds.push(format!(
-            "NATS stream {} at {} as {}",
-            nats.stream, nats.servers, nats.instance
-        ));
-    }
-    log::info!(
-        "serving on {} with {} workers, database {}",
-        feeds.join(" and "),
-        options.workers.workers,
-        db.url()
-    );
+    log_serving(db, options, listener.is_some());
     let health = http::Health::new();
     std::thread::scope(|outer| {
         let workers = Workers::spawn(outer, db, &options.workers, &stop);
@@ -315,44 +328,16 @@ pub fn run(
         let (finished, on_finished) = bounded::<()>(0);
         std::thread::scope(|scope| {
             let (workers, shared) = (&workers, &shared);
-            std::thread::Builder::new()
-                .name("shutdown".into())
-                .spawn_scoped(scope, move || {
-                    crossbeam_channel::select! {
-                        recv(shutdown) -> _ => shared.begin_shutdown(),
-                        recv(on_finished) -> _ => {}
-                    }
-                })
-                .expect("spawn the shutdown thread");
-            if let Some(metrics) = metrics {
-                let health = &health;
-                let stopped = stats_stopped.clone();
-                std::thread::Builder::new()
-                    .name("health".into())
-                    .spawn_scoped(scope, move || http::probe(db, health, stopped))
-                    .expect("spawn the health thread");
-                let stopped = stats_stopped.clone();
-                let status = feed.map(Feed::status);
-                std::thread::Builder::new()
-                    .name("metrics-http".into())
-                    .spawn_scoped(scope, move || {
-                        let render = || {
-                            let summary = summary_now(db, shared);
-                            let mut report =
-                                report(db, shared, workers, &summary, 0.0, status.as_deref());
-                            report.down_since = health.down_since(db);
-                            report.prometheus()
-                        };
-                        http::serve(metrics, db, health, render, stopped)
-                    })
-                    .expect("spawn the metrics thread");
-            }
-            std::thread::Builder::new()
-                .name("stats".into())
-                .spawn_scoped(scope, move || {
-                    report_stats(db, options, shared, workers, feed, stats_stopped)
-                })
-                .expect("spawn the stats thread");
+            let watch = Watchers {
+                db,
+                options,
+                shared,
+                workers,
+                feed,
+                health: &health,
+                stopped: stats_stopped,
+            };
+            watch.spawn(scope, shutdown, on_finished, metrics);
             if let Some(feed) = feed {
                 feed.run(scope, db, workers, on_done);
             }
@@ -372,24 +357,99 @@ pub fn run(
             drop(finished);
         });
     });
-    let summary = shared.summary.lock().expect("summary lock");
-    let unacknowledged = match shared.unacknowledged.load(Ordering::SeqCst) {
-        0 => String::new(),
-        n => format!(
-            "; {n} lines of {} producers left unacknowledged (sending them again is safe)",
-            shared.cut_off.load(Ordering::SeqCst)
-        ),
-    };
+    shared.stopped()
+}
+
+/// `serving on <socket> and <NATS stream> with N workers, database <url>`.
+fn log_serving(db: &Database, options: &ServeOptions, listening: bool) {
+    let mut feeds = Vec::new();
+    if let (Some(path), true) = (&options.socket, listening) {
+        feeds.push(format!("{} (mode {:04o})", path.display(), options.mode));
+    }
+    if let Some(nats) = &options.nats {
+        feeds.push(format!(
+            "NATS stream {} at {} as {}",
+            nats.stream, nats.servers, nats.instance
+        ));
+    }
     log::info!(
-        "stopped: processed {}, duplicate {}, dead letter {}{unacknowledged}",
-        summary.processed,
-        summary.duplicates,
-        summary.dead_letters
+        "serving on {} with {} workers, database {}",
+        feeds.join(" and "),
+        options.workers.workers,
+        db.url()
     );
-    if shared.gave_up.load(Ordering::SeqCst) {
-        Exit::GaveUp
-    } else {
-        Exit::Clean
+}
+
+/// The threads that watch a running service: the one that turns the
+/// shutdown signal into a shutdown, the stats line's, and (with
+/// `--metrics-listen`) the database prober and the HTTP server. All end
+/// when `stopped` closes (or, the first, when the service finished).
+struct Watchers<'a> {
+    db: &'a Database,
+    options: &'a ServeOptions,
+    shared: &'a Shared,
+    workers: &'a Workers,
+    feed: Option<&'a Feed>,
+    health: &'a http::Health,
+    stopped: Receiver<()>,
+}
+
+impl<'a> Watchers<'a> {
+    fn spawn<'scope>(
+        self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        shutdown: Receiver<()>,
+        finished: Receiver<()>,
+        metrics: Option<MetricsListener>,
+    ) where
+        'a: 'scope,
+    {
+        let Watchers {
+            db,
+            options,
+            shared,
+            workers,
+            feed,
+            health,
+            stopped,
+        } = self;
+        std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn_scoped(scope, move || {
+                crossbeam_channel::select! {
+                    recv(shutdown) -> _ => shared.begin_shutdown(),
+                    recv(finished) -> _ => {}
+                }
+            })
+            .expect("spawn the shutdown thread");
+        if let Some(metrics) = metrics {
+            let probe_stopped = stopped.clone();
+            std::thread::Builder::new()
+                .name("health".into())
+                .spawn_scoped(scope, move || http::probe(db, health, probe_stopped))
+                .expect("spawn the health thread");
+            let http_stopped = stopped.clone();
+            let status = feed.map(Feed::status);
+            std::thread::Builder::new()
+                .name("metrics-http".into())
+                .spawn_scoped(scope, move || {
+                    let render = || {
+                        let summary = summary_now(db, shared);
+                        let mut report =
+                            report(db, shared, workers, &summary, 0.0, status.as_deref());
+                        report.down_since = health.down_since(db);
+                        report.prometheus()
+                    };
+                    http::serve(metrics, db, health, render, http_stopped)
+                })
+                .expect("spawn the metrics thread");
+        }
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn_scoped(scope, move || {
+                report_stats(db, options, shared, workers, feed, stopped)
+            })
+            .expect("spawn the stats thread");
     }
 }
 
