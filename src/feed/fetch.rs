@@ -8,16 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
+use async_nats::Subject;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use futures_util::StreamExt;
 
 use super::handle::Shared;
-use super::settle::{settle_locally, InFlight, Window};
+use super::settle::{settle_locally, InFlight};
 use super::TRUNCATED_HEADER;
 use crate::core::message::{MAX_LINE_BYTES, MAX_RAW_BYTES};
 use crate::db::repo::fences::Fence;
 use crate::input::Line;
+use crate::pipeline::AckWindow;
 use crate::pipeline::{Done, Origin, Workers};
 
 /// A fetched message on its way to the feeder.
@@ -48,7 +50,7 @@ pub(super) struct Run {
     /// What of it is recorded in the database (`feed_fences`).
     pub(super) recorded: AtomicU64,
     pub(super) in_flight: AtomicUsize,
-    pub(super) window: Mutex<Window>,
+    pub(super) window: Mutex<AckWindow<Option<Subject>>>,
     /// Its fetch loop runs (a fetch may still deliver messages).
     pub(super) fetching: AtomicBool,
     /// The lease holds until then: no fetch after it.

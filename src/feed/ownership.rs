@@ -18,11 +18,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::fetch::{fetch_loop, Run};
 use super::handle::Shared;
 use super::lease::{self, Lease, Renewal};
-use super::settle::{Record, Window};
+use super::settle::Record;
 use super::setup::partition_subject;
 use super::PartitionStatus;
 use crate::db::repo::fences::{self, Fence};
 use crate::db::{Database, Failure};
+use crate::pipeline::AckWindow;
 
 /// A fence claim for the bridge thread: the reply is the partition's
 /// resume point, or `None` when a later owner's token is there.
@@ -386,7 +387,7 @@ impl Coordinator {
                     log::debug!(
                         "nats: partition {n}: here in flight {}, window {}, may fetch {}, fetching {}; server: pending {}, ack pending {}, waiting {}, ack floor {}, delivered {}",
                         run.in_flight.load(Ordering::SeqCst),
-                        run.window.lock().expect("window lock").slots.len(),
+                        run.window.lock().expect("window lock").len(),
                         run.may_fetch(),
                         run.fetching.load(Ordering::SeqCst),
                         info.num_pending,
@@ -541,7 +542,7 @@ pub(super) async fn take_over(
         settled_through: AtomicU64::new(settled),
         recorded: AtomicU64::new(resume),
         in_flight: AtomicUsize::new(0),
-        window: Mutex::new(Window::default()),
+        window: Mutex::new(AckWindow::default()),
         fetching: AtomicBool::new(true),
         valid_until: Mutex::new(valid_until),
     });

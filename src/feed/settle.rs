@@ -3,7 +3,7 @@
 //! is acknowledged (one cumulative `+ACK`), marked in progress while it
 //! waits, and recorded in the database as the partition's resume point.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,61 +40,15 @@ pub(super) struct InFlight {
     pub(super) sequence: u64,
 }
 
-/// A partition's messages delivered and not yet acknowledged, by stream
-/// sequence. The consumer acknowledges cumulatively (`AckPolicy::All`): one
-/// `+ACK` on the highest message of a settled prefix acknowledges every
-/// message before it, so the acknowledgement point never passes a message
-/// whose outcome is not committed.
-#[derive(Default)]
-pub(super) struct Window {
-    pub(super) slots: BTreeMap<u64, Slot>,
-}
-
-pub(super) struct Slot {
-    /// Deliveries of it not yet settled (a redelivery may overlap).
-    pub(super) open: u32,
-    /// Its last settled delivery committed.
-    pub(super) committed: bool,
-    pub(super) reply: Option<Subject>,
-}
-
-impl Window {
-    pub(super) fn delivered(&mut self, sequence: u64, reply: Option<Subject>) {
-        let slot = self.slots.entry(sequence).or_insert(Slot {
-            open: 0,
-            committed: false,
-            reply: None,
-        });
-        slot.open += 1;
-        slot.reply = reply;
-    }
-
-    /// Settles one delivery; when the settled prefix grew, returns the reply
-    /// subject to acknowledge up to, how many messages that acknowledges,
-    /// and the stream sequence the prefix now ends at.
-    pub(super) fn settled(
-        &mut self,
-        sequence: u64,
-        committed: bool,
-    ) -> Option<(Subject, u64, u64)> {
-        if let Some(slot) = self.slots.get_mut(&sequence) {
-            slot.open = slot.open.saturating_sub(1);
-            slot.committed = committed;
-        }
-        let mut last = None;
-        let mut count = 0;
-        let mut through = 0;
-        while let Some(entry) = self.slots.first_entry() {
-            let slot = entry.get();
-            if slot.open > 0 || !slot.committed {
-                break;
-            }
-            through = *entry.key();
-            last = entry.remove().reply.or(last);
-            count += 1;
-        }
-        last.map(|reply| (reply, count, through))
-    }
+/// What one cumulative `+ACK` does for the lines the window released: the
+/// reply subject to acknowledge up to (the last released line's that has
+/// one), how many lines that acknowledges, and the stream sequence the
+/// settled prefix now ends at. `None` when nothing was released.
+pub(super) fn cumulative_ack(released: Vec<(u64, Option<Subject>)>) -> Option<(Subject, u64, u64)> {
+    let through = released.last()?.0;
+    let count = released.len() as u64;
+    let reply = released.into_iter().rev().find_map(|(_, reply)| reply)?;
+    Some((reply, count, through))
 }
 
 pub(super) fn settle_locally(shared: &Shared, ticket: u64) -> Option<InFlight> {
@@ -128,13 +82,13 @@ pub(super) async fn settle_loop(
         while let Some(s) = next.take() {
             taken += 1;
             if let Some(entry) = settle_locally(&shared, s.ticket) {
-                let ack = entry
+                let released = entry
                     .run
                     .window
                     .lock()
                     .expect("window lock")
                     .settled(entry.sequence, s.ack);
-                if let Some((reply, count, through)) = ack {
+                if let Some((reply, count, through)) = cumulative_ack(released) {
                     entry
                         .run
                         .settled_through
@@ -274,6 +228,7 @@ pub(super) fn run_records(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::AckWindow;
 
     fn subject(n: u64) -> Option<Subject> {
         Some(Subject::from(format!("ack.{n}")))
@@ -281,33 +236,46 @@ mod tests {
 
     #[test]
     fn the_acknowledgement_point_never_passes_an_uncommitted_message() {
-        let mut w = Window::default();
+        let mut w = AckWindow::default();
         for n in 1..=5 {
             w.delivered(n, subject(n));
         }
+        let mut settle = |n, committed| cumulative_ack(w.settled(n, committed));
         // 2 and 3 commit first: nothing before them is done yet.
-        assert!(w.settled(2, true).is_none());
-        assert!(w.settled(3, true).is_none());
+        assert!(settle(2, true).is_none());
+        assert!(settle(3, true).is_none());
         // 1 commits: 1 to 3 are acknowledged with one ack on 3, settled
         // through 3.
-        let (reply, count, through) = w.settled(1, true).unwrap();
+        let (reply, count, through) = settle(1, true).unwrap();
         assert_eq!((reply.as_str(), count, through), ("ack.3", 3, 3));
         // 4 fails (fenced, cancelled): never acknowledged, 5 waits behind it.
-        assert!(w.settled(4, false).is_none());
-        assert!(w.settled(5, true).is_none());
+        assert!(settle(4, false).is_none());
+        assert!(settle(5, true).is_none());
         // Redelivered and committed: 4 and 5 go.
         w.delivered(4, subject(40));
-        let (reply, count, through) = w.settled(4, true).unwrap();
+        let (reply, count, through) = cumulative_ack(w.settled(4, true)).unwrap();
         assert_eq!((reply.as_str(), count, through), ("ack.5", 2, 5));
-        assert!(w.slots.is_empty());
+        assert!(w.is_empty());
     }
 
     #[test]
-    fn an_overlapping_redelivery_holds_its_message_until_both_are_settled() {
-        let mut w = Window::default();
+    fn an_overlapping_redelivery_acknowledges_with_its_newest_reply() {
+        let mut w = AckWindow::default();
         w.delivered(7, subject(7));
         w.delivered(7, subject(70));
-        assert!(w.settled(7, true).is_none());
-        assert_eq!(w.settled(7, true).unwrap().0.as_str(), "ack.70");
+        assert!(cumulative_ack(w.settled(7, true)).is_none());
+        assert_eq!(
+            cumulative_ack(w.settled(7, true)).unwrap().0.as_str(),
+            "ack.70"
+        );
+    }
+
+    #[test]
+    fn released_lines_without_a_reply_subject_acknowledge_with_the_last_that_has_one() {
+        let released = vec![(1, subject(1)), (2, None)];
+        let (reply, count, through) = cumulative_ack(released).unwrap();
+        assert_eq!((reply.as_str(), count, through), ("ack.1", 2, 2));
+        assert!(cumulative_ack(vec![(3, None)]).is_none());
+        assert!(cumulative_ack(Vec::new()).is_none());
     }
 }

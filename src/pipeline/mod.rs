@@ -16,6 +16,7 @@ mod apply;
 pub mod ingest;
 mod job;
 pub mod summary;
+mod window;
 mod workers;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::outcome::Outcome;
 pub use ingest::{ingest, IngestError, Interrupted, Progress, Stopped, PROGRESS_INTERVAL};
 pub use job::{Budget, Job, Origin};
 pub use summary::Summary;
+pub use window::AckWindow;
 pub use workers::{route, Workers};
 
 /// A hook run inside each message's transaction, before it is applied: for
