@@ -247,6 +247,30 @@ impl Drop for Instance {
     }
 }
 
+/// Three `serve` instances (`<label>0` to `<label>2`), once each owns
+/// partitions.
+fn three_instances(
+    dir: &Path,
+    label: &str,
+    url: &str,
+    urls: &str,
+    extra: &[&str],
+) -> Vec<Instance> {
+    let instances: Vec<Instance> = (0..3)
+        .map(|k| Instance::start(dir, &format!("{label}{k}"), url, urls, extra))
+        .collect();
+    wait_until(
+        "every instance owning partitions",
+        Duration::from_secs(60),
+        || {
+            instances
+                .iter()
+                .all(|i| i.log().contains("owning partition"))
+        },
+    );
+    instances
+}
+
 /// Lines with an outcome in the database: processed ids and dead letters.
 fn done(conn: &mut PgConnection) -> i64 {
     #[derive(QueryableByName)]
@@ -482,18 +506,7 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
         ..
     } = Scene::new(&pg, messages);
     let extra = ["--nats-replicas", "3"];
-    let mut instances: Vec<Instance> = (0..3)
-        .map(|k| Instance::start(dir.path(), &format!("i{k}"), &url, &nats.urls, &extra))
-        .collect();
-    wait_until(
-        "every instance owning partitions",
-        Duration::from_secs(60),
-        || {
-            instances
-                .iter()
-                .all(|i| i.log().contains("owning partition"))
-        },
-    );
+    let mut instances = three_instances(dir.path(), "i", &url, &nats.urls, &extra);
     let victim = instances[0].name();
 
     let started = Instant::now();
@@ -1371,18 +1384,7 @@ fn a_secured_cluster_runs_instances_under_least_privilege_and_takes_a_killed_one
     let producer = nats.login("producer");
     let mut extra: Vec<&str> = normalizer.iter().map(String::as_str).collect();
     extra.extend(["--nats-replicas", "3"]);
-    let mut instances: Vec<Instance> = (0..3)
-        .map(|k| Instance::start(dir.path(), &format!("s{k}"), &url, &nats.urls, &extra))
-        .collect();
-    wait_until(
-        "every instance owning partitions",
-        Duration::from_secs(60),
-        || {
-            instances
-                .iter()
-                .all(|i| i.log().contains("owning partition"))
-        },
-    );
+    let mut instances = three_instances(dir.path(), "s", &url, &nats.urls, &extra);
     let [first, second] = write_halves(dir.path(), &input);
     let sent = send_as(&nats.urls, &producer, &first).join().unwrap();
     assert!(
