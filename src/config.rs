@@ -460,7 +460,14 @@ fn one_secret(
     what: &str,
 ) -> Result<Option<Secret>, String> {
     match (value, file) {
-        (Some(_), Some(_)) => Err(format!("{flag} and {flag}-file both set; keep one")),
+        // `--nats-password` and `--nats-password-file`; `nats.password`
+        // and `nats.password_file`.
+        (Some(_), Some(_)) => {
+            let separator = if flag.starts_with("--") { '-' } else { '_' };
+            Err(format!(
+                "{flag} and {flag}{separator}file both set; keep one"
+            ))
+        }
         (Some(v), None) => Ok(Some(v)),
         (None, Some(path)) => read_secret_file(path, what).map(Some),
         (None, None) => Ok(None),
@@ -685,6 +692,70 @@ mod tests {
         let bad: FileSettings =
             toml::from_str("[nats]\nservers = \"nats://c:4222\"\nstream = \"a.b\"\n").unwrap();
         assert!(Settings::resolve(FlagSettings::default(), bad).is_err());
+    }
+
+    #[test]
+    fn nats_logins_come_from_one_place_and_one_way_only() {
+        let resolve = |flags: NatsAuthSettings, file: &str| {
+            let file: FileSettings =
+                toml::from_str(&format!("[nats]\nservers = \"nats://h:4222\"\n{file}")).unwrap();
+            let flags = FlagSettings {
+                nats_auth: flags,
+                ..FlagSettings::default()
+            };
+            Settings::resolve(flags, file).map(|s| s.nats.unwrap().auth.login)
+        };
+        let flag_password = NatsAuthSettings {
+            user: Some("flag".into()),
+            password: Some(Secret::new("from-flag")),
+            ..NatsAuthSettings::default()
+        };
+        // Flags (and their environment variables) win over the file.
+        assert_eq!(
+            resolve(
+                flag_password.clone(),
+                "user = \"file\"\npassword = \"from-file\"\n"
+            ),
+            Ok(Login::UserPassword {
+                user: "flag".into(),
+                password: Secret::new("from-flag")
+            })
+        );
+        // A secret directly and as a file at one level: named, not chosen.
+        let e = resolve(
+            NatsAuthSettings::default(),
+            "user = \"u\"\npassword = \"p\"\npassword_file = \"/x\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("nats.password and nats.password_file"), "{e}");
+        let both = NatsAuthSettings {
+            password_file: Some("/x".into()),
+            ..flag_password.clone()
+        };
+        let e = resolve(both, "").unwrap_err();
+        assert!(
+            e.contains("--nats-password and --nats-password-file"),
+            "{e}"
+        );
+        // Two ways to log in.
+        let e = resolve(flag_password, "token = \"t\"\n").unwrap_err();
+        assert!(
+            e.contains("give one way to log in") && !e.contains("from-flag"),
+            "{e}"
+        );
+        // A user without a password, a password without a user.
+        assert!(resolve(NatsAuthSettings::default(), "user = \"u\"\n").is_err());
+        assert!(resolve(NatsAuthSettings::default(), "password = \"p\"\n").is_err());
+        // The URL's user info is a login, and leaves the URL.
+        let file: FileSettings =
+            toml::from_str("[nats]\nservers = \"nats://u:p@h:4222\"\n").unwrap();
+        let nats = Settings::resolve(FlagSettings::default(), file)
+            .unwrap()
+            .nats
+            .unwrap();
+        assert_eq!(nats.servers, "nats://h:4222");
+        assert!(matches!(nats.auth.login, Login::UserPassword { .. }));
+        assert!(!format!("{nats:?}").contains(":p@") && !format!("{nats:?}").contains("\"p\""));
     }
 
     #[test]

@@ -295,8 +295,8 @@ fn source_text(error: &ConnectError) -> String {
     std::error::Error::source(error).map_or_else(|| error.to_string(), |s| s.to_string())
 }
 
-/// A connection attempt that cannot succeed as configured, or the last
-/// error of one that was given up.
+/// A connection that cannot succeed as configured: the sentence that says
+/// why and what to fix.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
