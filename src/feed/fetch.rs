@@ -58,11 +58,15 @@ pub(super) struct Run {
 }
 
 impl Run {
+    /// Stopped, fenced, or past a gap: this run fetches no more.
+    pub(super) fn ended(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+            || self.fenced.load(Ordering::SeqCst)
+            || self.gap.load(Ordering::SeqCst)
+    }
+
     pub(super) fn may_fetch(&self) -> bool {
-        !self.stop.load(Ordering::SeqCst)
-            && !self.fenced.load(Ordering::SeqCst)
-            && !self.gap.load(Ordering::SeqCst)
-            && Instant::now() < *self.valid_until.lock().expect("run lock")
+        !self.ended() && Instant::now() < *self.valid_until.lock().expect("run lock")
     }
 }
 
@@ -110,10 +114,7 @@ pub(super) async fn fetch(
             run.gap.store(true, Ordering::SeqCst);
             return;
         }
-        if run.stop.load(Ordering::SeqCst)
-            || run.fenced.load(Ordering::SeqCst)
-            || run.gap.load(Ordering::SeqCst)
-        {
+        if run.ended() {
             return;
         }
         let out = run.in_flight.load(Ordering::SeqCst);
@@ -139,7 +140,7 @@ pub(super) async fn fetch(
             .max_messages((max - out).min(FETCH_BATCH))
             .messages()
             .await;
-        let mut batch = match batch {
+        let batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 if consumer_gone(&mut consumer).await {
@@ -152,53 +153,76 @@ pub(super) async fn fetch(
                 continue;
             }
         };
-        let mut got = 0;
-        loop {
-            let message = match tokio::time::timeout(FETCH_SILENCE, batch.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => {
-                    failing = None;
-                    break;
-                }
-                Err(_) => {
-                    log::debug!(
-                        "nats: partition {}: no answer to a fetch for {FETCH_SILENCE:?}",
-                        run.partition
-                    );
-                    failing.get_or_insert_with(Instant::now);
-                    break;
-                }
-            };
-            // Stopped: the rest of this fetch is not taken; the
-            // partition's next consumer starts before it.
-            if run.stop.load(Ordering::SeqCst)
-                || run.fenced.load(Ordering::SeqCst)
-                || run.gap.load(Ordering::SeqCst)
-            {
-                break;
+        let got = match take(shared, run, &mut consumer, batch, &mut failing).await {
+            Taken::Messages(got) => got,
+            Taken::ConsumerGone => {
+                gone(run);
+                return;
             }
-            match message {
-                Ok(message) => {
-                    got += 1;
-                    failing = None;
-                    deliver(shared, run, message)
-                }
-                Err(e) => {
-                    log::debug!("nats: partition {}: {e}", run.partition);
-                    if consumer_gone(&mut consumer).await {
-                        gone(run);
-                        return;
-                    }
-                    failing.get_or_insert_with(Instant::now);
-                    break;
-                }
-            }
-        }
+        };
         if got == 0 {
             // Nothing there: ask again shortly, not in a tight loop.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// What one fetch's messages came to.
+enum Taken {
+    /// This many were delivered (the fetch ended, went silent, or the run
+    /// ended: the rest of it is not taken, and the partition's next
+    /// consumer starts before it).
+    Messages(usize),
+    /// The consumer is gone.
+    ConsumerGone,
+}
+
+/// Delivers one fetch's messages as they come; `failing` is cleared by a
+/// message or the fetch's end, and set by silence or an error.
+async fn take(
+    shared: &Shared,
+    run: &Arc<Run>,
+    consumer: &mut consumer::PullConsumer,
+    mut batch: consumer::pull::Batch,
+    failing: &mut Option<Instant>,
+) -> Taken {
+    let mut got = 0;
+    loop {
+        let message = match tokio::time::timeout(FETCH_SILENCE, batch.next()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                *failing = None;
+                break;
+            }
+            Err(_) => {
+                log::debug!(
+                    "nats: partition {}: no answer to a fetch for {FETCH_SILENCE:?}",
+                    run.partition
+                );
+                failing.get_or_insert_with(Instant::now);
+                break;
+            }
+        };
+        if run.ended() {
+            break;
+        }
+        match message {
+            Ok(message) => {
+                got += 1;
+                *failing = None;
+                deliver(shared, run, message)
+            }
+            Err(e) => {
+                log::debug!("nats: partition {}: {e}", run.partition);
+                if consumer_gone(consumer).await {
+                    return Taken::ConsumerGone;
+                }
+                failing.get_or_insert_with(Instant::now);
+                break;
+            }
+        }
+    }
+    Taken::Messages(got)
 }
 
 /// The run's consumer is gone: another instance took the partition over

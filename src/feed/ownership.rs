@@ -274,6 +274,15 @@ impl Coordinator {
                 log::info!("nats: giving partition {n} up ({share} is this instance's share of {partitions})");
             }
         }
+        self.release_settled().await;
+        // Below the share: take free partitions.
+        let wanted = share.saturating_sub(keeping.len().min(share));
+        self.take_free(&view.held, wanted, claimed).await;
+    }
+
+    /// Releases the partitions being given up whose runs have settled
+    /// everything they fetched.
+    async fn release_settled(&mut self) {
         let mut releasable = Vec::new();
         for (&n, held) in &self.held {
             let idle = held.run.as_ref().is_none_or(|r| {
@@ -289,16 +298,27 @@ impl Coordinator {
                 log::info!("nats: gave partition {n} up");
             }
         }
-        // Below the share: take free partitions, starting at a place of
-        // this instance's own so that instances rarely race for the same.
-        let mut wanted = share.saturating_sub(keeping.len().min(share));
+    }
+
+    /// Takes up to `wanted` partitions that nobody holds, starting at a
+    /// place of this instance's own so that instances rarely race for the
+    /// same; each is taken over on a task of its own, which reports on
+    /// `claimed`.
+    async fn take_free(
+        &mut self,
+        taken: &std::collections::BTreeSet<u32>,
+        mut wanted: usize,
+        claimed: &mpsc::UnboundedSender<Claimed>,
+    ) {
+        let me = self.instance().to_string();
+        let partitions = self.shared.options.partitions;
         let offset = crate::pipeline::route(&me, partitions as usize) as u32;
         for i in 0..partitions {
             if wanted == 0 {
                 break;
             }
             let n = (offset + i) % partitions;
-            if view.held.contains(&n) || self.held.contains_key(&n) {
+            if taken.contains(&n) || self.held.contains_key(&n) {
                 continue;
             }
             match lease::acquire(&self.store, &lease::partition_key(n), &me).await {
@@ -457,6 +477,44 @@ pub(super) async fn take_over(
         key: shared.options.fence_key(n),
         token: token as i64,
     };
+    let resume = claim(shared, &fence).await?;
+    // This consumer starts after the partition's resume point in the
+    // database, or after the newest previous consumer's ack floor if that
+    // is further and can be read (its node may be gone with it). Both only
+    // cover messages whose outcomes are committed; messages after them
+    // that were committed come again, and find their own write token.
+    let previous = previous_consumers(stream, n, token).await?;
+    let settled = match previous.last() {
+        Some((_, name)) => resume.max(ack_floor(stream, n, name, resume).await),
+        None => resume,
+    };
+    let consumer = create_consumer(shared, stream, n, token, settled).await?;
+    for (_, old) in &previous {
+        if let Err(e) = stream.delete_consumer(old).await {
+            log::debug!("nats: cannot remove the old consumer {old}: {e}");
+        }
+    }
+    let run = Arc::new(Run {
+        partition: n,
+        fence,
+        stop: AtomicBool::new(false),
+        fenced: AtomicBool::new(false),
+        gap: AtomicBool::new(false),
+        last_delivery: AtomicU64::new(0),
+        settled_through: AtomicU64::new(settled),
+        recorded: AtomicU64::new(resume),
+        in_flight: AtomicUsize::new(0),
+        window: Mutex::new(AckWindow::default()),
+        fetching: AtomicBool::new(true),
+        valid_until: Mutex::new(valid_until),
+    });
+    tokio::spawn(fetch_loop(shared.clone(), consumer, run.clone()));
+    Ok(run)
+}
+
+/// Claims `fence` in the database (on the bridge thread); returns the
+/// partition's resume point.
+async fn claim(shared: &Shared, fence: &Fence) -> anyhow::Result<u64> {
     let (reply, claimed) = oneshot::channel();
     shared
         .claims
@@ -465,16 +523,19 @@ pub(super) async fn take_over(
             reply,
         })
         .map_err(|_| anyhow::anyhow!("shutting down"))?;
-    let resume = match claimed.await? {
-        Ok(Some(resume)) => resume,
+    match claimed.await? {
+        Ok(Some(resume)) => Ok(resume),
         Ok(None) => anyhow::bail!("a later owner's token is already in the database"),
         Err(failure) => anyhow::bail!("cannot claim its fence: {failure}"),
-    };
-    // This consumer starts after the partition's resume point in the
-    // database, or after the newest previous consumer's ack floor if that
-    // is further and can be read (its node may be gone with it). Both only
-    // cover messages whose outcomes are committed; messages after them
-    // that were committed come again, and find their own write token.
+    }
+}
+
+/// Partition `n`'s consumers of earlier tokens, oldest first.
+async fn previous_consumers(
+    stream: &stream::Stream,
+    n: u32,
+    token: u64,
+) -> anyhow::Result<Vec<(u64, String)>> {
     let mut previous: Vec<(u64, String)> = Vec::new();
     let mut names = stream.consumer_names();
     while let Some(name) = names.next().await {
@@ -486,21 +547,39 @@ pub(super) async fn take_over(
         }
     }
     previous.sort();
-    let mut settled = resume;
-    if let Some((_, name)) = previous.last() {
-        // Given a second: its node may be down.
-        match tokio::time::timeout(Duration::from_secs(1), stream.consumer_info(name)).await {
-            Ok(Ok(info)) => settled = settled.max(info.ack_floor.stream_sequence),
-            Ok(Err(e)) => log::debug!(
+    Ok(previous)
+}
+
+/// The ack floor of consumer `name`, given a second (its node may be
+/// down); `resume` when it cannot be read.
+async fn ack_floor(stream: &stream::Stream, n: u32, name: &str, resume: u64) -> u64 {
+    match tokio::time::timeout(Duration::from_secs(1), stream.consumer_info(name)).await {
+        Ok(Ok(info)) => info.ack_floor.stream_sequence,
+        Ok(Err(e)) => {
+            log::debug!(
                 "nats: partition {n}: the previous consumer {name} cannot be read ({e}); starting after {resume}, the database's resume point"
-            ),
-            Err(_) => log::debug!(
+            );
+            resume
+        }
+        Err(_) => {
+            log::debug!(
                 "nats: partition {n}: the previous consumer {name} does not answer; starting after {resume}, the database's resume point"
-            ),
+            );
+            resume
         }
     }
+}
+
+/// Partition `n`'s consumer for `token`, delivering after `settled`.
+async fn create_consumer(
+    shared: &Shared,
+    stream: &stream::Stream,
+    n: u32,
+    token: u64,
+    settled: u64,
+) -> anyhow::Result<consumer::PullConsumer> {
     let name = consumer_name(n, token);
-    let consumer: consumer::PullConsumer = stream
+    let consumer = stream
         .get_or_create_consumer(
             &name,
             consumer::pull::Config {
@@ -527,27 +606,7 @@ pub(super) async fn take_over(
             },
         )
         .await?;
-    for (_, old) in &previous {
-        if let Err(e) = stream.delete_consumer(old).await {
-            log::debug!("nats: cannot remove the old consumer {old}: {e}");
-        }
-    }
-    let run = Arc::new(Run {
-        partition: n,
-        fence,
-        stop: AtomicBool::new(false),
-        fenced: AtomicBool::new(false),
-        gap: AtomicBool::new(false),
-        last_delivery: AtomicU64::new(0),
-        settled_through: AtomicU64::new(settled),
-        recorded: AtomicU64::new(resume),
-        in_flight: AtomicUsize::new(0),
-        window: Mutex::new(AckWindow::default()),
-        fetching: AtomicBool::new(true),
-        valid_until: Mutex::new(valid_until),
-    });
-    tokio::spawn(fetch_loop(shared.clone(), consumer, run.clone()));
-    Ok(run)
+    Ok(consumer)
 }
 
 /// The bridge thread: fence claims on the database, and whether the
