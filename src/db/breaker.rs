@@ -346,22 +346,17 @@ impl<C: Clock> Breaker<C> {
 
     /// The database answered (a commit, or any error that is not about the
     /// connection) to a transaction admitted as `admission`: closes the
-    /// circuit. Returns how long it was open. A shortage of space or memory
-    /// is over only when a probe says so: a small transaction let in before
-    /// the outage began may still fit, and would end it while the next one
-    /// fails again.
+    /// circuit. Returns how long it was open. An outage is over only when a
+    /// probe says so: a transaction let in before the outage began may
+    /// still get its answer after the outage was opened (a commit read
+    /// just after the server went down; seen in CI: "back after 0.0 s",
+    /// then the same outage logged a second time), and a small one may
+    /// still fit in a full disk while the next one fails again.
     pub(super) fn reached(&self, admission: Admission) -> Option<Duration> {
-        if admission != Admission::Probe && !self.is_open.load(Ordering::Acquire) {
+        if admission != Admission::Probe {
             return None;
         }
         let mut open = self.open.lock().expect("breaker lock");
-        if admission != Admission::Probe
-            && open
-                .as_ref()
-                .is_some_and(|o| o.outage != Outage::Unreachable)
-        {
-            return None;
-        }
         let o = open.take()?;
         self.is_open.store(false, Ordering::Release);
         self.closures.fetch_add(1, Ordering::AcqRel);
