@@ -2,10 +2,9 @@
 //! folder, a free port on 127.0.0.1, stopped and removed when dropped. Tests
 //! may stop, restart and break them; the machine's own server is never used.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
@@ -33,32 +32,28 @@ fn bindir() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// A free loopback port below the kernel's ephemeral range, from
-/// `scripts/lib/free-ports` (why below: see there), never the same twice in
-/// this process.
+/// A free loopback port below the kernel's ephemeral range, reserved for
+/// this process by `scripts/lib/free-ports` (why below, and why reserved:
+/// see there): never given again while the tests run, so a server stopped
+/// and started on it finds it free.
 pub(crate) fn free_port() -> u16 {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    loop {
-        let out = Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/lib/free-ports"
-        ))
-        .output()
-        .expect("scripts/lib/free-ports runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        if GIVEN.lock().unwrap().insert(port) {
-            return port;
-        }
-    }
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/lib/free-ports"
+    ))
+    .env("FREE_PORTS_OWNER", std::process::id().to_string())
+    .output()
+    .expect("scripts/lib/free-ports runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 impl PgCluster {
