@@ -7,8 +7,10 @@
 //! whose every line committed, so the acknowledgement point never passes a
 //! line whose outcome is not in the database.
 //!
-//! The socket has no window: its protocol acknowledges each line by its
-//! number, in any order.
+//! The socket's protocol acknowledges each line by its number, in any
+//! order; the service still keeps each connection's window, to tell a
+//! producer that was cut off the line through which everything is
+//! committed (`service::connection`).
 
 use std::collections::BTreeMap;
 

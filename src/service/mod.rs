@@ -15,6 +15,7 @@
 //! the shutdown timeout.
 
 pub mod client;
+mod connection;
 mod http;
 
 /// How soon `/healthz` says an outage: a failed check comes at most
@@ -26,7 +27,7 @@ pub mod protocol;
 pub mod stats;
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -42,11 +43,10 @@ use signal_hook::iterator::Signals;
 
 use crate::db::Database;
 use crate::feed::{Feed, FeedStatus, NatsOptions};
-use crate::input::LineReader;
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
 pub use http::MetricsListener;
 use logfile::LogFile;
-use protocol::{Ack, Refusal};
+use protocol::Refusal;
 use stats::{write_atomically, Report};
 
 /// How the service runs.
@@ -478,7 +478,7 @@ fn accept<'scope>(
         if shared.active.load(Ordering::SeqCst) >= options.max_connections {
             log::warn!(
                 "refused a producer ({}): {} connected, the limit",
-                peer(&stream),
+                connection::peer(&stream),
                 options.max_connections
             );
             let refusal = Refusal {
@@ -507,7 +507,7 @@ fn accept<'scope>(
         std::thread::Builder::new()
             .name(format!("producer-{id}"))
             .spawn_scoped(scope, move || {
-                serve_connection(id, stream, workers, shared, options);
+                connection::serve(id, stream, workers, shared, options);
                 shared.streams.lock().expect("streams lock").remove(&id);
                 shared.active.fetch_sub(1, Ordering::SeqCst);
                 let _ = connection_done.try_send(());
@@ -550,126 +550,6 @@ fn drain(
     if let Some(feed) = feed {
         feed.end();
     }
-}
-
-fn serve_connection(
-    id: u64,
-    stream: UnixStream,
-    workers: &Workers,
-    shared: &Shared,
-    options: &ServeOptions,
-) {
-    let who = peer(&stream);
-    log::debug!("producer {id} ({who}) connected");
-    let Ok(write_half) = stream.try_clone() else {
-        log::warn!("producer {id} ({who}): cannot clone the stream");
-        return;
-    };
-    let (reply, acks) = bounded::<Done>(options.workers.queue_per_worker.max(16));
-    let mut submitted = 0u64;
-    let committed = std::thread::scope(|scope| {
-        let writer = std::thread::Builder::new()
-            .name(format!("acks-{id}"))
-            .spawn_scoped(scope, || write_acks(id, write_half, acks, shared))
-            .expect("spawn an ack writer");
-        let mut reader = LineReader::new(BufReader::with_capacity(64 * 1024, &stream));
-        loop {
-            match reader.next_line() {
-                Ok(Some(line)) => {
-                    if shared.shutting_down.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match workers.submit(line.number, line, &reply) {
-                        Some(true) => submitted += 1,
-                        Some(false) => break,
-                        None => {}
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::info!("producer {id} ({who}): read failed: {e}");
-                    break;
-                }
-            }
-        }
-        drop(reply);
-        writer.join().expect("the ack writer does not panic")
-    });
-    let _ = stream.shutdown(Shutdown::Both);
-    let unacknowledged = submitted.saturating_sub(committed);
-    if unacknowledged > 0 {
-        log::warn!(
-            "producer {id} ({who}) cut off with {unacknowledged} lines unacknowledged; sending them again is safe"
-        );
-        shared
-            .unacknowledged
-            .fetch_add(unacknowledged, Ordering::SeqCst);
-        shared.cut_off.fetch_add(1, Ordering::SeqCst);
-    }
-    log::debug!("producer {id} done");
-}
-
-/// Who is at the other end of a producer's socket, from its credentials.
-fn peer(stream: &UnixStream) -> String {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        format!("uid {}, pid {}", cred.uid, cred.pid)
-    } else {
-        "peer unknown".to_string()
-    }
-}
-
-/// Writes each committed line's ack; returns how many were committed.
-fn write_acks(id: u64, stream: UnixStream, acks: Receiver<Done>, shared: &Shared) -> u64 {
-    let mut out = BufWriter::new(stream);
-    let mut broken = false;
-    let mut committed = 0;
-    for done in acks.iter() {
-        shared.record(&done);
-        let line = match &done.result {
-            Ok(outcome) => {
-                committed += 1;
-                let ack = Ack::new(done.ticket, done.id, outcome, done.detail.as_deref());
-                serde_json::to_string(&ack).expect("serializable")
-            }
-            Err(failure) => {
-                log::warn!(
-                    "producer {id}, line {}: not acknowledged: {failure}",
-                    done.ticket
-                );
-                continue;
-            }
-        };
-        if broken {
-            continue;
-        }
-        // Flush when no more acks are ready, so a busy connection batches
-        // its writes and an idle one is answered at once.
-        let written =
-            writeln!(out, "{line}")
-                .and_then(|()| if acks.is_empty() { out.flush() } else { Ok(()) });
-        if let Err(e) = written {
-            log::info!("producer {id} went away ({e}); its outcomes are committed all the same");
-            broken = true;
-        }
-    }
-    let _ = out.flush();
-    committed
 }
 
 /// The counters now: the outcomes so far and the database's.

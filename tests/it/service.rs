@@ -572,9 +572,25 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
     let url = cluster.create_database();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &url, &["--shutdown-timeout", "1s"]);
-    cluster.stop("fast");
     let stream = UnixStream::connect(&server.socket).unwrap();
     let mut w = stream.try_clone().unwrap();
+    // Five lines committed before the outage (dead letters: the device is
+    // not provisioned), acknowledged.
+    for i in 0..5 {
+        writeln!(
+            w,
+            r#"{{"id":"c{i}","device":"d","ts":"2026-11-29T10:00:00Z","payload":{{}}}}"#
+        )
+        .unwrap();
+    }
+    w.flush().unwrap();
+    let mut early = BufReader::new(stream.try_clone().unwrap());
+    for _ in 0..5 {
+        let mut ack = String::new();
+        early.read_line(&mut ack).unwrap();
+        assert!(ack.contains(r#""outcome":"dead_letter""#), "{ack}");
+    }
+    cluster.stop("fast");
     for i in 0..20 {
         writeln!(
             w,
@@ -601,11 +617,11 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
     assert!(took < promised, "the shutdown took {took:?}");
     let mut acks = String::new();
     // The service closed the connection: the read ends, with what it sent.
-    std::io::Read::read_to_string(&mut &stream, &mut acks)
+    std::io::Read::read_to_string(&mut early, &mut acks)
         .expect("the acknowledgements can be read to their end");
     assert!(
         acks.is_empty(),
-        "nothing was committed, so nothing is acknowledged: {acks}"
+        "nothing was committed during the outage, so nothing more is acknowledged: {acks}"
     );
     let log = std::fs::read_to_string(dir.path().join("normalizer.log")).unwrap();
     assert!(log.contains("shutdown timeout: handing back"), "{log}");
@@ -613,11 +629,13 @@ fn a_shutdown_during_an_outage_hands_work_back_within_the_timeout() {
     let uid = unsafe { libc::getuid() };
     let me = format!("(uid {uid}, pid {})", std::process::id());
     assert!(
-        log.contains(&format!("{me} cut off with 20 lines unacknowledged")),
-        "the producer is named with what it lost: {log}"
+        log.contains(&format!(
+            "{me} cut off with 20 lines unacknowledged; every line through 5 is committed: sending again from line 6"
+        )),
+        "the producer is named with what it lost and where a resend may start: {log}"
     );
     assert!(
-        log.contains("stopped: processed 0, duplicate 0, dead letter 0; 20 lines of 1 producers left unacknowledged"),
+        log.contains("stopped: processed 0, duplicate 0, dead letter 5; 20 lines of 1 producers left unacknowledged"),
         "{log}"
     );
 }
