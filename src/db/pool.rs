@@ -215,7 +215,7 @@ impl PooledConn {
 /// `synchronous = NORMAL` (durable across a crash of the process; see
 /// docs/RELIABILITY.md), foreign keys on, and a 16 MiB page cache (SQLite's
 /// default is 2 MiB): a batch reads index pages all over `readings
-/// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite settings").
+/// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite's settings").
 /// The checkpoint interval stays SQLite's 1,000 pages: 10,000 was 2% faster
 /// with batches of 1000 and no faster with 5000, and it lets the WAL grow to
 /// 40 MB, which a 24 MiB volume in the full-disk tests could not hold.

@@ -4,7 +4,7 @@
 //! as the table grows: diesel prepares its statements, PostgreSQL keeps a
 //! generic plan after five executions, and such a plan of the processed-ids
 //! lookup made a third of the ingests into new databases thirteen times
-//! slower (docs/PERFORMANCE.md, "A plan made on an empty table"). Nor may
+//! slower (docs/PERFORMANCE.md, "PostgreSQL: `enable_seqscan = off` and `jit = off`"). Nor may
 //! a statement be compiled by JIT: `enable_seqscan = off` prices a
 //! sequential scan above `jit_above_cost`.
 

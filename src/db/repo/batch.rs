@@ -535,7 +535,7 @@ fn insert_readings<'a>(
 
 /// PostgreSQL: one statement of five arrays per 10,000 rows, parsed and
 /// planned once, where the multi-row VALUES form has five parameters a row
-/// (docs/PERFORMANCE.md, "Choices made by measurement").
+/// (docs/PERFORMANCE.md, "PostgreSQL: a batch's readings in one `INSERT … SELECT FROM unnest(…)`").
 fn insert_readings_unnest(
     c: &mut diesel::PgConnection,
     rows: &[ReadingRow<'_>],
