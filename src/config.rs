@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::db::DEFAULT_URL;
 use crate::feed::connect::split_credentials;
 use crate::feed::{Login, NatsAuth, NatsOptions, Tls};
+use crate::mqtt::{MqttFile, MqttFlags, MqttOptions};
 use crate::pipeline::IngestOptions;
 use crate::secret::{read_secret_file, Secret};
 
@@ -54,6 +55,8 @@ pub(crate) struct FileSettings {
     pub nats_servers: Option<String>,
     /// The `[nats]` table: every NATS setting in one place.
     pub nats: Option<NatsFile>,
+    /// The `[mqtt]` table: the MQTT broker to read.
+    pub mqtt: Option<MqttFile>,
 }
 
 /// The `[nats]` table of a config file.
@@ -198,6 +201,8 @@ pub(crate) struct Settings {
     pub socket_given: bool,
     /// The NATS feed, when `--nats` (or `nats_servers`) is set.
     pub nats: Option<NatsOptions>,
+    /// The MQTT broker, when `--mqtt` (or `[mqtt] url`) is set.
+    pub mqtt: Option<MqttOptions>,
 }
 
 impl Default for Settings {
@@ -223,6 +228,7 @@ impl Default for Settings {
             metrics_listen: None,
             socket_given: false,
             nats: None,
+            mqtt: None,
         }
     }
 }
@@ -310,6 +316,8 @@ pub struct FlagSettings {
     pub nats_lease: Option<Duration>,
     /// How to log in to NATS (`send --nats` as `serve`).
     pub nats_auth: NatsAuthSettings,
+    /// The `--mqtt…` flags.
+    pub mqtt: MqttFlags,
 }
 
 impl Settings {
@@ -323,9 +331,11 @@ impl Settings {
         };
         let socket_given = flags.socket.is_some() || file.socket.is_some();
         let nats = resolve_nats(&flags, file.nats_servers.clone(), file.nats.clone())?;
+        let mqtt = crate::mqtt::resolve(&flags.mqtt, file.mqtt.as_ref())?;
         Ok(Settings {
             socket_given,
             nats,
+            mqtt,
             database_url: first_secret(
                 [
                     (

@@ -5,6 +5,8 @@
 //! - [`core`]: pure parsing, normalizing and alarm decisions.
 //! - [`db`]: the only module that knows the database.
 //! - [`pipeline`]: reader, router and worker pool.
+//! - [`service`], [`feed`], [`mqtt`]: `serve` and the sources it reads
+//!   (a Unix socket, a NATS JetStream feed, an MQTT broker).
 //! - [`cli`]: the command line.
 #![warn(missing_docs, unreachable_pub)]
 
@@ -16,6 +18,7 @@ pub mod feed;
 pub mod gen;
 pub mod input;
 pub mod metrics;
+pub mod mqtt;
 pub mod outcome;
 pub mod pipeline;
 pub mod secret;

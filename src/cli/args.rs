@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{parse_duration, parse_mode, FlagSettings, NatsAuthSettings};
 use crate::core::DeadLetterKind;
+use crate::mqtt::MqttFlags;
 use crate::secret::Secret;
 
 /// Turns raw sensor messages into readings and alerts.
@@ -89,6 +90,83 @@ pub struct NatsArgs {
     /// How to log in to NATS.
     #[command(flatten)]
     pub auth: NatsAuthArgs,
+}
+
+/// The MQTT broker's flags of `serve`. Secrets as for NATS: a flag, its
+/// environment variable, the config file's `[mqtt]` table or a file.
+#[derive(Debug, Args)]
+pub struct MqttArgs {
+    /// Read this MQTT broker: mqtt://[USER[:PASSWORD]@]HOST[:PORT] or
+    /// mqtts://…; with no --socket, no socket is opened.
+    #[arg(id = "mqtt", long = "mqtt", value_name = "URL")]
+    pub url: Option<String>,
+    /// A topic filter to subscribe to at QoS 1 (repeatable) [default: sensors/#].
+    #[arg(id = "mqtt_topic", long = "mqtt-topic", value_name = "FILTER")]
+    pub topics: Vec<String>,
+    /// The client id; the broker keeps its session across restarts
+    /// [default: normalizer-<host name>].
+    #[arg(id = "mqtt_client_id", long = "mqtt-client-id", value_name = "ID")]
+    pub client_id: Option<String>,
+    /// MQTT user (or mqtt://USER:PASSWORD@host in the URL).
+    #[arg(
+        id = "mqtt_user",
+        long = "mqtt-user",
+        env = "MQTT_USER",
+        value_name = "NAME"
+    )]
+    pub user: Option<String>,
+    /// The MQTT user's password.
+    #[arg(
+        id = "mqtt_password",
+        long = "mqtt-password",
+        env = "MQTT_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub password: Option<String>,
+    /// Read the MQTT user's password from this file.
+    #[arg(
+        id = "mqtt_password_file",
+        long = "mqtt-password-file",
+        env = "MQTT_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub password_file: Option<PathBuf>,
+    /// Trust the broker's certificate signed by this CA (PEM); implies TLS.
+    #[arg(id = "mqtt_ca", long = "mqtt-ca", env = "MQTT_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for brokers that verify clients.
+    #[arg(
+        id = "mqtt_cert",
+        long = "mqtt-cert",
+        env = "MQTT_CERT",
+        value_name = "FILE"
+    )]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        id = "mqtt_key",
+        long = "mqtt-key",
+        env = "MQTT_KEY",
+        value_name = "FILE"
+    )]
+    pub key: Option<PathBuf>,
+}
+
+impl MqttArgs {
+    fn apply(&self, flags: &mut FlagSettings) {
+        flags.mqtt = MqttFlags {
+            url: self.url.clone(),
+            topics: self.topics.clone(),
+            client_id: self.client_id.clone(),
+            user: self.user.clone(),
+            password: self.password.clone().map(Secret::new),
+            password_file: self.password_file.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+    }
 }
 
 /// How to log in to NATS and check its servers (`serve` and `send`). Each
@@ -175,6 +253,9 @@ impl NatsArgs {
 }
 
 /// The commands.
+// `serve` holds every flag of three sources; the value is parsed once per
+// process, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the database migrations and nothing else.
@@ -236,6 +317,9 @@ pub enum Command {
         /// The NATS feed.
         #[command(flatten)]
         nats: NatsArgs,
+        /// The MQTT broker.
+        #[command(flatten)]
+        mqtt: MqttArgs,
     },
     /// Send a file to the service and wait for every acknowledgement.
     Send {
@@ -389,9 +473,11 @@ impl Cli {
                 metrics_listen,
                 workers,
                 nats,
+                mqtt,
             } => {
                 workers.apply(&mut flags);
                 nats.apply(&mut flags);
+                mqtt.apply(&mut flags);
                 flags.socket = socket.clone();
                 flags.socket_mode = *socket_mode;
                 flags.max_connections = *max_connections;

@@ -90,13 +90,12 @@ pub(super) fn serve(context: &mut Context) -> Result<(), RunError> {
     };
     let db = context.open_migrated_with(Pool::Workers, policy)?;
     let settings = &context.settings;
-    let socket = match (&settings.nats, settings.socket_given) {
-        (Some(_), false) => None,
-        _ => Some(settings.socket.clone()),
-    };
+    let other_source = settings.nats.is_some() || settings.mqtt.is_some();
+    let socket = (settings.socket_given || !other_source).then(|| settings.socket.clone());
     let options = ServeOptions {
         socket,
         nats: settings.nats.clone(),
+        mqtt: settings.mqtt.clone(),
         mode: settings.socket_mode,
         max_connections: settings.max_connections,
         shutdown_timeout: settings.shutdown_timeout,

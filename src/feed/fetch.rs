@@ -306,7 +306,7 @@ pub(super) fn deliver(shared: &Shared, run: &Arc<Run>, message: jetstream::Messa
         truncated,
         origin: Origin {
             token,
-            fence: run.fence.clone(),
+            fence: Some(run.fence.clone()),
         },
     };
     if shared.lines.send(fetched).is_err() {

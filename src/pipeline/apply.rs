@@ -64,7 +64,7 @@ impl From<Job> for Prepared {
             },
         };
         let (token, fence) = match job.origin {
-            Some(origin) => (origin.token, Some(origin.fence)),
+            Some(origin) => (origin.token, origin.fence),
             None => (new_token(), None),
         };
         Prepared {

@@ -25,16 +25,19 @@ pub struct Job {
     pub(super) origin: Option<Origin>,
 }
 
-/// Where a line of a partitioned feed came from: what makes its writes
-/// exactly-once across redeliveries, and who may commit them.
+/// Where a line of a source that delivers again came from (a NATS
+/// partition, an MQTT session): what makes its writes exactly-once across
+/// redeliveries, and who may commit them.
 #[derive(Debug, Clone)]
 pub struct Origin {
     /// The write token of this line: the same on every delivery of it (its
-    /// stream and sequence), so a redelivered line whose first delivery
-    /// committed finds its own token and changes nothing.
+    /// stream and sequence; its MQTT session, packet id and content), so a
+    /// redelivered line whose first delivery committed finds its own token
+    /// and changes nothing.
     pub token: String,
-    /// The partition's fence, checked in every transaction of the line.
-    pub fence: Fence,
+    /// The partition's fence, checked in every transaction of the line
+    /// (none: a source without ownership, such as MQTT).
+    pub fence: Option<Fence>,
 }
 
 /// A job's share of the queue budget, given back when the job is dropped.

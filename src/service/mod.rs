@@ -42,7 +42,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::db::Database;
-use crate::feed::{Feed, FeedStatus, NatsOptions};
+use crate::feed::{Feed, NatsOptions};
+use crate::mqtt::{MqttOptions, Source};
 use crate::pipeline::{Done, IngestOptions, Summary, Workers};
 pub use http::MetricsListener;
 use logfile::LogFile;
@@ -52,7 +53,8 @@ use stats::{write_atomically, Report};
 /// How the service runs.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// The socket's path; none: no socket (the NATS feed alone).
+    /// The socket's path; none: no socket (the NATS feed or the MQTT
+    /// broker alone).
     pub socket: Option<PathBuf>,
     /// The socket file's mode (0660 by default: the service's group).
     pub mode: u32,
@@ -70,6 +72,43 @@ pub struct ServeOptions {
     pub workers: IngestOptions,
     /// The NATS JetStream feed, when the service consumes one.
     pub nats: Option<NatsOptions>,
+    /// The MQTT broker, when the service reads one.
+    pub mqtt: Option<MqttOptions>,
+}
+
+/// The sources beside the socket that a running service reads.
+#[derive(Clone, Copy, Default)]
+pub struct Sources<'a> {
+    /// The NATS JetStream feed.
+    pub nats: Option<&'a Feed>,
+    /// The MQTT broker.
+    pub mqtt: Option<&'a Source>,
+}
+
+impl Sources<'_> {
+    /// Stops taking new messages from the sources.
+    fn stop_reading(&self) {
+        if let Some(feed) = self.nats {
+            feed.stop_fetching();
+        }
+        if let Some(mqtt) = self.mqtt {
+            mqtt.stop_reading();
+        }
+    }
+
+    /// Messages taken from the sources whose outcome is not back.
+    fn in_flight(&self) -> u64 {
+        self.nats.map_or(0, |f| f.in_flight() as u64) + self.mqtt.map_or(0, Source::in_flight)
+    }
+
+    fn end(&self) {
+        if let Some(feed) = self.nats {
+            feed.end();
+        }
+        if let Some(mqtt) = self.mqtt {
+            mqtt.end();
+        }
+    }
 }
 
 /// How the service ended.
@@ -237,6 +276,20 @@ pub fn serve(
                 }
             },
         };
+        let mqtt = match &options.mqtt {
+            None => None,
+            Some(mqtt) => match Source::connect(mqtt.clone(), &on_shutdown) {
+                Ok(Some(source)) => Some(source),
+                Ok(None) => {
+                    signal_handle.close();
+                    return Ok(Exit::Clean);
+                }
+                Err(e) => {
+                    signal_handle.close();
+                    return Err(e.into());
+                }
+            },
+        };
         let metrics = match options
             .metrics_listen
             .map(MetricsListener::bind)
@@ -256,7 +309,11 @@ pub fn serve(
         // The socket listens, the feed is set up and the database answered
         // (its migrations ran).
         notify("READY=1");
-        let exit = run(db, options, listener, feed.as_ref(), metrics, on_shutdown);
+        let sources = Sources {
+            nats: feed.as_ref(),
+            mqtt: mqtt.as_ref(),
+        };
+        let exit = run(db, options, listener, sources, metrics, on_shutdown);
         signal_handle.close();
         Ok(exit)
     })
@@ -301,17 +358,18 @@ fn handle_signals(mut signals: Signals, log: Option<Arc<LogFile>>, shutdown: Sen
     }
 }
 
-/// The service on a listener the caller bound to `options.socket` and on a
-/// connected NATS feed (either or both), until a message (or the sender's
-/// drop) on `shutdown`, or until the database stays unreachable too long:
-/// the socket feeds the worker pool, one handler per producer; the feed
-/// feeds it the partitions this instance owns. `metrics`, when given,
+/// The service on a listener the caller bound to `options.socket` and on
+/// connected sources (a NATS feed, an MQTT broker; any of them), until a
+/// message (or the sender's drop) on `shutdown`, or until the database
+/// stays unreachable too long: the socket feeds the worker pool, one
+/// handler per producer; the feed feeds it the partitions this instance
+/// owns; the MQTT source what the broker sends. `metrics`, when given,
 /// serves `/metrics` and `/healthz` until the end.
 pub fn run(
     db: &Database,
     options: &ServeOptions,
     listener: Option<UnixListener>,
-    feed: Option<&Feed>,
+    sources: Sources,
     metrics: Option<MetricsListener>,
     shutdown: Receiver<()>,
 ) -> Exit {
@@ -333,13 +391,16 @@ pub fn run(
                 options,
                 shared,
                 workers,
-                feed,
+                sources,
                 health: &health,
                 stopped: stats_stopped,
             };
             watch.spawn(scope, shutdown, on_finished, metrics);
-            if let Some(feed) = feed {
+            if let Some(feed) = sources.nats {
                 feed.run(scope, db, workers, on_done);
+            }
+            if let Some(mqtt) = sources.mqtt {
+                mqtt.run(scope, workers, on_done);
             }
             let connections_done = match &listener {
                 Some(listener) => accept(scope, listener, workers, shared, options),
@@ -352,7 +413,15 @@ pub fn run(
             if let Some(path) = &shared.socket {
                 let _ = std::fs::remove_file(path);
             }
-            drain(db, options, shared, workers, feed, &stop, &connections_done);
+            drain(
+                db,
+                options,
+                shared,
+                workers,
+                sources,
+                &stop,
+                &connections_done,
+            );
             drop(stats_stop);
             drop(finished);
         });
@@ -372,6 +441,14 @@ fn log_serving(db: &Database, options: &ServeOptions, listening: bool) {
             nats.stream, nats.servers, nats.instance
         ));
     }
+    if let Some(mqtt) = &options.mqtt {
+        feeds.push(format!(
+            "MQTT {} at {} as {}",
+            mqtt.topics.join(", "),
+            mqtt.address(),
+            mqtt.client_id
+        ));
+    }
     log::info!(
         "serving on {} with {} workers, database {}",
         feeds.join(" and "),
@@ -389,7 +466,7 @@ struct Watchers<'a> {
     options: &'a ServeOptions,
     shared: &'a Shared,
     workers: &'a Workers,
-    feed: Option<&'a Feed>,
+    sources: Sources<'a>,
     health: &'a http::Health,
     stopped: Receiver<()>,
 }
@@ -409,7 +486,7 @@ impl<'a> Watchers<'a> {
             options,
             shared,
             workers,
-            feed,
+            sources,
             health,
             stopped,
         } = self;
@@ -429,14 +506,16 @@ impl<'a> Watchers<'a> {
                 .spawn_scoped(scope, move || http::probe(db, health, probe_stopped))
                 .expect("spawn the health thread");
             let http_stopped = stopped.clone();
-            let status = feed.map(Feed::status);
+            let status = sources.nats.map(Feed::status);
+            let mqtt = sources.mqtt.map(Source::status);
             std::thread::Builder::new()
                 .name("metrics-http".into())
                 .spawn_scoped(scope, move || {
                     let render = || {
                         let summary = summary_now(db, shared);
-                        let mut report =
-                            report(db, shared, workers, &summary, 0.0, status.as_deref());
+                        let mut report = report(db, shared, workers, &summary, 0.0);
+                        report.feed = status.as_deref();
+                        report.mqtt = mqtt.as_deref();
                         report.down_since = health.down_since(db);
                         report.prometheus()
                     };
@@ -447,7 +526,7 @@ impl<'a> Watchers<'a> {
         std::thread::Builder::new()
             .name("stats".into())
             .spawn_scoped(scope, move || {
-                report_stats(db, options, shared, workers, feed, stopped)
+                report_stats(db, options, shared, workers, sources, stopped)
             })
             .expect("spawn the stats thread");
     }
@@ -524,18 +603,16 @@ fn drain(
     options: &ServeOptions,
     shared: &Shared,
     workers: &Workers,
-    feed: Option<&Feed>,
+    sources: Sources,
     stop: &AtomicBool,
     connections_done: &Receiver<()>,
 ) {
     let deadline = Instant::now() + options.shutdown_timeout;
-    if let Some(feed) = feed {
-        feed.stop_fetching();
-    }
+    sources.stop_reading();
     while shared.active.load(Ordering::SeqCst) > 0
         && connections_done.recv_deadline(deadline).is_ok()
     {}
-    let feed_busy = || feed.is_some_and(|f| f.in_flight() > 0);
+    let feed_busy = || sources.in_flight() > 0;
     while feed_busy() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -547,9 +624,7 @@ fn drain(
         stop.store(true, Ordering::SeqCst);
         db.cancel_retries();
     }
-    if let Some(feed) = feed {
-        feed.end();
-    }
+    sources.end();
 }
 
 /// The counters now: the outcomes so far and the database's.
@@ -566,7 +641,6 @@ fn report<'a>(
     workers: &Workers,
     summary: &'a Summary,
     rate: f64,
-    feed: Option<&'a FeedStatus>,
 ) -> Report<'a> {
     let (open, idle) = db.pool_state();
     Report {
@@ -577,7 +651,8 @@ fn report<'a>(
         queued: workers.queued(),
         producers: shared.active.load(Ordering::SeqCst),
         down_since: db.down_since(),
-        feed,
+        feed: None,
+        mqtt: None,
     }
 }
 
@@ -586,10 +661,11 @@ fn report_stats(
     options: &ServeOptions,
     shared: &Shared,
     workers: &Workers,
-    feed: Option<&Feed>,
+    sources: Sources,
     stopped: Receiver<()>,
 ) {
-    let status = feed.map(Feed::status);
+    let status = sources.nats.map(Feed::status);
+    let mqtt = sources.mqtt.map(Source::status);
     let mut last = (Instant::now(), 0u64);
     loop {
         let finished = match stopped.recv_timeout(options.stats_interval) {
@@ -602,7 +678,9 @@ fn report_stats(
         let rate = (summary.completed - last.1) as f64
             / now.duration_since(last.0).as_secs_f64().max(1e-9);
         last = (now, summary.completed);
-        let report = report(db, shared, workers, &summary, rate, status.as_deref());
+        let mut report = report(db, shared, workers, &summary, rate);
+        report.feed = status.as_deref();
+        report.mqtt = mqtt.as_deref();
         log::info!("{}", report.line());
         if let Some(path) = &options.metrics_file {
             if let Err(e) = write_atomically(path, &report.prometheus()) {

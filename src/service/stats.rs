@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use chrono::{DateTime, Utc};
 
 use crate::feed::FeedStatus;
+use crate::mqtt::MqttStatus;
 use crate::pipeline::Summary;
 
 /// What one stats report shows.
@@ -29,6 +30,8 @@ pub struct Report<'a> {
     pub down_since: Option<DateTime<Utc>>,
     /// The NATS feed, when the service consumes one.
     pub feed: Option<&'a FeedStatus>,
+    /// The MQTT source, when the service reads a broker.
+    pub mqtt: Option<&'a MqttStatus>,
 }
 
 impl Report<'_> {
@@ -56,6 +59,7 @@ impl Report<'_> {
             self.queued,
             self.producers,
         ) + &self.feed.map_or(String::new(), |f| format!("; {}", feed_line(f)))
+            + &self.mqtt.map_or(String::new(), |m| format!("; {}", mqtt_line(m)))
     }
 
     /// The counters in Prometheus text exposition format: one family a
@@ -81,6 +85,9 @@ impl Report<'_> {
         all.extend(self.service_families());
         if let Some(feed) = self.feed {
             all.extend(feed_families(feed));
+        }
+        if let Some(mqtt) = self.mqtt {
+            all.extend(mqtt_families(mqtt));
         }
         all
     }
@@ -161,6 +168,51 @@ fn feed_line(feed: &FeedStatus) -> String {
         feed.instances.load(Ordering::Relaxed),
         feed.redeliveries.load(Ordering::Relaxed),
     )
+}
+
+/// The MQTT source's part of the stats line: `mqtt received=N
+/// acknowledged=N in_flight=N redelivered=N; broker up`.
+fn mqtt_line(mqtt: &MqttStatus) -> String {
+    let state = if mqtt.refused.load(Ordering::Relaxed) {
+        "refused".to_string()
+    } else {
+        up_or_down_since(*mqtt.down_since.lock().expect("status lock"))
+    };
+    format!(
+        "mqtt received={} acknowledged={} in_flight={} redelivered={}; broker {state}",
+        mqtt.received.load(Ordering::Relaxed),
+        mqtt.acknowledged.load(Ordering::Relaxed),
+        mqtt.in_flight.load(Ordering::Relaxed),
+        mqtt.redelivered.load(Ordering::Relaxed),
+    )
+}
+
+/// The MQTT source's metrics.
+fn mqtt_families(mqtt: &MqttStatus) -> Vec<Family> {
+    let up = u64::from(mqtt.down_since.lock().expect("status lock").is_none());
+    vec![
+        Family::counter(
+            "mqtt_received_total",
+            "PUBLISH packets received from the broker, redeliveries included.",
+        )
+        .of(mqtt.received.load(Ordering::Relaxed)),
+        Family::counter(
+            "mqtt_redelivered_total",
+            "PUBLISH packets the broker sent again (DUP set).",
+        )
+        .of(mqtt.redelivered.load(Ordering::Relaxed)),
+        Family::counter(
+            "mqtt_acknowledged_total",
+            "PUBACKs sent, each after its message's outcome committed.",
+        )
+        .of(mqtt.acknowledged.load(Ordering::Relaxed)),
+        Family::gauge(
+            "mqtt_in_flight_messages",
+            "Messages received and handed to the workers whose outcome is not back.",
+        )
+        .of(mqtt.in_flight.load(Ordering::Relaxed)),
+        Family::gauge("mqtt_up", "1 while the MQTT broker is connected.").of(up),
+    ]
 }
 
 /// `up`, or `down since <RFC 3339>`: how the stats line says a peer is.
@@ -305,6 +357,7 @@ mod tests {
     #[test]
     fn prometheus_text_has_help_type_and_samples_for_every_metric() {
         let summary = Summary::new();
+        let mqtt = MqttStatus::default();
         let report = Report {
             summary: &summary,
             rate: 0.0,
@@ -314,6 +367,7 @@ mod tests {
             producers: 3,
             down_since: None,
             feed: None,
+            mqtt: Some(&mqtt),
         };
         let text = report.prometheus();
         let mut declared = None;
@@ -330,5 +384,7 @@ mod tests {
         assert!(text.contains("normalizer_producers 3"));
         assert!(text.contains("normalizer_dead_letters_total{kind=\"malformed\"} 0"));
         assert!(report.line().contains("database up"));
+        assert!(text.contains("normalizer_mqtt_up 1"));
+        assert!(report.line().ends_with("; broker up"), "{}", report.line());
     }
 }

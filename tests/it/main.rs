@@ -7,6 +7,7 @@ mod contract;
 mod disk_full;
 mod faults;
 mod input;
+mod mqtt;
 mod nats;
 mod netns;
 mod oracle;

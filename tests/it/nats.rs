@@ -163,22 +163,28 @@ impl Drop for NatsCluster {
     }
 }
 
-/// A `serve --nats` process.
-struct Instance {
+/// A `serve` process (`--nats`, or any source).
+pub(crate) struct Instance {
     child: Child,
     log: PathBuf,
 }
 
 impl Instance {
-    /// Starts one and returns once it serves.
+    /// Starts one on NATS and returns once it serves.
     fn start(dir: &Path, label: &str, db: &str, urls: &str, extra: &[&str]) -> Instance {
+        Self::serve(dir, label, db, &[&["--nats", urls][..], extra].concat())
+    }
+
+    /// Starts `serve ARGS` and returns once it serves; its log is
+    /// `<dir>/<label>.log`.
+    pub(crate) fn serve(dir: &Path, label: &str, db: &str, args: &[&str]) -> Instance {
         let log = dir.join(format!("{label}.log"));
         let _ = std::fs::remove_file(&log);
         let child = bin()
             .args(["--database-url", db, "--log-file"])
             .arg(&log)
-            .args(["serve", "--nats", urls, "--stats-interval", "2s"])
-            .args(extra)
+            .args(["serve", "--stats-interval", "2s"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -191,7 +197,7 @@ impl Instance {
         Instance { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -203,13 +209,13 @@ impl Instance {
         after.split_whitespace().next().unwrap().to_string()
     }
 
-    fn signal(&self, signal: i32) {
+    pub(crate) fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child process.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
     }
 
     /// SIGTERM, and its exit.
-    fn stop(mut self) -> (ExitStatus, String) {
+    pub(crate) fn stop(mut self) -> (ExitStatus, String) {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -272,7 +278,7 @@ fn three_instances(
 }
 
 /// Lines with an outcome in the database: processed ids and dead letters.
-fn done(conn: &mut PgConnection) -> i64 {
+pub(crate) fn done(conn: &mut PgConnection) -> i64 {
     #[derive(QueryableByName)]
     struct N {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -357,7 +363,7 @@ fn fence_owners(conn: &mut PgConnection) -> Vec<(String, String)> {
         .collect()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -374,7 +380,7 @@ const STALL: Duration = Duration::from_secs(90);
 
 /// Waits until `count` reaches `target`, failing only when it has not grown
 /// for `STALL`. Returns how long it took.
-fn wait_for_lines(what: &str, target: i64, mut count: impl FnMut() -> i64) -> Duration {
+pub(crate) fn wait_for_lines(what: &str, target: i64, mut count: impl FnMut() -> i64) -> Duration {
     let started = Instant::now();
     let mut last = count();
     let mut moved = Instant::now();
@@ -476,7 +482,7 @@ impl Scene {
     }
 }
 
-fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
+pub(crate) fn assert_exact(clean: &Snapshot, faulty: &Snapshot) -> (usize, usize, usize) {
     let figures = chaos::compare(clean, faulty);
     assert_eq!(figures, (0, 0, 0), "lost, doubled, wrongly dead-lettered");
     assert_eq!(faulty.readings, clean.readings, "the same readings");
@@ -997,7 +1003,7 @@ fn a_job_behind_a_raised_fence_commits_nothing_on_both_backends() {
                     let line = crate::support::msg(id, "dev-0042", &ts, r#"{"t":21.5}"#);
                     let origin = Origin {
                         token: token.to_string(),
-                        fence: fence.clone(),
+                        fence: Some(fence.clone()),
                     };
                     let line = Line {
                         number: i as u64 + 1,

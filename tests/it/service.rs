@@ -659,6 +659,7 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
         metrics_listen: None,
         workers: support::options(),
         nats: None,
+        mqtt: None,
     };
     let listener = service::bind(&socket, options.mode).unwrap();
     let (shutdown, on_shutdown) = crossbeam_channel::bounded(1);
@@ -668,8 +669,16 @@ fn the_service_runs_in_process_on_its_own_listener_until_told_to_stop() {
         support::msg("a-2", "dev-nope", "2026-11-29T10:00:00Z", r#"{"t":1}"#),
     ];
     let exit = std::thread::scope(|s| {
-        let server =
-            s.spawn(|| service::run(&t.db, &options, Some(listener), None, None, on_shutdown));
+        let server = s.spawn(|| {
+            service::run(
+                &t.db,
+                &options,
+                Some(listener),
+                service::Sources::default(),
+                None,
+                on_shutdown,
+            )
+        });
         let acks = produce(&socket, &lines, None);
         let outcomes: Vec<String> = acks
             .values()
