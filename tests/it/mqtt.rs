@@ -616,3 +616,168 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
         assert!(stderr.contains(reason), "{reason}: {stderr}");
     }
 }
+
+#[test]
+fn the_mqtt_password_given_through_any_input_reaches_no_output() {
+    let secret = format!("Mq{:016x}z", rand::random::<u64>());
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    std::fs::write(&passwords, "").unwrap();
+    let made = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwords)
+        .args(["normalizer", &secret])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let broker = Mosquitto::start(&format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwords.display()
+    ));
+    let scene = Scene::new(crate::pg::shared(), 10);
+    let file = dir.path().join("mqtt.password");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let config = dir.path().join("normalizer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nurl = \"{}\"\nuser = \"normalizer\"\npassword = \"{secret}\"\n",
+            broker.url()
+        ),
+    )
+    .unwrap();
+    let with_url = format!("mqtt://normalizer:{secret}@127.0.0.1:{}", broker.port);
+    let plain = broker.url();
+    let file_arg = file.display().to_string();
+    let config_arg = config.display().to_string();
+    type Input<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let inputs: Vec<Input> = vec![
+        ("url", vec!["--mqtt", &with_url], vec![]),
+        (
+            "flags",
+            vec![
+                "--mqtt",
+                &plain,
+                "--mqtt-user",
+                "normalizer",
+                "--mqtt-password",
+                &secret,
+            ],
+            vec![],
+        ),
+        (
+            "environment",
+            vec!["--mqtt", &plain],
+            vec![("MQTT_USER", "normalizer"), ("MQTT_PASSWORD", &secret)],
+        ),
+        (
+            "file",
+            vec![
+                "--mqtt",
+                &plain,
+                "--mqtt-user",
+                "normalizer",
+                "--mqtt-password-file",
+                &file_arg,
+            ],
+            vec![],
+        ),
+        ("config", vec!["--config", &config_arg], vec![]),
+    ];
+    let metrics = dir.path().join("metrics.prom");
+    for (how, args, env) in &inputs {
+        let log = dir.path().join(format!("{how}.log"));
+        let (global, serve): (Vec<&str>, Vec<&str>) = if args[0] == "--config" {
+            (args.clone(), vec![])
+        } else {
+            (vec![], args.clone())
+        };
+        let child = bin()
+            .args(&global)
+            .args([
+                "--database-url",
+                &scene.url,
+                "--log-level",
+                "debug",
+                "--log-file",
+            ])
+            .arg(&log)
+            .args(["serve", "--stats-interval", "200ms", "--metrics-file"])
+            .arg(&metrics)
+            .args(&serve)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until(
+            &format!("serve with the password from the {how}"),
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("mqtt received=")
+            },
+        );
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{how}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = format!(
+            "{}{}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap(),
+            std::fs::read_to_string(&metrics).unwrap()
+        );
+        assert!(printed.contains("mqtt: connected to"), "{how}: {printed}");
+        assert!(
+            !printed.contains(&secret),
+            "{how}: the password was printed: {printed}"
+        );
+    }
+}
+
+#[test]
+fn serve_reads_the_broker_and_its_socket_side_by_side() {
+    let scene = Scene::new(crate::pg::shared(), 10);
+    let broker = Mosquitto::start("");
+    let socket = scene.dir.path().join("n.sock");
+    let instance = serve(
+        &scene,
+        "both",
+        &broker,
+        &["--socket", socket.to_str().unwrap()],
+    );
+    let line = |id: &str| {
+        format!(r#"{{"id":"{id}","device":"side","ts":"2026-01-01T00:00:00Z","payload":{{}}}}"#)
+    };
+    let mut publisher = Publisher::connect(broker.port, "sensor");
+    publisher.publish("sensors/side", line("by-mqtt"), false);
+    publisher.settle();
+    let input = scene.dir.path().join("one.jsonl");
+    std::fs::write(&input, line("by-socket") + "\n").unwrap();
+    let sent = bin()
+        .args(["send", "--socket", socket.to_str().unwrap()])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    wait_until("both lines", Duration::from_secs(30), || {
+        dead_letters(&scene.url).len() == 2
+    });
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("serving on") && log.contains(" and MQTT sensors/# at "),
+        "{log}"
+    );
+}
