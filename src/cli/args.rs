@@ -326,7 +326,7 @@ pub enum Command {
         /// The input file; standard input when absent or `-`.
         file: Option<PathBuf>,
         /// The service's socket [default: /run/normalizer/normalizer.sock].
-        #[arg(long, conflicts_with = "nats")]
+        #[arg(long, conflicts_with_all = ["nats", "mqtt"])]
         socket: Option<PathBuf>,
         /// Publish to a NATS JetStream feed at these client URLs
         /// (comma-separated) instead of the socket.
@@ -342,6 +342,13 @@ pub enum Command {
         /// How to log in to NATS.
         #[command(flatten)]
         nats_auth: NatsAuthArgs,
+        /// Publish to an MQTT broker instead of the socket (--mqtt URL), each
+        /// line at QoS 1 to sensors/<its device key>.
+        #[command(flatten)]
+        mqtt: MqttArgs,
+        /// Publishes awaiting the broker's PUBACK at most (MQTT only).
+        #[arg(long, default_value_t = 100, requires = "mqtt")]
+        mqtt_in_flight: u16,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -490,11 +497,13 @@ impl Cli {
                 socket,
                 nats,
                 nats_auth,
+                mqtt,
                 ..
             } => {
                 flags.socket = socket.clone();
                 flags.nats_servers = nats.clone();
                 nats_auth.apply(&mut flags);
+                mqtt.apply(&mut flags);
             }
             _ => {}
         }

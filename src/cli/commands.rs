@@ -129,6 +129,30 @@ pub(super) fn send_nats(
     Ok(())
 }
 
+/// `send --mqtt URL [FILE]`.
+pub(super) fn send_mqtt(
+    file: Option<&Path>,
+    options: &crate::mqtt::MqttOptions,
+    in_flight: u16,
+    json: bool,
+) -> Result<(), RunError> {
+    let (input, _) = open_input(file)?;
+    let published = crate::mqtt::publish::publish(options, input, in_flight)?;
+    if json {
+        print_json(&published);
+    } else {
+        println!("{published}");
+    }
+    if !published.skipped.is_empty() {
+        return Err(RunError::Failed(anyhow!(
+            "{} lines over 1 MiB were not sent (first: line {})",
+            published.skipped.len(),
+            published.skipped[0]
+        )));
+    }
+    Ok(())
+}
+
 /// `send [FILE]`.
 pub(super) fn send(context: &Context, file: Option<&Path>, json: bool) -> Result<(), RunError> {
     let (input, _) = open_input(file)?;

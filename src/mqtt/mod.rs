@@ -14,6 +14,7 @@
 //! down; the broker's in-flight window (`max_inflight_messages`) bounds what
 //! it holds. The database is touched only by the worker threads.
 
+pub mod publish;
 mod settings;
 mod source;
 

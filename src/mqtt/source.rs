@@ -454,7 +454,7 @@ impl Source {
 
 /// The client's options: a persistent session (clean session off) under
 /// a fixed client id, manual acknowledgements, TLS where asked for.
-fn client_options(options: &MqttOptions) -> Result<rumqttc::MqttOptions, SourceError> {
+pub(super) fn client_options(options: &MqttOptions) -> Result<rumqttc::MqttOptions, SourceError> {
     let mut o = rumqttc::MqttOptions::new(&options.client_id, &options.host, options.port);
     o.set_clean_session(false)
         .set_manual_acks(true)
