@@ -756,9 +756,23 @@ fn serve_reads_the_broker_and_its_socket_side_by_side() {
     let line = |id: &str| {
         format!(r#"{{"id":"{id}","device":"side","ts":"2026-01-01T00:00:00Z","payload":{{}}}}"#)
     };
-    let mut publisher = Publisher::connect(broker.port, "sensor");
-    publisher.publish("sensors/side", line("by-mqtt"), false);
-    publisher.settle();
+    // `send --mqtt`, the producer command, publishes it.
+    let by_mqtt = scene.dir.path().join("mqtt.jsonl");
+    std::fs::write(&by_mqtt, line("by-mqtt") + "\n\n").unwrap();
+    let published = bin()
+        .args(["send", "--mqtt", &broker.url()])
+        .arg(&by_mqtt)
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&published.stdout).trim(),
+        "published 1, acknowledged by the broker 1"
+    );
     let input = scene.dir.path().join("one.jsonl");
     std::fs::write(&input, line("by-socket") + "\n").unwrap();
     let sent = bin()
