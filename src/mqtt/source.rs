@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, SendTimeoutError, Sender};
 use rumqttc::tokio_rustls::rustls;
 use rumqttc::{
     Client, ConnAck, ConnectReturnCode, Connection, ConnectionError, Event, Outgoing, Packet,
@@ -30,6 +30,12 @@ pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
 /// How long the events thread waits for the connection before it looks
 /// whether the source is ending.
 const POLL: Duration = Duration::from_millis(200);
+
+/// Messages handed from the events thread to the feeder at most. Past it
+/// the events thread waits, and TCP holds the broker back: mosquitto 2.0
+/// keeps to its in-flight window while a session stays connected, but
+/// after a reconnect it sent a whole backlog at once.
+const HAND_OFF: usize = 1024;
 
 /// Why the source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -196,7 +202,7 @@ impl Source {
             status,
             inflight: Mutex::new(Inflight::default()),
             next_position: AtomicU64::new(1),
-            lines: unbounded(),
+            lines: bounded(HAND_OFF),
             stop_reading: AtomicBool::new(false),
             ending: AtomicBool::new(false),
         }))
@@ -345,11 +351,27 @@ impl Source {
             }
         };
         self.status.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _ = self.lines.0.send(Received {
+        let mut received = Received {
             position,
             publish,
             token,
-        });
+        };
+        // Waits while the workers are behind (the broker waits meanwhile);
+        // a shutdown leaves the message to the broker.
+        loop {
+            match self.lines.0.send_timeout(received, POLL) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(back))
+                    if !self.stop_reading.load(Ordering::SeqCst) =>
+                {
+                    received = back;
+                }
+                Err(_) => {
+                    self.status.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
     }
 
     /// The feeder thread: received messages into the worker pool.

@@ -376,34 +376,53 @@ fn the_broker_stopped_and_restarted_and_a_database_outage_mid_stream_end_exactly
     for line in first {
         publisher.publish(&topic(line), line.as_bytes(), false);
     }
-    // The publisher's own QoS 1 may repeat a message it did not see
-    // acknowledged (a broker that stops mid-publish): settle first, so the
-    // broker holds each message once.
     publisher.settle();
+    // The database goes away for 10 s while the second part is published.
+    let mut c = conn();
+    wait_for_lines("half the first part", first.len() as i64 / 2, || {
+        done(&mut c)
+    });
+    pg.stop("fast");
+    for line in second {
+        publisher.publish(&topic(line), line.as_bytes(), false);
+    }
+    publisher.settle();
+    // Nothing is acknowledged while the database is down (mosquitto then
+    // stops at its in-flight window, though 2.0.11 with no queue limit was
+    // seen to go past it: 1,864 of 1000; the service's own bound is its
+    // hand-off and the workers' queues).
+    std::thread::sleep(Duration::from_secs(3));
+    let before = mqtt_counter(&instance.log(), "acknowledged");
+    std::thread::sleep(Duration::from_secs(5));
+    let log = instance.log();
+    assert_eq!(
+        mqtt_counter(&log, "acknowledged"),
+        before,
+        "nothing acknowledged during the outage"
+    );
+    let held = mqtt_counter(&log, "in_flight");
+    assert!(held > 0, "messages wait in the service during the outage");
+    println!("mqtt: {held} messages held unacknowledged during the outage");
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start();
+    let mut c = conn();
+    // (A line whose id came before adds no row: 98% is past the outage.)
+    let two_parts = (first.len() + second.len()) as i64 * 98 / 100;
+    wait_for_lines("the first two parts", two_parts, || done(&mut c));
+    // The broker stopped cleanly and started again (persistence on) while
+    // the service runs; the third part published after. The publisher's
+    // own QoS 1 may repeat a message it did not see acknowledged (a broker
+    // that stops mid-publish): it settled first, so the broker holds each
+    // message once.
     drop(publisher);
     broker.stop();
     std::thread::sleep(Duration::from_secs(2));
     broker.resume();
     let mut publisher = Publisher::connect(broker.port, "sensor-gateway");
-    for line in second {
-        publisher.publish(&topic(line), line.as_bytes(), false);
-    }
-    publisher.settle();
-    // The database goes away for 10 s while the third part is published.
-    let mut c = conn();
-    wait_for_lines(
-        "the first two parts",
-        (first.len() + second.len()) as i64 / 2,
-        || done(&mut c),
-    );
-    pg.stop("fast");
     for line in third {
         publisher.publish(&topic(line), line.as_bytes(), false);
     }
     publisher.settle();
-    std::thread::sleep(Duration::from_secs(10));
-    pg.start();
-    let mut c = conn();
     wait_for_lines("every line", scene.total, || done(&mut c));
     std::thread::sleep(Duration::from_secs(1));
     assert_exact(&scene.clean, &scene.snapshot());
