@@ -548,11 +548,13 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
     .status()
     .unwrap();
     assert!(made.success());
-    let tls_port = free_port();
-    let broker = Mosquitto::start(&format!(
+    let (tls_port, wrong_name_port) = (free_port(), free_port());
+    let mut broker = Mosquitto::start(&format!(
         "allow_anonymous false\npassword_file {pw}\n\
          listener {tls_port} 127.0.0.1\n\
-         cafile {c}/ca.crt\ncertfile {c}/server.crt\nkeyfile {c}/server.key\n",
+         cafile {c}/ca.crt\ncertfile {c}/server.crt\nkeyfile {c}/server.key\n\
+         listener {wrong_name_port} 127.0.0.1\n\
+         cafile {c}/ca.crt\ncertfile {c}/wrong-name.crt\nkeyfile {c}/wrong-name.key\n",
         pw = passwords.display(),
         c = certs.display()
     ));
@@ -627,6 +629,15 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
             ],
             "does it speak TLS on that port?",
         ),
+        (
+            vec![
+                "--mqtt",
+                &format!("mqtts://normalizer@localhost:{wrong_name_port}"),
+                "--mqtt-ca",
+                &ca("ca.crt"),
+            ],
+            "does not match host name",
+        ),
     ] {
         let (out, took) = start(&[&args[..], &password].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -634,6 +645,56 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
         assert!(took < Duration::from_secs(5), "{took:?}");
         assert!(stderr.contains(reason), "{reason}: {stderr}");
     }
+    // The login withdrawn while serving (the broker restarted with another
+    // password): one ERROR, retried, never an exit; one line when let in.
+    let instance = Instance::serve(
+        scene.dir.path(),
+        "withdrawn",
+        &scene.url,
+        &[
+            "--mqtt",
+            &broker.url(),
+            "--mqtt-user",
+            "normalizer",
+            "--mqtt-password-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let set_password = |pw: &str| {
+        let made = Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&passwords)
+            .args(["normalizer", pw])
+            .status()
+            .unwrap();
+        assert!(made.success());
+    };
+    set_password("changed-horse");
+    broker.stop();
+    broker.resume();
+    wait_until("the refusal", Duration::from_secs(30), || {
+        instance
+            .log()
+            .contains("nothing is read until the broker lets this client in again")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    set_password("right-horse-battery");
+    broker.stop();
+    broker.resume();
+    wait_until("the login again", Duration::from_secs(30), || {
+        instance.log().contains("again after")
+    });
+    let (status, log) = instance.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        log.matches("nothing is read until").count(),
+        1,
+        "one ERROR: {log}"
+    );
+    assert!(
+        log.contains("broker refused") || log.contains("ERROR"),
+        "{log}"
+    );
 }
 
 #[test]
