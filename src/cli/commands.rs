@@ -131,11 +131,22 @@ pub(super) fn send_nats(
 
 /// `send --mqtt URL [FILE]`.
 pub(super) fn send_mqtt(
+    context: &Context,
     file: Option<&Path>,
-    options: &crate::mqtt::MqttOptions,
+    args: &super::args::MqttArgs,
     in_flight: u16,
     json: bool,
 ) -> Result<(), RunError> {
+    if !args.topics.is_empty() {
+        return Err(RunError::Failed(anyhow!(
+            "send --mqtt publishes each line to sensors/<its device key>; --mqtt-topic is for serve"
+        )));
+    }
+    let options = context
+        .settings
+        .mqtt
+        .as_ref()
+        .expect("--mqtt makes the MQTT settings");
     let (input, _) = open_input(file)?;
     let published = crate::mqtt::publish::publish(options, input, in_flight)?;
     if json {

@@ -152,17 +152,7 @@ pub fn run(cli: Cli) -> Result<(), RunError> {
             mqtt_in_flight,
             ..
         } if mqtt.url.is_some() => {
-            if !mqtt.topics.is_empty() {
-                return Err(RunError::Failed(anyhow!(
-                    "send --mqtt publishes each line to sensors/<its device key>; --mqtt-topic is for serve"
-                )));
-            }
-            let options = context
-                .settings
-                .mqtt
-                .clone()
-                .expect("--mqtt makes the MQTT settings");
-            commands::send_mqtt(file.as_deref(), &options, mqtt_in_flight, json)
+            commands::send_mqtt(&context, file.as_deref(), &mqtt, mqtt_in_flight, json)
         }
         Command::Send { file, json, .. } => commands::send(&context, file.as_deref(), json),
         Command::Status { json } => commands::status(&context, json),

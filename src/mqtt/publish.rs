@@ -63,6 +63,41 @@ pub fn topic(line: &[u8]) -> String {
     }
 }
 
+/// Polls the connection on a thread of its own: says when it connected
+/// (or why not), counts the broker's PUBACKs, and records why it broke.
+fn drive(
+    mut connection: rumqttc::Connection,
+    options: MqttOptions,
+    acknowledged: Arc<AtomicU64>,
+    failed: Arc<Mutex<Option<String>>>,
+    connected: crossbeam_channel::Sender<Result<(), String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || loop {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                let _ = connected.try_send(Ok(()));
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                acknowledged.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => return,
+            Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Err(e)) => {
+                let why = refusal(&e, &options).unwrap_or_else(|| {
+                    format!(
+                        "the connection to the MQTT broker at {} broke: {e}",
+                        options.address()
+                    )
+                });
+                let _ = connected.try_send(Err(why.clone()));
+                *failed.lock().expect("failure lock") = Some(why);
+                return;
+            }
+        }
+    })
+}
+
 /// Publishes every non-blank line of `input` at QoS 1, at most `in_flight`
 /// unacknowledged at once, and waits for the broker's PUBACKs. A broken
 /// connection ends it with an error that says how many were acknowledged
@@ -76,38 +111,17 @@ pub fn publish(
     o.set_clean_session(true)
         .set_manual_acks(false)
         .set_inflight(in_flight.max(1));
-    let (client, mut connection) = Client::new(o, usize::from(in_flight).max(16));
+    let (client, connection) = Client::new(o, usize::from(in_flight).max(16));
     let acknowledged = Arc::new(AtomicU64::new(0));
     let failed: Arc<Mutex<Option<String>>> = Arc::default();
     let (connected_tx, connected) = crossbeam_channel::bounded::<Result<(), String>>(1);
-    let driver = {
-        let (acknowledged, failed, options) =
-            (acknowledged.clone(), failed.clone(), options.clone());
-        std::thread::spawn(move || loop {
-            match connection.recv_timeout(Duration::from_millis(200)) {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
-                    let _ = connected_tx.try_send(Ok(()));
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                    acknowledged.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) => return,
-                Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-                Ok(Err(e)) => {
-                    let why = refusal(&e, &options).unwrap_or_else(|| {
-                        format!(
-                            "the connection to the MQTT broker at {} broke: {e}",
-                            options.address()
-                        )
-                    });
-                    let _ = connected_tx.try_send(Err(why.clone()));
-                    *failed.lock().expect("failure lock") = Some(why);
-                    return;
-                }
-            }
-        })
-    };
+    let driver = drive(
+        connection,
+        options.clone(),
+        acknowledged.clone(),
+        failed.clone(),
+        connected_tx,
+    );
     match connected.recv_timeout(Duration::from_secs(30)) {
         Ok(Ok(())) => {}
         Ok(Err(why)) => bail!("{why}"),

@@ -100,93 +100,11 @@ impl Source {
         shutdown: &Receiver<()>,
     ) -> Result<Option<Source>, SourceError> {
         let (client, mut connection) = Client::new(client_options(&options)?, 1024);
-        let status = Arc::new(MqttStatus::default());
-        let mut early = Vec::new();
-        let mut waiting_since: Option<Instant> = None;
-        // Connect.
-        let session_present = loop {
-            if shutdown.try_recv().is_ok() {
-                return Ok(None);
-            }
-            match connection.recv_timeout(POLL) {
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => break ack.session_present,
-                Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Setup("the MQTT client ended".into()))
-                }
-                Ok(Err(e)) => {
-                    if let Some(reason) = refusal(&e, &options) {
-                        return Err(SourceError::Refused(reason));
-                    }
-                    if handshake_cut(&e) {
-                        return Err(SourceError::Refused(format!(
-                            "TLS to the MQTT broker at {}: the server closed the connection during the handshake (does it speak TLS on that port?)",
-                            options.address()
-                        )));
-                    }
-                    if waiting_since.is_none() {
-                        log::warn!(
-                            "mqtt: waiting for the broker at {} ({e}); as long as it takes",
-                            options.address()
-                        );
-                        waiting_since = Some(Instant::now());
-                    }
-                    if shutdown.recv_timeout(Duration::from_secs(1)).is_ok() {
-                        return Ok(None);
-                    }
-                }
-            }
+        let Some(session_present) = first_connection(&mut connection, &options, shutdown)? else {
+            return Ok(None);
         };
-        if let Some(since) = waiting_since {
-            log::info!(
-                "mqtt: the broker at {} answered after {:.1} s",
-                options.address(),
-                since.elapsed().as_secs_f64()
-            );
-        }
-        // Subscribe, and wait for the broker's answer: a refused filter is
-        // a set-up error. What the session kept may arrive meanwhile.
         subscribe(&client, &options)?;
-        loop {
-            match connection.recv_timeout(Duration::from_secs(10)) {
-                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                    let refused: Vec<&str> = ack
-                        .return_codes
-                        .iter()
-                        .zip(&options.topics)
-                        .filter(|(code, _)| matches!(code, SubscribeReasonCode::Failure))
-                        .map(|(_, topic)| topic.as_str())
-                        .collect();
-                    if !refused.is_empty() {
-                        return Err(SourceError::Refused(format!(
-                            "the MQTT broker at {} refused the subscription to {} (is this user allowed to read it?)",
-                            options.address(),
-                            refused.join(", ")
-                        )));
-                    }
-                    break;
-                }
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => early.push(p),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    return Err(SourceError::Refused(format!(
-                        "the MQTT broker at {} closed the connection on the subscription to {} ({e}; is this user allowed to read it?)",
-                        options.address(),
-                        options.topics.join(", ")
-                    )))
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(SourceError::Refused(format!(
-                        "the MQTT broker at {} did not answer the subscription to {} within 10 s",
-                        options.address(),
-                        options.topics.join(", ")
-                    )))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Setup("the MQTT client ended".into()))
-                }
-            }
-        }
+        let early = subscribed(&mut connection, &options)?;
         log::info!(
             "mqtt: connected to {} as {} ({} session), subscribed to {} at QoS 1",
             options.address(),
@@ -199,7 +117,7 @@ impl Source {
             client,
             connection: Mutex::new(Some(connection)),
             early: Mutex::new(early),
-            status,
+            status: Arc::new(MqttStatus::default()),
             inflight: Mutex::new(Inflight::default()),
             next_position: AtomicU64::new(1),
             lines: bounded(HAND_OFF),
@@ -517,6 +435,104 @@ fn tls(options: &MqttOptions) -> Result<TlsConfiguration, SourceError> {
         alpn: None,
         client_auth,
     })
+}
+
+/// Polls until the broker's CONNACK: whether it kept the session, or
+/// `None` when `shutdown` came first. A refusal is returned at once; a
+/// broker that is not up is waited for, said once.
+fn first_connection(
+    connection: &mut Connection,
+    options: &MqttOptions,
+    shutdown: &Receiver<()>,
+) -> Result<Option<bool>, SourceError> {
+    let mut waiting_since: Option<Instant> = None;
+    let session_present = loop {
+        if shutdown.try_recv().is_ok() {
+            return Ok(None);
+        }
+        match connection.recv_timeout(POLL) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => break ack.session_present,
+            Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(SourceError::Setup("the MQTT client ended".into()))
+            }
+            Ok(Err(e)) => {
+                if let Some(reason) = refusal(&e, options) {
+                    return Err(SourceError::Refused(reason));
+                }
+                if handshake_cut(&e) {
+                    return Err(SourceError::Refused(format!(
+                        "TLS to the MQTT broker at {}: the server closed the connection during the handshake (does it speak TLS on that port?)",
+                        options.address()
+                    )));
+                }
+                if waiting_since.is_none() {
+                    log::warn!(
+                        "mqtt: waiting for the broker at {} ({e}); as long as it takes",
+                        options.address()
+                    );
+                    waiting_since = Some(Instant::now());
+                }
+                if shutdown.recv_timeout(Duration::from_secs(1)).is_ok() {
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    if let Some(since) = waiting_since {
+        log::info!(
+            "mqtt: the broker at {} answered after {:.1} s",
+            options.address(),
+            since.elapsed().as_secs_f64()
+        );
+    }
+    Ok(Some(session_present))
+}
+
+/// Waits for the broker's answer to the subscription: a refused filter is
+/// a set-up error. Returns what the kept session delivered meanwhile.
+fn subscribed(
+    connection: &mut Connection,
+    options: &MqttOptions,
+) -> Result<Vec<Publish>, SourceError> {
+    let mut early = Vec::new();
+    let at = options.address();
+    let topics = options.topics.join(", ");
+    loop {
+        match connection.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                let refused: Vec<&str> = ack
+                    .return_codes
+                    .iter()
+                    .zip(&options.topics)
+                    .filter(|(code, _)| matches!(code, SubscribeReasonCode::Failure))
+                    .map(|(_, topic)| topic.as_str())
+                    .collect();
+                if refused.is_empty() {
+                    return Ok(early);
+                }
+                return Err(SourceError::Refused(format!(
+                    "the MQTT broker at {at} refused the subscription to {} (is this user allowed to read it?)",
+                    refused.join(", ")
+                )));
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => early.push(p),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(SourceError::Refused(format!(
+                    "the MQTT broker at {at} closed the connection on the subscription to {topics} ({e}; is this user allowed to read it?)"
+                )))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(SourceError::Refused(format!(
+                    "the MQTT broker at {at} did not answer the subscription to {topics} within 10 s"
+                )))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(SourceError::Setup("the MQTT client ended".into()))
+            }
+        }
+    }
 }
 
 fn subscribe(client: &Client, options: &MqttOptions) -> Result<(), SourceError> {
