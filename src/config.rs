@@ -13,6 +13,7 @@ use crate::feed::{Login, NatsAuth, NatsOptions, Tls};
 use crate::mqtt::{MqttFile, MqttFlags, MqttOptions};
 use crate::pipeline::IngestOptions;
 use crate::secret::{read_secret_file, Secret};
+use crate::service::logfile::LogFormat;
 
 /// Every setting that a config file may hold (the same keys as the flags,
 /// with `_` for `-`).
@@ -27,6 +28,8 @@ pub(crate) struct FileSettings {
     pub log_level: Option<String>,
     /// `--log-file`
     pub log_file: Option<PathBuf>,
+    /// `--log-format`: "text" or "json"
+    pub log_format: Option<String>,
     /// `--max-outage`, e.g. "5m"
     pub max_outage: Option<String>,
     /// `false` is `--no-migrate`.
@@ -170,6 +173,8 @@ pub(crate) struct Settings {
     pub log_level: String,
     /// Log file (append); stderr when absent.
     pub log_file: Option<PathBuf>,
+    /// Text or JSON lines.
+    pub log_format: LogFormat,
     /// Give up after the database was unreachable this long; when not set,
     /// each command's own default (`ingest` 5 minutes; `serve` never).
     pub max_outage: Option<Duration>,
@@ -214,6 +219,7 @@ impl Default for Settings {
             database_url: DEFAULT_URL.to_string(),
             log_level: "info".to_string(),
             log_file: None,
+            log_format: LogFormat::Text,
             max_outage: None,
             migrate: true,
             workers: pipeline.workers,
@@ -280,6 +286,8 @@ pub struct FlagSettings {
     pub log_level: Option<String>,
     /// `--log-file`
     pub log_file: Option<PathBuf>,
+    /// `--log-format`
+    pub log_format: Option<String>,
     /// `--max-outage`
     pub max_outage: Option<Duration>,
     /// `--no-migrate`
@@ -354,6 +362,10 @@ impl Settings {
             .map_or(d.database_url, |s| s.expose().trim().to_string()),
             log_level: flags.log_level.or(file.log_level).unwrap_or(d.log_level),
             log_file: flags.log_file.or(file.log_file),
+            log_format: match flags.log_format.or(file.log_format) {
+                Some(f) => f.parse().map_err(|e| format!("config `log_format`: {e}"))?,
+                None => d.log_format,
+            },
             max_outage: flags
                 .max_outage
                 .or(duration(file.max_outage, "max_outage")?),

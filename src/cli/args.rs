@@ -38,6 +38,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub log_file: Option<PathBuf>,
 
+    /// How log lines are written: text, or json (one object a line, the
+    /// event's fields as keys) [default: text].
+    #[arg(long, global = true, env = "NORMALIZER_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+
     /// Give up after the database was unreachable this long [default: 5m; serve: never].
     #[arg(long, value_parser = parse_duration, global = true)]
     pub max_outage: Option<Duration>,
@@ -461,6 +466,7 @@ impl Cli {
             database_url_file: self.database_url_file.clone(),
             log_level: self.log_level.clone(),
             log_file: self.log_file.clone(),
+            log_format: self.log_format.clone(),
             max_outage: self.max_outage,
             no_migrate: self.no_migrate,
             ..FlagSettings::default()

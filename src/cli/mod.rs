@@ -217,12 +217,15 @@ impl Context {
             Command::Serve { .. } => settings.log_file.clone(),
             _ => cli.log_file.clone(),
         };
-        let log_file = logfile::init(&settings.log_level, log_path.as_deref()).with_context(
-            || match &log_path {
-                Some(path) => format!("cannot open the log file {}", path.display()),
-                None => "cannot set up logging".to_string(),
-            },
-        )?;
+        let log_file = logfile::init(
+            &settings.log_level,
+            log_path.as_deref(),
+            settings.log_format,
+        )
+        .with_context(|| match &log_path {
+            Some(path) => format!("cannot open the log file {}", path.display()),
+            None => "cannot set up logging".to_string(),
+        })?;
         let url = DatabaseUrl::parse(&settings.database_url).map_err(|e| anyhow!(e))?;
         url.check().map_err(|e| anyhow!(e))?;
         let defaults = RetryPolicy::default();

@@ -302,10 +302,12 @@ impl<C: Clock> Breaker<C> {
                     },
                     None => format!("; waiting for {} as long as it takes", self.name),
                 };
+                let since = since_wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                 log::warn!(
-                    "{} since {}: {error}{waiting}",
-                    outage.began(),
-                    since_wall.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    event = "outage_began", outage = outage.began(), peer = self.name.as_str(),
+                    since = since.as_str(), error = error;
+                    "{} since {since}: {error}{waiting}",
+                    outage.began()
                 );
                 *open = Some(Open {
                     outage,
@@ -326,11 +328,13 @@ impl<C: Clock> Breaker<C> {
                 if now.saturating_duration_since(o.reminded) >= REMIND_EVERY {
                     o.reminded = now;
                     o.reminders += 1;
+                    let seconds = now.saturating_duration_since(o.since).as_secs_f64();
                     log::warn!(
-                        "still waiting for {} ({}, {:.0} s so far): {error}",
+                        event = "outage_continues", outage = o.outage.began(),
+                        peer = self.name.as_str(), seconds = seconds, error = error;
+                        "still waiting for {} ({}, {seconds:.0} s so far): {error}",
                         self.name,
-                        o.outage.began(),
-                        now.saturating_duration_since(o.since).as_secs_f64()
+                        o.outage.began()
                     );
                 }
                 if admission == Admission::Probe {
@@ -362,12 +366,15 @@ impl<C: Clock> Breaker<C> {
         self.closures.fetch_add(1, Ordering::AcqRel);
         let now = self.now();
         let down = now.saturating_duration_since(o.since);
+        let since = o
+            .since_wall
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         log::info!(
-            "{} after {:.1} s (since {}), {} transactions waited",
+            event = "outage_ended", outage = o.outage.ended(), peer = self.name.as_str(),
+            seconds = down.as_secs_f64(), since = since.as_str(), waited = o.waited;
+            "{} after {:.1} s (since {since}), {} transactions waited",
             o.outage.ended(),
             down.as_secs_f64(),
-            o.since_wall
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             o.waited
         );
         self.changed.notify_all();

@@ -399,6 +399,7 @@ impl Observer for TxObserver<'_> {
         let cause = classified.cause;
         if *stage == Stage::Commit && classified.class == ErrorClass::Connection {
             log::warn!(
+                event = "commit_unknown", cause:% = cause, sqlstate = sqlstate, attempt = attempt;
                 "commit outcome unknown (connection lost during COMMIT), retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}: {error}"
             );
         } else if matches!(
@@ -408,6 +409,8 @@ impl Observer for TxObserver<'_> {
             log::debug!("retrying: class {cause}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}");
         } else {
             log::warn!(
+                event = "retry", cause:% = cause, sqlstate = sqlstate, attempt = attempt,
+                delay_ms = delay.as_millis() as u64;
                 "retrying transaction: class {cause}, sqlstate {sqlstate}, attempt {attempt}, in {delay:?}: {error}"
             );
         }
@@ -423,7 +426,10 @@ impl Observer for TxObserver<'_> {
 
     fn stopped(&mut self, failure: &Failure, attempts: u32) {
         match failure {
-            Failure::GaveUp { .. } => log::error!("giving up after {attempts} attempts: {failure}"),
+            Failure::GaveUp { .. } => log::error!(
+                event = "gave_up", attempts = attempts;
+                "giving up after {attempts} attempts: {failure}"
+            ),
             // A connection refused for good: the caller says it, once.
             Failure::Rejected { .. } if failure.refused_connection().is_some() => {
                 log::debug!("stopping after {attempts} attempts: {failure}")
@@ -437,10 +443,11 @@ impl Observer for TxObserver<'_> {
             }
             Failure::Rejected { error } => {
                 let c = error.classified();
+                let sqlstate = c.sqlstate.unwrap_or("-");
                 log::warn!(
-                    "transaction rejected after {attempts} attempts: class {}, sqlstate {}: {error}",
-                    c.cause,
-                    c.sqlstate.unwrap_or("-")
+                    event = "rejected", cause:% = c.cause, sqlstate = sqlstate, attempts = attempts;
+                    "transaction rejected after {attempts} attempts: class {}, sqlstate {sqlstate}: {error}",
+                    c.cause
                 )
             }
             Failure::Cancelled { error } => {

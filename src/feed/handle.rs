@@ -414,7 +414,7 @@ pub(super) fn on_event(status: &FeedStatus, login: &str, event: async_nats::Even
             if let Some(since) = down.take() {
                 let secs = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
                 if status.down_logged.swap(false, Ordering::SeqCst) {
-                    log::info!("nats: reachable again after {secs:.1} s");
+                    log::info!(event = "nats_back", seconds = secs; "nats: reachable again after {secs:.1} s");
                 } else {
                     log::info!("nats: reconnected after {secs:.1} s");
                 }

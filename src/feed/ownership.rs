@@ -231,7 +231,7 @@ impl Coordinator {
             .map(|(&n, _)| n)
             .collect();
         for n in fenced {
-            log::warn!("nats: lost partition {n}: another instance claimed it in the database (fenced); fetching stopped");
+            log::warn!(event = "partition_lost", partition = n; "nats: lost partition {n}: another instance claimed it in the database (fenced); fetching stopped");
             if let Some(held) = self.held.remove(&n) {
                 if let Some(run) = held.run {
                     run.stop.store(true, Ordering::SeqCst);
@@ -295,7 +295,7 @@ impl Coordinator {
         for n in releasable {
             if let Some(held) = self.held.remove(&n) {
                 lease::release(&self.store, &lease::partition_key(n), held.lease).await;
-                log::info!("nats: gave partition {n} up");
+                log::info!(event = "partition_given_up", partition = n; "nats: gave partition {n} up");
             }
         }
     }
@@ -366,7 +366,7 @@ impl Coordinator {
                     if held.releasing || self.shared.stopping.load(Ordering::SeqCst) {
                         run.stop.store(true, Ordering::SeqCst);
                     }
-                    log::info!("nats: owning partition {n} (token {})", held.token);
+                    log::info!(event = "partition_owned", partition = n, token = held.token; "nats: owning partition {n} (token {})", held.token);
                     held.run = Some(run);
                 }
                 // Lost while it was being claimed.

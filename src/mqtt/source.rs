@@ -361,6 +361,7 @@ impl Source {
             }
         } else if down.is_none() {
             log::warn!(
+                event = "mqtt_lost", broker = self.options.address().as_str(), error:% = error;
                 "mqtt: lost the broker at {} ({error}); reconnecting as long as it takes (what was not acknowledged comes again)",
                 self.options.address()
             );
@@ -373,15 +374,17 @@ impl Source {
         let since = self.status.down_since.lock().expect("status lock").take();
         self.status.refused.store(false, Ordering::SeqCst);
         if let Some(since) = since {
+            let seconds = (Utc::now() - since).num_milliseconds() as f64 / 1000.0;
+            let session = if ack.session_present {
+                "its kept"
+            } else {
+                "a new"
+            };
             log::info!(
-                "mqtt: connected to {} again after {:.1} s ({} session)",
-                self.options.address(),
-                (Utc::now() - since).num_milliseconds() as f64 / 1000.0,
-                if ack.session_present {
-                    "its kept"
-                } else {
-                    "a new"
-                }
+                event = "mqtt_back", broker = self.options.address().as_str(), seconds = seconds,
+                session_kept = ack.session_present;
+                "mqtt: connected to {} again after {seconds:.1} s ({session} session)",
+                self.options.address()
             );
         }
         if !ack.session_present {

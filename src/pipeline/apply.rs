@@ -203,6 +203,7 @@ pub(super) fn run_batch(
         }
         Err(failure) => {
             log::warn!(
+                event = "batch_split", batch = jobs.len();
                 "a batch of {} failed ({failure}); splitting it to find the message",
                 jobs.len()
             );
@@ -272,6 +273,7 @@ fn apply_message(
             Err(failure) if failure.is_stop() => return Err(failure),
             Err(failure) => {
                 log::warn!(
+                    event = "alone_failed", line = ticket, id:? = message.id, attempt = attempt;
                     "line {ticket}, message {:?}: attempt {attempt} on its own failed: {failure}",
                     message.id
                 );

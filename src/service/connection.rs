@@ -128,6 +128,7 @@ pub(super) fn serve(
             ),
         };
         log::warn!(
+            event = "producer_cut_off", producer = id, unacknowledged = unacknowledged;
             "producer {id} ({who}) cut off with {unacknowledged} lines unacknowledged; {resume}"
         );
         shared

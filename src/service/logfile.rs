@@ -62,9 +62,78 @@ pub fn to_file() -> bool {
     TO_FILE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// How each log line is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `[time LEVEL pid target] message`, for people.
+    #[default]
+    Text,
+    /// One JSON object a line: `ts`, `level`, `target`, `pid`, `message`
+    /// and the event's fields as keys, for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log format {other:?}: use text or json")),
+        }
+    }
+}
+
+/// An event's fields, collected for a JSON line: numbers and booleans as
+/// themselves, anything else as its text.
+struct Fields(serde_json::Map<String, serde_json::Value>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        let value = if let Some(b) = value.to_bool() {
+            serde_json::Value::from(b)
+        } else if let Some(n) = value.to_u64() {
+            serde_json::Value::from(n)
+        } else if let Some(n) = value.to_i64() {
+            serde_json::Value::from(n)
+        } else if let Some(x) = value.to_f64() {
+            serde_json::Value::from(x)
+        } else {
+            serde_json::Value::from(value.to_string())
+        };
+        self.0.insert(key.as_str().to_string(), value);
+        Ok(())
+    }
+}
+
+/// One event as a JSON line.
+pub fn json_line(ts: &str, pid: u32, record: &log::Record<'_>) -> String {
+    let mut fields = Fields(serde_json::Map::new());
+    fields.0.insert("ts".into(), ts.into());
+    fields
+        .0
+        .insert("level".into(), record.level().as_str().into());
+    fields.0.insert("target".into(), record.target().into());
+    fields.0.insert("pid".into(), pid.into());
+    fields
+        .0
+        .insert("message".into(), record.args().to_string().into());
+    let _ = record.key_values().visit(&mut fields);
+    serde_json::Value::Object(fields.0).to_string()
+}
+
 /// Sets up logging: `filter` in RUST_LOG syntax (RUST_LOG itself wins), to
-/// `file` or stderr. Panics are logged too, so that they reach the file.
-pub fn init(filter: &str, file: Option<&Path>) -> io::Result<Option<Arc<LogFile>>> {
+/// `file` or stderr, in `format`. Panics are logged too, so that they reach
+/// the file.
+pub fn init(
+    filter: &str,
+    file: Option<&Path>,
+    format: LogFormat,
+) -> io::Result<Option<Arc<LogFile>>> {
     let mut builder = env_logger::Builder::new();
     // Each line carries the process id: a service and a one-off command
     // (or two services) never read as one another.
@@ -74,14 +143,17 @@ pub fn init(filter: &str, file: Option<&Path>) -> io::Result<Option<Arc<LogFile>
         .parse_env("RUST_LOG")
         .format(move |buf, record| {
             use std::io::Write as _;
-            writeln!(
-                buf,
-                "[{} {:<5} {pid} {}] {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.target(),
-                record.args()
-            )
+            let ts = buf.timestamp_millis();
+            match format {
+                LogFormat::Text => writeln!(
+                    buf,
+                    "[{ts} {:<5} {pid} {}] {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ),
+                LogFormat::Json => writeln!(buf, "{}", json_line(&ts.to_string(), pid, record)),
+            }
         });
     let log_file = match file {
         Some(path) => {

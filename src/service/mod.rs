@@ -681,7 +681,14 @@ fn report_stats(
         let mut report = report(db, shared, workers, &summary, rate);
         report.feed = status.as_deref();
         report.mqtt = mqtt.as_deref();
-        log::info!("{}", report.line());
+        log::info!(
+            event = "stats", rate = rate, processed = summary.processed,
+            duplicate = summary.duplicates, dead_letter = summary.dead_letters,
+            queued = report.queued, producers = report.producers, pool_in_use = report.in_use,
+            pool_idle = report.idle, database_up = report.down_since.is_none();
+            "{}",
+            report.line()
+        );
         if let Some(path) = &options.metrics_file {
             if let Err(e) = write_atomically(path, &report.prometheus()) {
                 log::warn!("cannot write the metrics file {}: {e}", path.display());

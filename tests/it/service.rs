@@ -909,3 +909,92 @@ fn metrics_over_http_are_scraped_by_prometheus_and_healthz_follows_the_database(
     server.signal(libc::SIGTERM);
     assert!(server.wait().status.success());
 }
+
+/// `--log-format json`: through a database outage, every line of the log is
+/// one JSON object with the time, level, target, pid and message, and the
+/// events carry their fields as keys.
+#[test]
+fn json_logs_through_an_outage_are_one_object_a_line_with_the_events_fields() {
+    let cluster = crate::pg::PgCluster::start_new();
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &url,
+        &["--log-format", "json", "--stats-interval", "300ms"],
+    );
+    let stream = UnixStream::connect(&server.socket).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut acks = BufReader::new(stream.try_clone().unwrap());
+    let mut send = |i: usize| {
+        writeln!(
+            w,
+            r#"{{"id":"j{i}","device":"d","ts":"2026-11-29T10:00:00Z","payload":{{}}}}"#
+        )
+        .unwrap();
+        w.flush().unwrap();
+    };
+    send(0);
+    let mut ack = String::new();
+    acks.read_line(&mut ack).unwrap();
+    let log_path = dir.path().join("normalizer.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    cluster.stop("fast");
+    send(1);
+    crate::nats::wait_until("the outage's line", Duration::from_secs(60), || {
+        log().contains("\"event\":\"outage_began\"")
+    });
+    cluster.start();
+    crate::nats::wait_until("the end of the outage", Duration::from_secs(60), || {
+        log().contains("\"event\":\"outage_ended\"")
+    });
+    acks.read_line(&mut ack).unwrap();
+    server.signal(libc::SIGTERM);
+    let out = server.wait();
+    assert!(out.status.success());
+    let text = log();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &lines {
+        for key in ["ts", "level", "target", "message"] {
+            assert!(line[key].is_string(), "{key} in {line}");
+        }
+        assert_eq!(
+            line["pid"].as_u64(),
+            Some(u64::from(server_pid(&text))),
+            "{line}"
+        );
+    }
+    let event = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l["event"] == name)
+            .unwrap_or_else(|| panic!("no {name} event in {text}"))
+    };
+    let began = event("outage_began");
+    assert_eq!(began["level"], "WARN");
+    assert_eq!(began["outage"], "database unreachable");
+    assert!(
+        began["error"].is_string() && began["since"].is_string(),
+        "{began}"
+    );
+    let ended = event("outage_ended");
+    assert!(ended["seconds"].as_f64().unwrap() > 0.0, "{ended}");
+    assert!(ended["waited"].is_u64(), "{ended}");
+    let stats = lines
+        .iter()
+        .rev()
+        .find(|l| l["event"] == "stats")
+        .expect("a stats line");
+    assert_eq!(stats["dead_letter"].as_u64(), Some(2), "{stats}");
+    assert_eq!(stats["database_up"], true, "{stats}");
+    assert!(stats["message"].as_str().unwrap().starts_with("stats: "));
+}
+
+/// The pid in the first line of a JSON log.
+fn server_pid(log: &str) -> u32 {
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    first["pid"].as_u64().unwrap() as u32
+}
