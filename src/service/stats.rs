@@ -268,6 +268,11 @@ fn feed_families(feed: &FeedStatus) -> Vec<Family> {
             "Messages acknowledged after their outcome committed.",
         )
         .of(feed.acknowledged.load(std::sync::atomic::Ordering::Relaxed)),
+        Family::counter(
+            "nats_fenced_total",
+            "Messages that ended at a fence: their partition was taken over, their new owner applies them.",
+        )
+        .of(feed.fenced.load(std::sync::atomic::Ordering::Relaxed)),
         Family::gauge(
             "nats_instances",
             "Instances sharing the feed, as last seen.",

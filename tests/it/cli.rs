@@ -623,6 +623,7 @@ fn install_stages_a_prebuilt_binary_without_building() {
         "etc/systemd/system/normalizer.service",
         "etc/normalizer/normalizer.toml",
         "etc/logrotate.d/normalizer",
+        "usr/local/share/doc/normalizer/grafana/normalizer.json",
     ] {
         assert!(stage.path().join(file).exists(), "{file}");
     }

@@ -4,6 +4,7 @@
 mod chaos;
 mod cli;
 mod contract;
+mod dashboard;
 mod disk_full;
 mod faults;
 mod input;
