@@ -54,6 +54,10 @@ pub(crate) struct Run {
     pub(crate) injected_while_running: AtomicBool,
     pub(crate) note: Mutex<String>,
     pub(crate) max_stall: Mutex<Duration>,
+    /// When the fault began (the first `wait_for` that returned while the
+    /// run went on) and ended (`server_back`, or the injector's return).
+    pub(crate) fault_began: Mutex<Option<Instant>>,
+    pub(crate) fault_ended: Mutex<Option<Instant>>,
 }
 
 impl Run {
@@ -65,6 +69,10 @@ impl Run {
         }
         if !self.done.load(Ordering::SeqCst) {
             self.injected_while_running.store(true, Ordering::SeqCst);
+            self.fault_began
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
         }
     }
     fn is_done(&self) -> bool {
@@ -72,6 +80,10 @@ impl Run {
     }
     pub(crate) fn server_back(&self) {
         *self.back_at.lock().unwrap() = Some(Instant::now());
+        self.fault_ended
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
     }
     pub(crate) fn note(&self, text: String) {
         *self.note.lock().unwrap() = text;
@@ -237,6 +249,75 @@ pub(crate) fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usi
     summary.expect("the run finishes by itself")
 }
 
+/// One sample of a faulty run's time line.
+pub(crate) struct Sample {
+    seconds: f64,
+    done: u64,
+    retries: u64,
+    outage: bool,
+}
+
+/// Samples the run every 100 ms until it is done: lines done, retries so
+/// far, whether the database is in an outage.
+fn sample(db: &Database, run: &Run, started: Instant) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    loop {
+        let finished = run.is_done();
+        samples.push(Sample {
+            seconds: started.elapsed().as_secs_f64(),
+            done: run.completed.load(Ordering::SeqCst),
+            retries: db.counters().total_retries(),
+            outage: db.down_since().is_some(),
+        });
+        if finished {
+            return samples;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `<dir>/<fault>.csv` (seconds, lines committed a second, retries so far,
+/// outage 0/1) and `<dir>/<fault>.fault` (when the fault began and ended,
+/// in seconds from the start), for `scripts/lib/plot-timeline`.
+pub(crate) fn write_timeline(
+    dir: &std::path::Path,
+    fault: &str,
+    run: &Run,
+    started: Instant,
+    samples: &[Sample],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut csv = String::from("seconds,commits_per_second,retries,outage\n");
+    // The rate over the last second (ten samples): batches commit in bursts.
+    for (i, b) in samples.iter().enumerate().skip(1) {
+        let a = &samples[i.saturating_sub(10)];
+        let rate = (b.done - a.done) as f64 / (b.seconds - a.seconds).max(1e-6);
+        csv += &format!(
+            "{:.2},{:.0},{},{}\n",
+            b.seconds,
+            rate,
+            b.retries,
+            u8::from(b.outage)
+        );
+    }
+    std::fs::write(dir.join(format!("{fault}.csv")), csv).unwrap();
+    let at = |t: &Mutex<Option<Instant>>| {
+        t.lock().unwrap().map_or(String::new(), |t| {
+            format!("{:.2}", (t - started).as_secs_f64())
+        })
+    };
+    std::fs::write(
+        dir.join(format!("{fault}.fault")),
+        format!(
+            "{} {} {}\n",
+            at(&run.fault_began),
+            at(&run.fault_ended),
+            run.note.lock().unwrap()
+        ),
+    )
+    .unwrap();
+}
+
 /// The end state, read with default settings: a fault's own settings (a
 /// 300 ms statement_timeout) are for the run, not for reading its result.
 fn snapshot_of(url: &str) -> Snapshot {
@@ -245,7 +326,10 @@ fn snapshot_of(url: &str) -> Snapshot {
 
 /// Runs one case: `prepare` may change the faulty database before the run,
 /// `inject` runs beside the faulty run until it returns. With `role`, the
-/// normalizer connects as that role (not a superuser).
+/// normalizer connects as that role (not a superuser). With
+/// `CHAOS_TIMELINES=DIR` (`scripts/chaos --plot DIR`), the faulty run's time
+/// line goes to DIR.
+#[allow(clippy::too_many_arguments)]
 fn case(
     fault: &'static str,
     cluster: &PgCluster,
@@ -254,6 +338,24 @@ fn case(
     workers: usize,
     prepare: impl FnOnce(&str),
     inject: impl FnOnce(&PgCluster, &str, &Run) + Send,
+) {
+    let timelines = std::env::var_os("CHAOS_TIMELINES").map(std::path::PathBuf::from);
+    case_recorded(
+        fault, cluster, settings, role, workers, prepare, inject, timelines,
+    );
+}
+
+/// [`case`], its time line written to `timelines` when given.
+#[allow(clippy::too_many_arguments)]
+fn case_recorded(
+    fault: &'static str,
+    cluster: &PgCluster,
+    settings: PoolSettings,
+    role: Option<&str>,
+    workers: usize,
+    prepare: impl FnOnce(&str),
+    inject: impl FnOnce(&PgCluster, &str, &Run) + Send,
+    timelines: Option<std::path::PathBuf>,
 ) {
     let messages = size();
     let (devices, text) = input(messages);
@@ -275,12 +377,23 @@ fn case(
     prepare(&faulty.url);
     let run = Run::default();
     run.total.store(clean_summary.lines, Ordering::SeqCst);
-    let summary = std::thread::scope(|s| {
-        let injector = s.spawn(|| inject(cluster, &faulty.url, &run));
+    let started = Instant::now();
+    let (summary, samples) = std::thread::scope(|s| {
+        let injector = s.spawn(|| {
+            inject(cluster, &faulty.url, &run);
+            run.fault_ended
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+        });
+        let sampler = s.spawn(|| sample(&faulty.db, &run, started));
         let summary = ingest_observed(&faulty.db, &text, &run, workers);
         injector.join().expect("the injector does not panic");
-        summary
+        (summary, sampler.join().expect("the sampler does not panic"))
     });
+    if let Some(dir) = timelines {
+        write_timeline(&dir, fault, &run, started, &samples);
+    }
     drop(faulty);
     let faulty_snap = snapshot_of(&faulty_url);
     let how = run.note.lock().unwrap().clone();
@@ -641,4 +754,60 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
     assert_eq!((lost, doubled, wrong), (0, 0, 0));
     assert_eq!(faulty_snap, clean_snap);
     assert!(busy > 0, "the lock was felt");
+}
+
+/// `scripts/lib/plot-timeline` draws a fault's time line, recorded by the
+/// case itself, as an SVG chart with the fault's span marked.
+#[test]
+fn a_fault_time_line_is_recorded_and_drawn_as_an_svg() {
+    let cluster = PgCluster::start_new();
+    let dir = tempfile::tempdir().unwrap();
+    case_recorded(
+        "kill-backends",
+        &cluster,
+        PoolSettings::default(),
+        None,
+        4,
+        |_| {},
+        |cluster, url, run| {
+            run.wait_for(0.1);
+            let mut kills = 0;
+            while !run.is_done() {
+                kills += cluster.terminate_normalizer_backends(url);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            run.note(format!("backends killed every 300 ms ({kills} killed)"));
+        },
+        Some(dir.path().to_path_buf()),
+    );
+    let csv = std::fs::read_to_string(dir.path().join("kill-backends.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "seconds,commits_per_second,retries,outage");
+    assert!(rows.len() > 3, "{csv}");
+    let fault = std::fs::read_to_string(dir.path().join("kill-backends.fault")).unwrap();
+    let began: f64 = fault.split(' ').next().unwrap().parse().unwrap();
+    let ended: f64 = fault.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(0.0 < began && began <= ended, "{fault}");
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/lib/plot-timeline"
+    ))
+    .arg(dir.path())
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(dir.path().join("kill-backends.svg")).unwrap();
+    assert!(
+        svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    assert!(svg.contains("<svg") && svg.contains("<path"), "a drawing");
+    assert!(
+        svg.contains("kill-backends: backends killed every 300 ms"),
+        "its title"
+    );
 }
