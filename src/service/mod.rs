@@ -262,33 +262,18 @@ pub fn serve(
             .name("signals".into())
             .spawn_scoped(scope, || handle_signals(signals, log, shutdown))
             .expect("spawn the signal thread");
-        let feed = match &options.nats {
-            None => None,
-            Some(nats) => match Feed::connect(nats.clone(), &on_shutdown) {
-                Ok(Some(feed)) => Some(feed),
-                Ok(None) => {
-                    signal_handle.close();
-                    return Ok(Exit::Clean);
-                }
-                Err(e) => {
-                    signal_handle.close();
-                    return Err(e.into());
-                }
-            },
-        };
-        let mqtt = match &options.mqtt {
-            None => None,
-            Some(mqtt) => match Source::connect(mqtt.clone(), &on_shutdown) {
-                Ok(Some(source)) => Some(source),
-                Ok(None) => {
-                    signal_handle.close();
-                    return Ok(Exit::Clean);
-                }
-                Err(e) => {
-                    signal_handle.close();
-                    return Err(e.into());
-                }
-            },
+        let connected = connected(options.nats.as_ref(), |o| Feed::connect(o, &on_shutdown))
+            .and_then(|feed| {
+                let mqtt = connected(options.mqtt.as_ref(), |o| Source::connect(o, &on_shutdown))?;
+                Ok((feed, mqtt))
+            });
+        let (feed, mqtt) = match connected {
+            Ok(sources) => sources,
+            // A shutdown before the sources were up is a clean end.
+            Err(stop) => {
+                signal_handle.close();
+                return stop.map_or(Ok(Exit::Clean), Err);
+            }
         };
         let metrics = match options
             .metrics_listen
@@ -317,6 +302,20 @@ pub fn serve(
         signal_handle.close();
         Ok(exit)
     })
+}
+
+/// Connects a source when it is configured (`Ok(None)` when it is not).
+/// `Err(None)`: a shutdown came first; `Err(Some(..))`: a set-up error.
+fn connected<O: Clone, S, E: Into<anyhow::Error>>(
+    options: Option<&O>,
+    connect: impl FnOnce(O) -> Result<Option<S>, E>,
+) -> Result<Option<S>, Option<anyhow::Error>> {
+    match options.cloned().map(connect) {
+        None => Ok(None),
+        Some(Ok(Some(source))) => Ok(Some(source)),
+        Some(Ok(None)) => Err(None),
+        Some(Err(e)) => Err(Some(e.into())),
+    }
 }
 
 /// Tells systemd (a `Type=notify` unit) how the service is: a datagram to

@@ -409,6 +409,20 @@ fn case_recorded(
     figures.check(&run, &clean_snap, &faulty_snap);
 }
 
+/// Kills every normalizer backend every 300 ms from `share` of the input
+/// to the end of the run.
+fn kill_backends_until_done(cluster: &PgCluster, url: &str, run: &Run, share: f64) {
+    run.wait_for(share);
+    let mut kills = 0;
+    while !run.is_done() {
+        kills += cluster.terminate_normalizer_backends(url);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    run.note(format!(
+        "pg_terminate_backend of every normalizer backend every 300 ms ({kills} killed)"
+    ));
+}
+
 #[test]
 fn killed_backends_lose_and_double_nothing() {
     let cluster = PgCluster::start_new();
@@ -419,17 +433,7 @@ fn killed_backends_lose_and_double_nothing() {
         None,
         4,
         |_| {},
-        |cluster, url, run| {
-            run.wait_for(0.05);
-            let mut kills = 0;
-            while !run.is_done() {
-                kills += cluster.terminate_normalizer_backends(url);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            run.note(format!(
-                "pg_terminate_backend of every normalizer backend every 300 ms ({kills} killed)"
-            ));
-        },
+        |cluster, url, run| kill_backends_until_done(cluster, url, run, 0.05),
     );
 }
 
@@ -769,15 +773,7 @@ fn a_fault_time_line_is_recorded_and_drawn_as_an_svg() {
         None,
         4,
         |_| {},
-        |cluster, url, run| {
-            run.wait_for(0.1);
-            let mut kills = 0;
-            while !run.is_done() {
-                kills += cluster.terminate_normalizer_backends(url);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            run.note(format!("backends killed every 300 ms ({kills} killed)"));
-        },
+        |cluster, url, run| kill_backends_until_done(cluster, url, run, 0.1),
         Some(dir.path().to_path_buf()),
     );
     let csv = std::fs::read_to_string(dir.path().join("kill-backends.csv")).unwrap();
@@ -807,7 +803,7 @@ fn a_fault_time_line_is_recorded_and_drawn_as_an_svg() {
     );
     assert!(svg.contains("<svg") && svg.contains("<path"), "a drawing");
     assert!(
-        svg.contains("kill-backends: backends killed every 300 ms"),
-        "its title"
+        svg.contains("kill-backends: pg_terminate_backend of every normalizer backend"),
+        "its title, from the fault's note"
     );
 }

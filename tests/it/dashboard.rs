@@ -3,13 +3,12 @@
 //! its socket, a NATS feed and an MQTT broker at once, through a killed
 //! backend and a database outage, must parse and return series.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::mqtt::Mosquitto;
 use crate::nats::{wait_until, Instance, NatsCluster};
 use crate::pg::{free_port, PgCluster};
-use crate::service::bin;
+use crate::service::{bin, prometheus_query, start_prometheus};
 use crate::support::TestDb;
 
 /// Every query of the dashboard's panels, with the panel's title.
@@ -69,26 +68,7 @@ fn every_panel_of_the_dashboard_returns_series_from_a_real_prometheus() {
             &metrics,
         ],
     );
-    let prometheus_addr = format!("127.0.0.1:{}", free_port());
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: normalizer\n    static_configs:\n      - targets: ['{metrics}']\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={prometheus_addr}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (Debian's prometheus) runs");
+    let (mut prometheus, prometheus_addr) = start_prometheus(dir.path(), &metrics);
     // Feed all three sources, with a killed backend and an outage between.
     let lines: Vec<&str> = input.lines().collect();
     let thirds: Vec<String> = lines
@@ -123,15 +103,7 @@ fn every_panel_of_the_dashboard_returns_series_from_a_real_prometheus() {
     pg.start();
     run(&["send", "--mqtt", &broker.url()], &files[2]);
     // Let Prometheus take enough scrapes for every rate window.
-    let query = |q: &str| -> serde_json::Value {
-        let out = Command::new("curl")
-            .args(["-s", "-m", "5", "-G", "--data-urlencode"])
-            .arg(format!("query={q}"))
-            .arg(format!("http://{prometheus_addr}/api/v1/query"))
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
+    let query = |q: &str| prometheus_query(&prometheus_addr, q);
     wait_until(
         "Prometheus to store the outage",
         Duration::from_secs(60),

@@ -110,6 +110,17 @@ impl Drop for Mosquitto {
     }
 }
 
+/// Sets `user`'s password in a mosquitto password file.
+fn set_password(file: &std::path::Path, user: &str, password: &str) {
+    let made = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(file)
+        .args([user, password])
+        .status()
+        .expect("mosquitto_passwd (Debian's mosquitto) runs");
+    assert!(made.success());
+}
+
 fn mosquitto_bin() -> PathBuf {
     ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .iter()
@@ -532,13 +543,7 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
     let dir = tempfile::tempdir().unwrap();
     let passwords = dir.path().join("passwords");
     std::fs::write(&passwords, "").unwrap();
-    let made = Command::new("mosquitto_passwd")
-        .args(["-b"])
-        .arg(&passwords)
-        .args(["normalizer", "right-horse-battery"])
-        .status()
-        .expect("mosquitto_passwd (Debian's mosquitto) runs");
-    assert!(made.success());
+    set_password(&passwords, "normalizer", "right-horse-battery");
     let certs = dir.path().join("certs");
     let made = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -660,16 +665,7 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
             file.to_str().unwrap(),
         ],
     );
-    let set_password = |pw: &str| {
-        let made = Command::new("mosquitto_passwd")
-            .arg("-b")
-            .arg(&passwords)
-            .args(["normalizer", pw])
-            .status()
-            .unwrap();
-        assert!(made.success());
-    };
-    set_password("changed-horse");
+    set_password(&passwords, "normalizer", "changed-horse");
     broker.stop();
     broker.resume();
     wait_until("the refusal", Duration::from_secs(30), || {
@@ -678,7 +674,7 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
             .contains("nothing is read until the broker lets this client in again")
     });
     std::thread::sleep(Duration::from_secs(3));
-    set_password("right-horse-battery");
+    set_password(&passwords, "normalizer", "right-horse-battery");
     broker.stop();
     broker.resume();
     wait_until("the login again", Duration::from_secs(30), || {
@@ -703,13 +699,7 @@ fn the_mqtt_password_given_through_any_input_reaches_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let passwords = dir.path().join("passwords");
     std::fs::write(&passwords, "").unwrap();
-    let made = Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwords)
-        .args(["normalizer", &secret])
-        .status()
-        .unwrap();
-    assert!(made.success());
+    set_password(&passwords, "normalizer", &secret);
     let broker = Mosquitto::start(&format!(
         "allow_anonymous false\npassword_file {}\n",
         passwords.display()

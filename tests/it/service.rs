@@ -826,35 +826,9 @@ fn metrics_over_http_are_scraped_by_prometheus_and_healthz_follows_the_database(
     );
 
     // A Prometheus of the test's own scrapes it every second.
-    let prometheus_addr = format!("127.0.0.1:{}", crate::pg::free_port());
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: normalizer\n    static_configs:\n      - targets: ['{addr}']\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={prometheus_addr}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (Debian's prometheus) runs");
+    let (mut prometheus, prometheus_addr) = start_prometheus(dir.path(), &addr);
     let query = |q: &str| -> Option<String> {
-        let out = Command::new("curl")
-            .args(["-s", "-m", "5", "-G", "--data-urlencode"])
-            .arg(format!("query={q}"))
-            .arg(format!("http://{prometheus_addr}/api/v1/query"))
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["data"]["result"][0]["value"][1]
+        prometheus_query(&prometheus_addr, q)["data"]["result"][0]["value"][1]
             .as_str()
             .map(str::to_string)
     };
@@ -997,4 +971,42 @@ fn json_logs_through_an_outage_are_one_object_a_line_with_the_events_fields() {
 fn server_pid(log: &str) -> u32 {
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     first["pid"].as_u64().unwrap() as u32
+}
+
+/// A Prometheus of the test's own in `dir`, scraping `target` every
+/// second; returns it and its address.
+pub(crate) fn start_prometheus(dir: &Path, target: &str) -> (Child, String) {
+    let addr = format!("127.0.0.1:{}", crate::pg::free_port());
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: normalizer\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian's prometheus) runs");
+    (prometheus, addr)
+}
+
+/// An instant query's answer from the Prometheus at `addr` (Null when it
+/// does not answer yet).
+pub(crate) fn prometheus_query(addr: &str, q: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", "-G", "--data-urlencode"])
+        .arg(format!("query={q}"))
+        .arg(format!("http://{addr}/api/v1/query"))
+        .output()
+        .expect("curl runs");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
