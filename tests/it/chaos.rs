@@ -329,7 +329,6 @@ fn snapshot_of(url: &str) -> Snapshot {
 /// normalizer connects as that role (not a superuser). With
 /// `CHAOS_TIMELINES=DIR` (`scripts/chaos --plot DIR`), the faulty run's time
 /// line goes to DIR.
-#[allow(clippy::too_many_arguments)]
 fn case(
     fault: &'static str,
     cluster: &PgCluster,

@@ -586,19 +586,16 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
     // The right password from a file: it serves; neither password shows.
     let file = dir.path().join("mqtt.password");
     std::fs::write(&file, "right-horse-battery\n").unwrap();
-    let instance = Instance::serve(
-        scene.dir.path(),
-        "secured",
-        &scene.url,
-        &[
-            "--mqtt",
-            &broker.url(),
-            "--mqtt-user",
-            "normalizer",
-            "--mqtt-password-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let plain = broker.url();
+    let logged_in = [
+        "--mqtt",
+        &plain,
+        "--mqtt-user",
+        "normalizer",
+        "--mqtt-password-file",
+        file.to_str().unwrap(),
+    ];
+    let instance = Instance::serve(scene.dir.path(), "secured", &scene.url, &logged_in);
     let (status, log) = instance.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("mqtt: connected to"), "{log}");
@@ -652,19 +649,7 @@ fn a_refused_login_or_certificate_is_one_sentence_at_start_and_secrets_are_never
     }
     // The login withdrawn while serving (the broker restarted with another
     // password): one ERROR, retried, never an exit; one line when let in.
-    let instance = Instance::serve(
-        scene.dir.path(),
-        "withdrawn",
-        &scene.url,
-        &[
-            "--mqtt",
-            &broker.url(),
-            "--mqtt-user",
-            "normalizer",
-            "--mqtt-password-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let instance = Instance::serve(scene.dir.path(), "withdrawn", &scene.url, &logged_in);
     set_password(&passwords, "normalizer", "changed-horse");
     broker.stop();
     broker.resume();
