@@ -20,6 +20,7 @@ use normalizer::pipeline::{self, IngestOptions, Progress, Summary};
 
 use crate::pg::PgCluster;
 use crate::support::TestDb;
+use crate::timeline::Timeline;
 
 pub(crate) fn size() -> usize {
     std::env::var("CHAOS_MESSAGES")
@@ -249,73 +250,49 @@ pub(crate) fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usi
     summary.expect("the run finishes by itself")
 }
 
-/// One sample of a faulty run's time line.
-pub(crate) struct Sample {
-    seconds: f64,
-    done: u64,
-    retries: u64,
-    outage: bool,
-}
-
 /// Samples the run every 100 ms until it is done: lines done, retries so
 /// far, whether the database is in an outage.
-fn sample(db: &Database, run: &Run, started: Instant) -> Vec<Sample> {
-    let mut samples = Vec::new();
+fn sample(db: &Database, run: &Run, started: Instant) -> Timeline {
+    let mut timeline = Timeline::new(started, "retries_so_far", "database_outage");
     loop {
         let finished = run.is_done();
-        samples.push(Sample {
-            seconds: started.elapsed().as_secs_f64(),
-            done: run.completed.load(Ordering::SeqCst),
-            retries: db.counters().total_retries(),
-            outage: db.down_since().is_some(),
-        });
+        timeline.sample(
+            run.completed.load(Ordering::SeqCst),
+            db.counters().total_retries(),
+            db.down_since().is_some(),
+        );
         if finished {
-            return samples;
+            return timeline;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// `<dir>/<fault>.csv` (seconds, lines committed a second, retries so far,
-/// outage 0/1) and `<dir>/<fault>.fault` (when the fault began and ended,
-/// in seconds from the start), for `scripts/lib/plot-timeline`.
-pub(crate) fn write_timeline(
-    dir: &std::path::Path,
-    fault: &str,
+/// [`ingest_observed`], sampled as it runs: its summary and time line.
+pub(crate) fn ingest_sampled(
+    db: &Database,
+    text: &str,
     run: &Run,
-    started: Instant,
-    samples: &[Sample],
-) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut csv = String::from("seconds,commits_per_second,retries,outage\n");
-    // The rate over the last second (ten samples): batches commit in bursts.
-    for (i, b) in samples.iter().enumerate().skip(1) {
-        let a = &samples[i.saturating_sub(10)];
-        let rate = (b.done - a.done) as f64 / (b.seconds - a.seconds).max(1e-6);
-        csv += &format!(
-            "{:.2},{:.0},{},{}\n",
-            b.seconds,
-            rate,
-            b.retries,
-            u8::from(b.outage)
-        );
-    }
-    std::fs::write(dir.join(format!("{fault}.csv")), csv).unwrap();
-    let at = |t: &Mutex<Option<Instant>>| {
-        t.lock().unwrap().map_or(String::new(), |t| {
-            format!("{:.2}", (t - started).as_secs_f64())
-        })
-    };
-    std::fs::write(
-        dir.join(format!("{fault}.fault")),
-        format!(
-            "{} {} {}\n",
-            at(&run.fault_began),
-            at(&run.fault_ended),
-            run.note.lock().unwrap()
-        ),
-    )
-    .unwrap();
+    workers: usize,
+) -> (Summary, Timeline) {
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| sample(db, run, started));
+        let summary = ingest_observed(db, text, run, workers);
+        (summary, sampler.join().expect("the sampler does not panic"))
+    })
+}
+
+/// Writes the run's time line to `dir` (see [`crate::timeline`]): the
+/// fault's span and note are the run's.
+pub(crate) fn write_timeline(dir: &std::path::Path, fault: &str, run: &Run, timeline: &Timeline) {
+    timeline.write(
+        dir,
+        fault,
+        *run.fault_began.lock().unwrap(),
+        *run.fault_ended.lock().unwrap(),
+        &run.note.lock().unwrap(),
+    );
 }
 
 /// The end state, read with default settings: a fault's own settings (a
@@ -338,7 +315,7 @@ fn case(
     prepare: impl FnOnce(&str),
     inject: impl FnOnce(&PgCluster, &str, &Run) + Send,
 ) {
-    let timelines = std::env::var_os("CHAOS_TIMELINES").map(std::path::PathBuf::from);
+    let timelines = crate::timeline::dir();
     case_recorded(
         fault, cluster, settings, role, workers, prepare, inject, timelines,
     );
@@ -376,8 +353,7 @@ fn case_recorded(
     prepare(&faulty.url);
     let run = Run::default();
     run.total.store(clean_summary.lines, Ordering::SeqCst);
-    let started = Instant::now();
-    let (summary, samples) = std::thread::scope(|s| {
+    let (summary, timeline) = std::thread::scope(|s| {
         let injector = s.spawn(|| {
             inject(cluster, &faulty.url, &run);
             run.fault_ended
@@ -385,13 +361,12 @@ fn case_recorded(
                 .unwrap()
                 .get_or_insert_with(Instant::now);
         });
-        let sampler = s.spawn(|| sample(&faulty.db, &run, started));
-        let summary = ingest_observed(&faulty.db, &text, &run, workers);
+        let observed = ingest_sampled(&faulty.db, &text, &run, workers);
         injector.join().expect("the injector does not panic");
-        (summary, sampler.join().expect("the sampler does not panic"))
+        observed
     });
     if let Some(dir) = timelines {
-        write_timeline(&dir, fault, &run, started, &samples);
+        write_timeline(&dir, fault, &run, &timeline);
     }
     drop(faulty);
     let faulty_snap = snapshot_of(&faulty_url);
@@ -476,6 +451,34 @@ fn an_outage_and_a_slow_start_lose_and_double_nothing() {
             let _ = cluster.admin();
             run.server_back();
             run.note(format!("pg_ctl stop -m immediate at 30%, down {} s, then start without waiting (crash recovery)", down.as_secs()));
+        },
+    );
+}
+
+/// The primary crashes (an immediate stop) at 30% of the input and its
+/// synchronous standby is promoted a second later, as a failover manager
+/// (Patroni, pg_auto_failover) would do it. The normalizer's URL names both
+/// servers with `target_session_attrs=read-write`, as a client of such a
+/// pair is configured: its new connections find the new primary by
+/// themselves.
+#[test]
+fn a_failover_to_the_standby_loses_and_doubles_nothing() {
+    let mut primary = PgCluster::start_new();
+    let standby = primary.add_standby();
+    case(
+        "failover",
+        &primary,
+        PoolSettings::default(),
+        None,
+        4,
+        |_| {},
+        |primary, _, run| {
+            run.wait_for(0.3);
+            primary.stop("immediate");
+            std::thread::sleep(Duration::from_secs(1));
+            standby.promote();
+            run.server_back();
+            run.note("the primary stopped -m immediate at 30%, its synchronous standby promoted 1 s later".into());
         },
     );
 }
@@ -740,9 +743,17 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
                 .spawn()
                 .expect("python3 runs");
             holder.wait().unwrap();
+            run.fault_ended
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
         });
-        let summary = ingest_observed(&faulty.db, &text, &run, 2);
+        let (summary, timeline) = ingest_sampled(&faulty.db, &text, &run, 2);
         injector.join().unwrap();
+        run.note("a second process holds BEGIN IMMEDIATE for 1.5 s; busy_timeout = 100 ms".into());
+        if let Some(dir) = crate::timeline::dir() {
+            write_timeline(&dir, "sqlite-busy", &run, &timeline);
+        }
         summary
     });
     let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
@@ -777,7 +788,10 @@ fn a_fault_time_line_is_recorded_and_drawn_as_an_svg() {
     );
     let csv = std::fs::read_to_string(dir.path().join("kill-backends.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().collect();
-    assert_eq!(rows[0], "seconds,commits_per_second,retries,outage");
+    assert_eq!(
+        rows[0],
+        "seconds,lines_committed_a_second,retries_so_far,database_outage"
+    );
     assert!(rows.len() > 3, "{csv}");
     let fault = std::fs::read_to_string(dir.path().join("kill-backends.fault")).unwrap();
     let began: f64 = fault.split(' ').next().unwrap().parse().unwrap();

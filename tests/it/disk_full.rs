@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
@@ -14,6 +15,7 @@ use crate::chaos::{compare, input};
 use crate::pg::PgCluster;
 use crate::service::{bin, Server};
 use crate::support::{same_as_clean_after_a_rerun, TestDb};
+use crate::timeline::{lines_done, watch_metrics};
 
 /// A tmpfs of a few MiB of the test's own, with a ballast file that eats
 /// all but a little of it. Unmounted when dropped.
@@ -53,10 +55,14 @@ impl SmallDisk {
         st.f_bavail * st.f_frsize
     }
 
-    /// Fills the disk but for `leave` bytes.
+    /// Fills the disk but for `leave` bytes. A writer racing the ballast
+    /// may fill it first: then the disk is full, as asked.
     fn fill_leaving(&self, leave: u64) {
         let size = self.free_bytes().saturating_sub(leave);
-        std::fs::write(&self.ballast, vec![0xA5u8; size as usize]).unwrap();
+        match std::fs::write(&self.ballast, vec![0xA5u8; size as usize]) {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {}
+            written => written.unwrap(),
+        }
     }
 
     /// Frees what the ballast took.
@@ -181,10 +187,20 @@ fn check(name: &str, clean: &TestDb, url: &str, text: &str, disk: &SmallDisk) {
     same_as_clean_after_a_rerun(&clean.snapshot(), &faulty.snapshot());
 }
 
-/// The input, a clean SQLite run of it (in the folder returned), and a
-/// provisioned SQLite file on a small disk that is full but for 512 KiB.
+/// [`sqlite_on_a_small_disk`], the disk full but for 512 KiB.
 fn sqlite_on_a_full_disk() -> (String, tempfile::TempDir, TestDb, SmallDisk, String) {
-    let (devices, text) = input(10_000);
+    let (text, dir, clean, disk, url) = sqlite_on_a_small_disk(10_000);
+    disk.fill_leaving(512 * 1024);
+    (text, dir, clean, disk, url)
+}
+
+/// An input of `messages`, a clean SQLite run of it (in the folder
+/// returned), and a provisioned SQLite file on a small disk (24 MiB for
+/// 10,000 messages, more for more).
+fn sqlite_on_a_small_disk(
+    messages: usize,
+) -> (String, tempfile::TempDir, TestDb, SmallDisk, String) {
+    let (devices, text) = input(messages);
     let dir = tempfile::tempdir().unwrap();
     let clean = TestDb::open(
         &format!("sqlite://{}", dir.path().join("clean.db").display()),
@@ -192,10 +208,9 @@ fn sqlite_on_a_full_disk() -> (String, tempfile::TempDir, TestDb, SmallDisk, Str
     );
     clean.provision(&devices);
     clean.ingest(&text);
-    let disk = SmallDisk::new(24);
+    let disk = SmallDisk::new(24 * messages.div_ceil(10_000) as u32);
     let url = format!("sqlite://{}", disk.path().join("n.db").display());
     TestDb::open(&url, Default::default()).provision(&devices);
-    disk.fill_leaving(512 * 1024);
     (text, dir, clean, disk, url)
 }
 
@@ -243,41 +258,40 @@ fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_spa
 
 #[test]
 fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
-    let (text, _dir, clean, disk, url) = sqlite_on_a_full_disk();
+    // CHAOS_MESSAGES (10,000 unless set): scripts/chaos draws this run.
+    let (text, _dir, clean, disk, url) = sqlite_on_a_small_disk(crate::chaos::size());
+    let messages = text.lines().count();
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, &text).unwrap();
-    let server = Server::start(work.path(), &url, &[]);
-    let log = work.path().join("normalizer.log");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut send = bin()
-        .args(["send", "--socket"])
-        .arg(&server.socket)
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !read_log().contains("the database's disk is full since") {
-        assert!(
-            Instant::now() < deadline,
-            "the full disk was felt: {}",
-            read_log()
-        );
-        assert!(send.try_wait().unwrap().is_none(), "send waits");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Waiting, not exiting, and not dead-lettering.
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(send.try_wait().unwrap().is_none(), "send still waits");
-    disk.free();
-    let sent = send.wait_with_output().unwrap();
-    assert!(
-        sent.status.success(),
-        "every line acknowledged after space was freed: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let metrics = format!("127.0.0.1:{}", crate::pg::free_port());
+    let server = Server::start(work.path(), &url, &["--metrics-listen", &metrics]);
+    let started = Instant::now();
+    let watching = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch_metrics(&metrics, &watching, started));
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_out_a_full_disk(&server, &metrics, work.path(), &file, &disk)
+        }));
+        watching.store(true, Ordering::SeqCst);
+        let timeline = watcher.join().expect("the watcher does not panic");
+        let (full, freed) = waited.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        if let Some(dir) = crate::timeline::dir() {
+            let mut timeline = timeline;
+            timeline.mark(full, "disk full felt");
+            timeline.mark(freed, "space freed");
+            timeline.write(
+                &dir,
+                "disk-full-serve",
+                Some(full),
+                Some(freed),
+                &format!(
+                    "serve on SQLite, its disk filled at 30% of the input, space freed {} s after it was felt",
+                    HOLD.as_secs()
+                ),
+            );
+        }
+    });
     server.signal(libc::SIGTERM);
     let out = server.wait();
     assert!(
@@ -285,7 +299,8 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = read_log();
+    let log = work.path().join("normalizer.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     println!(
         "{}",
         text.lines()
@@ -305,8 +320,70 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     );
     let faulty = TestDb::open(&url, Default::default());
     let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
-    assert_eq!(compare(&clean_snap, &faulty_snap), (0, 0, 0));
+    let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
+    println!(
+        "fault=disk-full-serve messages={} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} how=\"serve on SQLite, its disk filled at 30%, freed {} s after it was felt\"",
+        messages,
+        HOLD.as_secs()
+    );
+    assert_eq!((lost, doubled, wrong), (0, 0, 0));
     assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
+}
+
+/// How long `serve` is left on the full disk before space is freed.
+const HOLD: Duration = Duration::from_secs(5);
+
+/// Sends `file` to `server`, fills the disk once 30% of its lines are done
+/// (by its metrics at `metrics`), waits until the full disk is felt, holds
+/// it full for [`HOLD`] (`send` must still be waiting), frees the space and
+/// waits until every line is acknowledged. Returns when the full disk was
+/// felt and when space was freed.
+fn wait_out_a_full_disk(
+    server: &Server,
+    metrics: &str,
+    work: &Path,
+    file: &Path,
+    disk: &SmallDisk,
+) -> (Instant, Instant) {
+    let log = work.join("normalizer.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut send = bin()
+        .args(["send", "--socket"])
+        .arg(&server.socket)
+        .arg(file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::fs::read_to_string(file).unwrap().lines().count() as f64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines_done(metrics) < 0.3 * lines {
+        assert!(Instant::now() < deadline, "30% of the lines done");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    disk.fill_leaving(256 * 1024);
+    while !read_log().contains("the database's disk is full since") {
+        assert!(
+            Instant::now() < deadline,
+            "the full disk was felt: {}",
+            read_log()
+        );
+        assert!(send.try_wait().unwrap().is_none(), "send waits");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let full = Instant::now();
+    // Waiting, not exiting, and not dead-lettering.
+    std::thread::sleep(HOLD);
+    assert!(send.try_wait().unwrap().is_none(), "send still waits");
+    disk.free();
+    let freed = Instant::now();
+    let sent = send.wait_with_output().unwrap();
+    assert!(
+        sent.status.success(),
+        "every line acknowledged after space was freed: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    (full, freed)
 }
 
 /// A database that cannot be written (here: seen through a read-only bind

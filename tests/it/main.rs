@@ -19,3 +19,4 @@ mod provisioning;
 mod secure;
 mod service;
 mod support;
+mod timeline;

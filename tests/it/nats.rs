@@ -19,6 +19,7 @@ use crate::chaos;
 use crate::pg::PgCluster;
 use crate::service::{bin, wait_until_serving};
 use crate::support::TestDb;
+use crate::timeline::Timeline;
 
 fn scale_out_size() -> usize {
     std::env::var("NATS_MESSAGES")
@@ -516,6 +517,12 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
     let victim = instances[0].name();
 
     let started = Instant::now();
+    let mut timeline = Timeline::new(
+        started,
+        "backends_killed_so_far",
+        "a_node_or_an_instance_down",
+    );
+    let (mut node_back, mut back_at) = (None, None);
     let sender = send(&nats.urls, &file);
     let mut leader_killed = None;
     let mut instance_killed = None;
@@ -541,31 +548,59 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
             let leader = nats.leader("normalizer");
             nats.kill(leader);
             leader_killed = Some((leader, Instant::now()));
+            timeline.mark(
+                Instant::now(),
+                &format!("stream leader's NATS node {leader} killed"),
+            );
         }
-        if let Some((_, at)) = leader_killed {
+        if let Some((n, at)) = leader_killed {
             if at.elapsed() > Duration::from_secs(5) {
                 nats.start_missing();
+                if node_back.is_none() {
+                    node_back = Some(Instant::now());
+                    timeline.mark(Instant::now(), &format!("NATS node {n} back"));
+                }
             }
         }
         if instance_killed.is_none() && share >= 0.3 {
             instances[0].signal(libc::SIGKILL);
             instance_killed = Some(Instant::now());
+            timeline.mark(Instant::now(), "instance i0 killed");
         }
         if let (Some(at), None) = (instance_killed, takeover) {
             let owners = fence_owners(&mut conn);
             if !owners.iter().any(|(_, owner)| *owner == victim) {
                 takeover = Some(at.elapsed());
+                timeline.mark(Instant::now(), "its partitions taken over");
             }
         }
         if !restarted && share >= 0.6 && takeover.is_some() {
             instances[0] = Instance::start(dir.path(), "i0-again", &url, &nats.urls, &extra);
             restarted = true;
+            back_at = Some(Instant::now());
+            timeline.mark(Instant::now(), "i0 back");
         }
         if last_backend_kill.elapsed() > Duration::from_secs(3) {
             backends_killed += pg.terminate_normalizer_backends(&url);
             last_backend_kill = Instant::now();
         }
+        let node_down = leader_killed.is_some() && node_back.is_none();
+        let instance_down = instance_killed.is_some() && !restarted;
+        timeline.sample(
+            now as u64,
+            backends_killed as u64,
+            node_down || instance_down,
+        );
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(dir) = crate::timeline::dir() {
+        timeline.write(
+            &dir,
+            "scale-out",
+            leader_killed.map(|(_, at)| at),
+            back_at,
+            &format!("3 instances, stream R3, {messages} messages; its backends killed every 3 s"),
+        );
     }
     let took = started.elapsed();
     // The faults are the test: each must have happened (a run too small
@@ -608,7 +643,7 @@ fn three_instances_under_kills_end_exactly_as_one_clean_ingest() {
         assert!(status.success(), "{status}: {log}");
     }
     println!(
-        "nats scale-out: {messages} messages, 3 instances, stream R3; nats node {} killed at 10 %, instance killed at 30 % and back at 60 %, {backends_killed} backends killed: lost={lost} doubled={doubled} wrongly_dead_lettered={wrong}; takeover after the kill {:.1} s; run {:.1} s (clean ingest {:.1} s)",
+        "fault=scale-out messages={messages} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} how=\"3 instances, stream R3; nats node {} killed at 10 %, instance killed at 30 % and back at 60 %, {backends_killed} backends killed; takeover after the kill {:.1} s; run {:.1} s (clean ingest {:.1} s)\"",
         leader_killed.map_or(0, |(n, _)| n),
         takeover.map_or(f64::NAN, |t| t.as_secs_f64()),
         took.as_secs_f64(),

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use normalizer::db::{PoolSettings, RetryPolicy};
 
-use crate::chaos::{compare, ingest_observed, input, size, Figures, Run};
+use crate::chaos::{
+    compare, ingest_observed, ingest_sampled, input, size, write_timeline, Figures, Run,
+};
 use crate::netns::{Link, Relay};
 use crate::pg::PgCluster;
 use crate::service::{bin, Server};
@@ -85,7 +87,7 @@ fn check(placement: Placement) {
 
     let run = Run::default();
     run.total.store(clean_summary.lines, Ordering::SeqCst);
-    let (summary, faulty_snap, finished, healed, done_at_cut) = std::thread::scope(|s| {
+    let (summary, faulty_snap, finished, healed, done_at_cut, timeline) = std::thread::scope(|s| {
         let injector = s.spawn(|| {
             run.wait_for(0.2);
             let done_at_cut = run.completed.load(Ordering::SeqCst);
@@ -101,13 +103,14 @@ fn check(placement: Placement) {
             }
             let faulty = TestDb::open_with_policy(&url, settings.clone(), policy);
             faulty.provision(&devices);
-            let summary = ingest_observed(&faulty.db, &text, &run, workers);
+            let (summary, timeline) = ingest_sampled(&faulty.db, &text, &run, workers);
             let finished = Instant::now();
-            (summary, faulty.snapshot(), finished)
+            (summary, faulty.snapshot(), finished, timeline)
         });
         let (healed, done_at_cut) = injector.join().expect("the injector does not panic");
-        let (summary, snap, finished) = normalizer.join().expect("the run does not panic");
-        (summary, snap, finished, healed, done_at_cut)
+        let (summary, snap, finished, timeline) =
+            normalizer.join().expect("the run does not panic");
+        (summary, snap, finished, healed, done_at_cut, timeline)
     });
 
     let after_heal = finished.saturating_duration_since(healed);
@@ -127,6 +130,13 @@ fn check(placement: Placement) {
         remaining * 100.0,
         budget.as_secs_f64(),
     );
+    run.note(format!(
+        "link cut for {} s at 20% of the input ({name})",
+        down.as_secs()
+    ));
+    if let Some(dir) = crate::timeline::dir() {
+        write_timeline(&dir, fault, &run, &timeline);
+    }
     let figures = Figures::of(
         fault,
         how,

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
 /// A PostgreSQL cluster of the test's own.
@@ -16,6 +17,8 @@ pub struct PgCluster {
     bindir: PathBuf,
     /// Its TCP port on 127.0.0.1.
     pub port: u16,
+    /// The port of its standby, once it has one: its URLs name both.
+    standby: Option<u16>,
 }
 
 fn is_root() -> bool {
@@ -74,24 +77,7 @@ impl PgCluster {
     /// initdb and start a new cluster with `conf` lines in postgresql.conf
     /// and `hba` lines in pg_hba.conf.
     pub fn start_configured(conf: &[&str], hba: &[&str]) -> PgCluster {
-        let root = std::env::temp_dir().join(format!(
-            "normalizer-pg-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&root).unwrap();
-        let data = root.join("data");
-        let cluster = PgCluster {
-            root,
-            data,
-            bindir: bindir(),
-            port: free_port(),
-        };
-        if is_root() {
-            run(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&cluster.root));
-        }
+        let cluster = PgCluster::unstarted();
         run(cluster
             .command("initdb")
             .args([
@@ -130,6 +116,108 @@ impl PgCluster {
         std::fs::write(&hba_path, text).unwrap();
         cluster.start();
         cluster
+    }
+
+    /// A folder of its own (the postgres user's when we are root) and a
+    /// free port, for a cluster not made yet.
+    fn unstarted() -> PgCluster {
+        let root = std::env::temp_dir().join(format!(
+            "normalizer-pg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let data = root.join("data");
+        let cluster = PgCluster {
+            root,
+            data,
+            bindir: bindir(),
+            port: free_port(),
+            standby: None,
+        };
+        if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.root));
+        }
+        cluster
+    }
+
+    /// A hot standby of this cluster, started: a base backup streaming the
+    /// primary's WAL (`pg_basebackup -R`), then made synchronous, so that a
+    /// commit returns only once the standby has it on disk and a promotion
+    /// loses no acknowledged commit. From then on this cluster's URLs name
+    /// both servers and let libpq pick the writable one
+    /// (`target_session_attrs=read-write`), as a client of a failover pair
+    /// is configured.
+    pub fn add_standby(&mut self) -> PgCluster {
+        let standby = PgCluster::unstarted();
+        run(standby
+            .command("pg_basebackup")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .args(["-p", &self.port.to_string(), "-D"])
+            .arg(&standby.data));
+        let conf_path = standby.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        // Later lines win over the primary's.
+        text += &format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.root.display()
+        );
+        std::fs::write(&conf_path, text).unwrap();
+        standby.start();
+        let mut admin = self.admin();
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(sql).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let n = diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync'",
+            )
+            .get_result::<N>(&mut admin)
+            .unwrap()
+            .n;
+            if n == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby streams synchronously"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.standby = Some(standby.port);
+        standby
+    }
+
+    /// Promotes this standby to a primary, and waits until it is one.
+    pub fn promote(&self) {
+        let out = self.pg_ctl(&["-w", "-t", "60", "promote"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
     }
 
     /// A new cluster with default settings.
@@ -220,7 +308,13 @@ impl PgCluster {
 
     /// The URL of a database of this cluster.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        match self.standby {
+            None => format!("postgres://postgres@127.0.0.1:{}/{database}", self.port),
+            Some(standby) => format!(
+                "postgres://postgres@127.0.0.1:{},127.0.0.1:{standby}/{database}?target_session_attrs=read-write",
+                self.port
+            ),
+        }
     }
 
     /// A superuser connection to the `postgres` database.
@@ -267,6 +361,7 @@ impl PgCluster {
     /// is connected to the database of `url`, and waits until they are gone.
     pub fn terminate_normalizer_backends(&self, url: &str) -> usize {
         let database = url.rsplit('/').next().unwrap();
+        let database = database.split('?').next().unwrap();
         #[derive(diesel::QueryableByName)]
         struct Killed {
             #[diesel(sql_type = diesel::sql_types::BigInt)]

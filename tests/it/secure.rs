@@ -6,7 +6,6 @@
 //! sentence; a login refused while serving is ridden out; no secret is
 //! printed anywhere.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -16,6 +15,7 @@ use diesel::Connection;
 
 use crate::pg::{free_port, PgCluster};
 use crate::service::bin;
+use crate::timeline::http_get;
 
 /// Where the examples are.
 fn example(name: &str) -> PathBuf {
@@ -720,15 +720,6 @@ fn a_login_refused_while_serving_is_one_error_then_one_line_when_let_in_again() 
     let _ = serve.wait();
 }
 
-/// A `GET` of `path` on a local HTTP server.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[test]
 fn no_secret_given_through_any_input_reaches_any_output() {
     let secret = format!("Zs{:016x}q", rand::random::<u64>());
@@ -898,10 +889,10 @@ fn no_secret_given_through_any_input_reaches_any_output() {
             .unwrap_or_default()
             .contains("serving on")
     });
-    let metrics = http_get(&listen, "/metrics");
+    let metrics = http_get(&listen, "/metrics").unwrap();
     assert!(metrics.contains("normalizer_"), "{metrics}");
     printed += &metrics;
-    printed += &http_get(&listen, "/healthz");
+    printed += &http_get(&listen, "/healthz").unwrap();
     let _ = serve.kill();
     let out = serve.wait_with_output().unwrap();
     printed += &text(&out);
