@@ -731,17 +731,31 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
     let run = Run::default();
     run.total.store(clean_summary.lines, Ordering::SeqCst);
     let path = d2.path().join("n.db");
+    // A second process that will hold the write lock, started and connected
+    // before the run, so that it takes the lock the moment it is told to
+    // (a run of 10,000 lines leaves less time after 30% than python3 takes
+    // to start).
+    let mut holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); print('ready', flush=True); sys.stdin.readline(); c.execute('BEGIN IMMEDIATE'); time.sleep(1.5); c.execute('COMMIT')")
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let mut go = holder.stdin.take().unwrap();
     let summary = std::thread::scope(|s| {
         let injector = s.spawn(|| {
             run.wait_for(0.3);
-            // A second process holding the write lock.
-            let mut holder = std::process::Command::new("python3")
-                .arg("-c")
-                .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(1.5); c.execute('COMMIT')")
-                .arg(&path)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3 runs");
+            std::io::Write::write_all(&mut go, b"go\n").unwrap();
+            std::io::Write::flush(&mut go).unwrap();
             holder.wait().unwrap();
             run.fault_ended
                 .lock()
