@@ -1,6 +1,8 @@
 # Sourced by the benchmark scripts: a throwaway PostgreSQL cluster in a
 # temporary folder on a free port, removed on exit. Defines $port, url NAME,
 # psql_ ARGS, and a cleanup on EXIT (extend it with pg_cluster_cleanup).
+# Tuned for bulk writes (512 MB of shared buffers, checkpoints far apart)
+# unless PG_CLUSTER_SETTINGS=defaults: then PostgreSQL's own settings.
 bindir="$(pg_config --bindir)"
 tmp="$(mktemp -d /tmp/normalizer-bench.XXXXXX)"
 as_pg=()
@@ -16,10 +18,14 @@ cat >> "$tmp/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$tmp'
+CONF
+if [ "${PG_CLUSTER_SETTINGS:-tuned}" != defaults ]; then
+  cat >> "$tmp/data/postgresql.conf" <<CONF
 shared_buffers = 512MB
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 CONF
+fi
 pg "$bindir/pg_ctl" -D "$tmp/data" -l "$tmp/server.log" -w start >/dev/null
 url() { echo "postgres://postgres@127.0.0.1:$port/$1"; }
 psql_() { "$bindir/psql" -q -h 127.0.0.1 -p "$port" -U postgres "$@"; }
