@@ -774,9 +774,10 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
     let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
     let busy = summary.database.retries_of(Cause::Busy);
     println!(
-        "fault=sqlite-busy messages={messages} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} retries={} [busy={busy}] elapsed={:.1}s how=\"a second process holds BEGIN IMMEDIATE for 1.5 s; busy_timeout = 100 ms\"",
+        "fault=sqlite-busy messages={messages} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} retries={} [busy={busy}] elapsed={:.1}s how=\"{}\"",
         summary.database.total_retries(),
-        summary.elapsed_seconds
+        summary.elapsed_seconds,
+        run.note.lock().unwrap()
     );
     assert!(run.injected_while_running.load(Ordering::SeqCst));
     assert_eq!((lost, doubled, wrong), (0, 0, 0));

@@ -261,6 +261,10 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     // CHAOS_MESSAGES (10,000 unless set): scripts/chaos draws this run.
     let (text, _dir, clean, disk, url) = sqlite_on_a_small_disk(crate::chaos::size());
     let messages = text.lines().count();
+    let how = format!(
+        "serve on SQLite, its disk filled at 30% of the input, space freed {} s after it was felt",
+        HOLD.as_secs()
+    );
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("messages.jsonl");
     std::fs::write(&file, &text).unwrap();
@@ -271,7 +275,7 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     std::thread::scope(|s| {
         let watcher = s.spawn(|| watch_metrics(&metrics, &watching, started));
         let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_out_a_full_disk(&server, &metrics, work.path(), &file, &disk)
+            wait_out_a_full_disk(&server, &metrics, work.path(), &file, messages, &disk)
         }));
         watching.store(true, Ordering::SeqCst);
         let timeline = watcher.join().expect("the watcher does not panic");
@@ -280,16 +284,7 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
             let mut timeline = timeline;
             timeline.mark(full, "disk full felt");
             timeline.mark(freed, "space freed");
-            timeline.write(
-                &dir,
-                "disk-full-serve",
-                Some(full),
-                Some(freed),
-                &format!(
-                    "serve on SQLite, its disk filled at 30% of the input, space freed {} s after it was felt",
-                    HOLD.as_secs()
-                ),
-            );
+            timeline.write(&dir, "disk-full-serve", Some(full), Some(freed), &how);
         }
     });
     server.signal(libc::SIGTERM);
@@ -322,9 +317,7 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     let (clean_snap, faulty_snap) = (clean.snapshot(), faulty.snapshot());
     let (lost, doubled, wrong) = compare(&clean_snap, &faulty_snap);
     println!(
-        "fault=disk-full-serve messages={} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} how=\"serve on SQLite, its disk filled at 30%, freed {} s after it was felt\"",
-        messages,
-        HOLD.as_secs()
+        "fault=disk-full-serve messages={messages} lost={lost} doubled={doubled} wrongly_dead_lettered={wrong} how=\"{how}\""
     );
     assert_eq!((lost, doubled, wrong), (0, 0, 0));
     assert_eq!(faulty_snap, clean_snap, "end state equals the clean run");
@@ -333,16 +326,17 @@ fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
 /// How long `serve` is left on the full disk before space is freed.
 const HOLD: Duration = Duration::from_secs(5);
 
-/// Sends `file` to `server`, fills the disk once 30% of its lines are done
-/// (by its metrics at `metrics`), waits until the full disk is felt, holds
-/// it full for [`HOLD`] (`send` must still be waiting), frees the space and
-/// waits until every line is acknowledged. Returns when the full disk was
-/// felt and when space was freed.
+/// Sends `file` (of `lines` lines) to `server`, fills the disk once 30% of
+/// them are done (by its metrics at `metrics`), waits until the full disk
+/// is felt, holds it full for [`HOLD`] (`send` must still be waiting),
+/// frees the space and waits until every line is acknowledged. Returns
+/// when the full disk was felt and when space was freed.
 fn wait_out_a_full_disk(
     server: &Server,
     metrics: &str,
     work: &Path,
     file: &Path,
+    lines: usize,
     disk: &SmallDisk,
 ) -> (Instant, Instant) {
     let log = work.join("normalizer.log");
@@ -355,9 +349,8 @@ fn wait_out_a_full_disk(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = std::fs::read_to_string(file).unwrap().lines().count() as f64;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while lines_done(metrics) < 0.3 * lines {
+    while lines_done(metrics) < 0.3 * lines as f64 {
         assert!(Instant::now() < deadline, "30% of the lines done");
         std::thread::sleep(Duration::from_millis(20));
     }
