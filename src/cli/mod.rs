@@ -17,7 +17,7 @@ pub use args::{Cli, Command, DeadLetterCommand, WorkerArgs};
 use crate::config::{FileSettings, Settings};
 use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
 use crate::feed::publish::PublishOptions;
-use crate::pipeline::{IngestError, IngestOptions};
+use crate::pipeline::{IngestError, IngestOptions, SQLITE_BATCH_SIZE};
 use crate::service::logfile::{self, LogFile};
 
 /// Exit code of a run that gave up on an unreachable database.
@@ -201,6 +201,7 @@ impl Context {
             Some(path) => FileSettings::load(path).map_err(|e| anyhow!(e))?,
             None => FileSettings::default(),
         };
+        let batch_size_given = cli.flags().batch_size.is_some() || file.batch_size.is_some();
         let settings = Settings::resolve(cli.flags(), file).map_err(|e| anyhow!(e))?;
         if settings.workers == 0 {
             return Err(anyhow!("--workers must be at least 1").into());
@@ -233,13 +234,16 @@ impl Context {
             max_outage: settings.max_outage.unwrap_or(defaults.max_outage),
             ..defaults
         };
-        let options = IngestOptions {
+        let mut options = IngestOptions {
             workers: settings.workers,
             batch_size: settings.batch_size,
             batch_wait: settings.batch_wait,
             shutdown_timeout: settings.shutdown_timeout,
             ..IngestOptions::default()
         };
+        if let (DatabaseUrl::Sqlite(_), false) = (&url, batch_size_given) {
+            options.batch_size = SQLITE_BATCH_SIZE;
+        }
         Ok(Context {
             settings,
             url,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::message::json_type;
 
@@ -102,7 +102,7 @@ pub fn quality(value: f64, sensor: &SensorSpec) -> Quality {
 
 /// Normalizes a payload for a device. An `Err` says why the whole message is
 /// `invalid`; nothing of it may be stored then.
-pub fn normalize(payload: &Map<String, Value>, device: &DeviceSpec) -> Result<Normalized, String> {
+pub fn normalize(payload: &[(String, Value)], device: &DeviceSpec) -> Result<Normalized, String> {
     let mut out = Normalized::default();
     for (name, value) in payload {
         let Some((field, sensor)) = device
@@ -216,8 +216,8 @@ mod tests {
         d
     }
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn obj(v: Value) -> Vec<(String, Value)> {
+        v.as_object().unwrap().clone().into_iter().collect()
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl PooledConn {
 /// 40 MB, which a 24 MiB volume in the full-disk tests could not hold.
 /// Public for the benchmarks, whose plain connections must be set the same.
 pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-     PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;";
+     PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY;";
 
 /// The r2d2 manager for both backends.
 pub(super) struct Manager {

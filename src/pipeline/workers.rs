@@ -14,7 +14,7 @@ use super::{Done, IngestOptions};
 use crate::core::message::{parse_line, MAX_RAW_BYTES};
 use crate::core::{DeadLetterKind, Parsed, Rejection};
 use crate::db::repo::reference::ReferenceCache;
-use crate::db::Database;
+use crate::db::{Database, DatabaseUrl};
 use crate::input::Line;
 
 /// A pool of worker threads inside a thread scope.
@@ -25,7 +25,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `options.workers` threads in `scope`. They stop when every
+    /// Starts `options.workers` threads in `scope` (one on SQLite: see
+    /// [`IngestOptions::one_writer`]). They stop when every
     /// clone of the returned pool is dropped (their channels close). While
     /// `stop` is set they hand jobs back unrun.
     pub fn spawn<'scope, 'env>(
@@ -34,6 +35,18 @@ impl Workers {
         options: &IngestOptions,
         stop: &'env AtomicBool,
     ) -> Workers {
+        let options = match db.url() {
+            DatabaseUrl::Sqlite(_) => {
+                if options.workers > 1 {
+                    log::debug!(
+                        "SQLite has one writer: one worker applies every message, in group commits of up to {} (--workers is for PostgreSQL)",
+                        options.batch_size
+                    );
+                }
+                options.clone().one_writer()
+            }
+            DatabaseUrl::Postgres(_) => options.clone(),
+        };
         // One cache of reference data for all the pool's workers.
         let cache = Arc::new(ReferenceCache::default());
         let senders = (0..options.workers.max(1))

@@ -15,9 +15,9 @@ use normalizer::core::provisioning::Provisioning;
 use normalizer::core::DeadLetterKind;
 use normalizer::db::repo::snapshot::{AlertRow, DeadLetterRow, ReadingRow, Snapshot};
 use normalizer::gen::{self, GenOptions};
-use normalizer::pipeline::IngestOptions;
+use normalizer::pipeline::{IngestOptions, SQLITE_BATCH_SIZE};
 
-use crate::support::{self, both, msg};
+use crate::support::{self, both, msg, TestDb};
 
 /// A sensor in the model: its device and metric, its active alarms.
 struct ModelSensor {
@@ -341,7 +341,7 @@ fn the_engine_ends_where_the_contract_applied_one_message_at_a_time_ends() {
         "a letter seen twice"
     );
 
-    for batch_size in [1, 7, IngestOptions::default().batch_size] {
+    for batch_size in [1, 7, IngestOptions::default().batch_size, SQLITE_BATCH_SIZE] {
         for t in both() {
             t.provision(&provisioning_text);
             let options = IngestOptions {
@@ -359,4 +359,121 @@ fn the_engine_ends_where_the_contract_applied_one_message_at_a_time_ends() {
             same(&at, "last seen", &got.devices, &want.devices);
         }
     }
+}
+
+/// The one SQLite writer killed (SIGKILL) twice while a group commit is
+/// open, and the same input run again to its end: the database ends in the
+/// model's state. Nothing of a group that had not committed is seen, nothing
+/// of one that had is applied twice.
+#[test]
+fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, RunQueryDsl, SqliteConnection};
+
+    // No bad lines: a dead letter seen on two runs counts two attempts,
+    // which the model (one run) would not.
+    let options = GenOptions {
+        devices: 300,
+        messages: 60_000,
+        seed: 23,
+        bad_share: 0.0,
+        duplicate_share: 0.02,
+        late_share: 0.05,
+    };
+    let provisioning_text = gen::provisioning(&options).to_string();
+    let provisioning = Provisioning::parse(&provisioning_text).unwrap();
+    let mut text = Vec::new();
+    gen::messages(&options, &mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let mut model = Model::new(&provisioning);
+    for line in text.lines() {
+        model.line(line);
+    }
+    let expected = model.snapshot();
+    assert!(
+        expected.dead_letters.is_empty(),
+        "no dead letters to count twice"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (devices, input, path) = (
+        dir.path().join("devices.json"),
+        dir.path().join("messages.jsonl"),
+        dir.path().join("n.db"),
+    );
+    std::fs::write(&devices, &provisioning_text).unwrap();
+    std::fs::write(&input, &text).unwrap();
+    let url = format!("sqlite://{}", path.display());
+    let normalizer = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_normalizer"));
+        c.args(["--database-url", &url, "--log-level", "warn"]);
+        c
+    };
+    let status = normalizer()
+        .arg("provision")
+        .arg(&devices)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Another connection, no busy timeout: a read counts what has
+    // committed; BEGIN IMMEDIATE refused means a write transaction is open.
+    let mut probe = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    let committed = |probe: &mut SqliteConnection| -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query("SELECT count(*) AS n FROM processed_messages")
+            .get_result::<Count>(probe)
+            .unwrap()
+            .n
+    };
+    let mut kills = Vec::new();
+    for _ in 0..2 {
+        let before = committed(&mut probe);
+        let mut child = normalizer()
+            .arg("ingest")
+            .arg(&input)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let killed_at = loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before a group commit was seen open after {before} messages"
+            );
+            let now = committed(&mut probe);
+            if now > before && probe.batch_execute("BEGIN IMMEDIATE").is_err() {
+                // The writer holds the write lock: it is inside a group.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                break now;
+            }
+            let _ = probe.batch_execute("ROLLBACK");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let _ = probe.batch_execute("ROLLBACK");
+        child.wait().unwrap();
+        let after = committed(&mut probe);
+        assert!(
+            after >= killed_at && after < expected.processed.len() as i64,
+            "killed mid-run: {after} of {} ids committed",
+            expected.processed.len()
+        );
+        kills.push(after);
+    }
+    let status = normalizer().arg("ingest").arg(&input).status().unwrap();
+    assert!(status.success(), "the run after two kills completes");
+    drop(probe);
+    let t = TestDb::open(&url, normalizer::db::PoolSettings::default());
+    let got = comparable(t.snapshot());
+    let want = comparable(expected);
+    let at = format!("sqlite, killed with {kills:?} ids committed, then run again");
+    same(&at, "readings", &got.readings, &want.readings);
+    same(&at, "alerts", &got.alerts, &want.alerts);
+    same(&at, "dead letters", &got.dead_letters, &want.dead_letters);
+    same(&at, "processed ids", &got.processed, &want.processed);
+    same(&at, "last seen", &got.devices, &want.devices);
+    println!("sqlite group commit killed with {kills:?} of {} ids committed; the re-run ended in the model's state", want.processed.len());
 }

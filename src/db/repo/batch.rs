@@ -570,33 +570,33 @@ fn insert_readings_unnest(
     Ok(stored)
 }
 
-/// SQLite: multi-row INSERT … VALUES of 1,000 rows a statement.
+/// SQLite: one single-row statement, prepared once and run for each row in
+/// key order: the index is walked forward instead of all over, and a
+/// single-row write needs no statement journal (docs/PERFORMANCE.md, "A
+/// write path made for SQLite").
 fn insert_readings_values(
     c: &mut diesel::SqliteConnection,
     rows: &[ReadingRow<'_>],
 ) -> QueryResult<Vec<(i64, DateTime<Utc>)>> {
     use readings::dsl as rd;
+    let mut sorted: Vec<&ReadingRow<'_>> = rows.iter().collect();
+    sorted.sort_unstable_by_key(|r| (r.0, r.1 .0));
     let mut stored = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(CHUNK) {
-        let values: Vec<_> = chunk
-            .iter()
-            .map(|(sensor, ts, value, quality, id)| {
-                (
-                    rd::sensor_id.eq(*sensor),
-                    rd::ts.eq(*ts),
-                    rd::value.eq(*value),
-                    rd::quality.eq(*quality),
-                    rd::message_id.eq(*id),
-                )
-            })
-            .collect();
-        let inserted: Vec<(i64, Instant)> = diesel::insert_into(rd::readings)
-            .values(&values)
+    for (sensor, ts, value, quality, id) in sorted {
+        let inserted = diesel::insert_into(rd::readings)
+            .values((
+                rd::sensor_id.eq(*sensor),
+                rd::ts.eq(*ts),
+                rd::value.eq(*value),
+                rd::quality.eq(*quality),
+                rd::message_id.eq(*id),
+            ))
             .on_conflict((rd::sensor_id, rd::ts))
             .do_nothing()
-            .returning((rd::sensor_id, rd::ts))
-            .get_results(c)?;
-        stored.extend(inserted.into_iter().map(|(sensor, ts)| (sensor, ts.0)));
+            .execute(c)?;
+        if inserted == 1 {
+            stored.push((*sensor, ts.0));
+        }
     }
     Ok(stored)
 }
