@@ -216,9 +216,12 @@ impl PooledConn {
 /// docs/RELIABILITY.md), foreign keys on, and a 16 MiB page cache (SQLite's
 /// default is 2 MiB): a batch reads index pages all over `readings
 /// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite's settings").
-/// The checkpoint interval stays SQLite's 1,000 pages: 10,000 was 2% faster
-/// with batches of 1000 and no faster with 5000, and it lets the WAL grow to
-/// 40 MB, which a 24 MiB volume in the full-disk tests could not hold.
+/// Statement journals in memory (`temp_store = MEMORY`): written to a
+/// temporary file they were 18% of the writer's time. The checkpoint
+/// interval stays SQLite's 1,000 pages: 10,000 was 2% faster with batches
+/// of 1000 and ~8% with the one writer's groups of 16,000, and it lets the
+/// WAL grow to 40–64 MB, which a 24 MiB volume in the full-disk tests could
+/// not hold (docs/PERFORMANCE.md, "A write path made for SQLite").
 /// Public for the benchmarks, whose plain connections must be set the same.
 pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY;";

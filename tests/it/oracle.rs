@@ -271,6 +271,26 @@ fn same<T: PartialEq + std::fmt::Debug>(at: &str, what: &str, got: &[T], want: &
     );
 }
 
+/// What the model says `input` leaves, applied one line at a time.
+fn model_of(provisioning_text: &str, input: &str) -> Snapshot {
+    let provisioning = Provisioning::parse(provisioning_text).unwrap();
+    let mut model = Model::new(&provisioning);
+    for line in input.lines() {
+        model.line(line);
+    }
+    model.snapshot()
+}
+
+/// Fails unless `got` holds the tables other services read as `want`.
+fn same_state(at: &str, got: Snapshot, want: Snapshot) {
+    let (got, want) = (comparable(got), comparable(want));
+    same(at, "readings", &got.readings, &want.readings);
+    same(at, "alerts", &got.alerts, &want.alerts);
+    same(at, "dead letters", &got.dead_letters, &want.dead_letters);
+    same(at, "processed ids", &got.processed, &want.processed);
+    same(at, "last seen", &got.devices, &want.devices);
+}
+
 /// Generated traffic (bad lines, replays, late readings, alarms opening and
 /// closing), then the cases that batches make hard: a replay inside one
 /// batch, one instant from two messages, an id dead-lettered twice then
@@ -315,13 +335,8 @@ fn the_engine_ends_where_the_contract_applied_one_message_at_a_time_ends() {
         late_share: 0.05,
     };
     let provisioning_text = gen::provisioning(&options).to_string();
-    let provisioning = Provisioning::parse(&provisioning_text).unwrap();
     let input = input(&options);
-    let mut model = Model::new(&provisioning);
-    for line in input.lines() {
-        model.line(line);
-    }
-    let expected = model.snapshot();
+    let expected = model_of(&provisioning_text, &input);
     assert!(
         expected.alerts.iter().any(|a| a.5.is_some()),
         "alerts close"
@@ -349,14 +364,8 @@ fn the_engine_ends_where_the_contract_applied_one_message_at_a_time_ends() {
                 ..support::options()
             };
             t.ingest_with(&input, &options).unwrap();
-            let got = comparable(t.snapshot());
-            let want = comparable(expected.clone());
             let at = format!("{}, batch size {batch_size}", t.name);
-            same(&at, "readings", &got.readings, &want.readings);
-            same(&at, "alerts", &got.alerts, &want.alerts);
-            same(&at, "dead letters", &got.dead_letters, &want.dead_letters);
-            same(&at, "processed ids", &got.processed, &want.processed);
-            same(&at, "last seen", &got.devices, &want.devices);
+            same_state(&at, t.snapshot(), expected.clone());
         }
     }
 }
@@ -381,15 +390,10 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
         late_share: 0.05,
     };
     let provisioning_text = gen::provisioning(&options).to_string();
-    let provisioning = Provisioning::parse(&provisioning_text).unwrap();
     let mut text = Vec::new();
     gen::messages(&options, &mut text).unwrap();
     let text = String::from_utf8(text).unwrap();
-    let mut model = Model::new(&provisioning);
-    for line in text.lines() {
-        model.line(line);
-    }
-    let expected = model.snapshot();
+    let expected = model_of(&provisioning_text, &text);
     assert!(
         expected.dead_letters.is_empty(),
         "no dead letters to count twice"
@@ -467,13 +471,8 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
     assert!(status.success(), "the run after two kills completes");
     drop(probe);
     let t = TestDb::open(&url, normalizer::db::PoolSettings::default());
-    let got = comparable(t.snapshot());
-    let want = comparable(expected);
+    let ids = expected.processed.len();
     let at = format!("sqlite, killed with {kills:?} ids committed, then run again");
-    same(&at, "readings", &got.readings, &want.readings);
-    same(&at, "alerts", &got.alerts, &want.alerts);
-    same(&at, "dead letters", &got.dead_letters, &want.dead_letters);
-    same(&at, "processed ids", &got.processed, &want.processed);
-    same(&at, "last seen", &got.devices, &want.devices);
-    println!("sqlite group commit killed with {kills:?} of {} ids committed; the re-run ended in the model's state", want.processed.len());
+    same_state(&at, t.snapshot(), expected);
+    println!("sqlite group commit killed with {kills:?} of {ids} ids committed; the re-run ended in the model's state");
 }
