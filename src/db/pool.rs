@@ -314,6 +314,38 @@ impl Manager {
     }
 }
 
+/// Sets SQLite's process-wide options, before its first connection:
+/// - no memory statistics (`SQLITE_CONFIG_MEMSTATUS`): with them, every
+///   allocation of SQLite's takes one global mutex;
+/// - multi-thread mode (`SQLITE_CONFIG_MULTITHREAD`): no mutex around each
+///   call on a connection. A diesel connection is used by one thread at a
+///   time (it is not `Sync`; the pool lends it to one worker), which is the
+///   mode's one rule.
+///
+/// Together they were 7% of the one writer's time (docs/PERFORMANCE.md, "A
+/// write path made for SQLite"). Once SQLite is initialised (a connection
+/// opened elsewhere in the process first, as a test may), they can no longer
+/// be set: SQLite says so (`SQLITE_MISUSE`) and keeps its defaults, which
+/// are correct, only slower.
+fn configure_sqlite() {
+    use libsqlite3_sys::{
+        sqlite3_config, SQLITE_CONFIG_MEMSTATUS, SQLITE_CONFIG_MULTITHREAD, SQLITE_OK,
+    };
+    // SAFETY: sqlite3_config is called before any connection of this
+    // module's (the `Once` of `open_sqlite`); if SQLite was initialised
+    // before, it refuses without changing anything. The variadic argument
+    // of MEMSTATUS is one int.
+    let results = unsafe {
+        [
+            sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int),
+            sqlite3_config(SQLITE_CONFIG_MULTITHREAD),
+        ]
+    };
+    if results.iter().any(|rc| *rc != SQLITE_OK) {
+        log::debug!("SQLite was initialised before its first connection here: its default mutexes and memory statistics stay (sqlite3_config: {results:?})");
+    }
+}
+
 /// Opens a SQLite file. One in WAL mode that was closed cleanly (no `-shm`
 /// beside it) on a read-only file system cannot be opened the usual way
 /// ("unable to open database file": SQLite would create its shared-memory
@@ -323,6 +355,8 @@ impl Manager {
 /// `setup` runs on the connection (SQLite opens the file at the first
 /// statement, so that is where it fails).
 fn open_sqlite(path: &str, setup: &str) -> Result<SqliteConnection, ConnectionError> {
+    static CONFIGURE: std::sync::Once = std::sync::Once::new();
+    CONFIGURE.call_once(configure_sqlite);
     let open = |target: &str| {
         let mut conn = SqliteConnection::establish(target)?;
         conn.batch_execute(setup)

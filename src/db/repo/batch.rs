@@ -26,18 +26,20 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::query_builder::AstPass;
+use diesel::sql_types::{BigInt, Double, Text};
+use diesel::sqlite::Sqlite;
 
 use crate::core::alarm::{evaluates_alarms, transition, Transition};
 use crate::core::normalize::{normalize, DeviceSpec, Quality};
 use crate::core::{DeadLetterKind, Message};
-use crate::db::schema::{
-    alerts, dead_letters as dl, devices, processed_messages, readings, sensors,
-};
-use crate::db::types::Instant;
+use crate::db::schema::{alerts, dead_letters as dl, devices, processed_messages, sensors};
+use crate::db::types::{Instant, UtcTime};
 use crate::db::{dispatch, AnyConnection};
 use crate::outcome::{Applied, DeadLetter, Outcome};
 
 use super::dead_letters;
+use super::fixed::{self, Fixed};
 use super::reference::{Reference, ReferenceCache};
 
 /// One line of a batch.
@@ -222,39 +224,47 @@ fn decide<'a>(
     Ok(decided)
 }
 
-/// Pass 2: readings, the first one of a sensor and instant wins. Returns
-/// the readings stored, by sensor, instant and message.
-fn store_readings<'a>(
+/// Pass 2: readings, the first one of a sensor and instant wins. Returns,
+/// for each reading of the candidates in arrival order, whether it was
+/// stored. They are written in key order, `(sensor, instant)`: SQLite's
+/// index is walked forward instead of all over, and PostgreSQL's
+/// transactions take their index locks in one order.
+fn store_readings(
     conn: &mut AnyConnection,
-    candidates: &[Candidate<'a>],
-) -> QueryResult<HashSet<(i64, DateTime<Utc>, &'a str)>> {
-    let mut first_at: HashSet<(i64, DateTime<Utc>)> = HashSet::new();
-    let mut rows = Vec::new();
-    for c in candidates {
-        let m = c.message;
-        for r in &c.readings {
-            if first_at.insert((r.sensor_id, m.ts)) {
-                rows.push((
-                    r.sensor_id,
-                    Instant(m.ts),
-                    r.value,
-                    r.quality.as_str(),
-                    m.id.as_str(),
-                ));
-            }
-        }
-    }
-    insert_readings(conn, &rows)
+    candidates: &[Candidate<'_>],
+) -> QueryResult<Vec<bool>> {
+    let mut rows: Vec<(usize, ReadingRow<'_>)> = candidates
+        .iter()
+        .flat_map(|c| c.readings.iter().map(move |r| (c.message, r)))
+        .enumerate()
+        .map(|(i, (m, r))| {
+            let row = (
+                r.sensor_id,
+                Instant(m.ts),
+                r.value,
+                r.quality.as_str(),
+                m.id.as_str(),
+            );
+            (i, row)
+        })
+        .collect();
+    let mut stored = vec![false; rows.len()];
+    // By key, then arrival: of the rows of one key the first is kept.
+    rows.sort_unstable_by_key(|(i, row)| (row.0, row.1, *i));
+    rows.dedup_by_key(|(_, row)| (row.0, row.1));
+    insert_readings(conn, &rows, &mut stored)?;
+    Ok(stored)
 }
 
 /// Pass 3: alarms and last-seen, in arrival order.
 fn evaluate_and_touch(
     conn: &mut AnyConnection,
     state: &mut State,
-    stored: &HashSet<(i64, DateTime<Utc>, &str)>,
+    stored: &[bool],
     decided: &mut Decided<'_>,
 ) -> QueryResult<()> {
     let mut last_seen: HashMap<i64, DateTime<Utc>> = HashMap::new();
+    let mut stored = stored.iter();
     for c in &decided.candidates {
         let m = c.message;
         let mut applied = Applied {
@@ -262,7 +272,7 @@ fn evaluate_and_touch(
             ..Applied::default()
         };
         for r in &c.readings {
-            if !stored.contains(&(r.sensor_id, m.ts, m.id.as_str())) {
+            if !stored.next().expect("one flag a reading") {
                 applied.duplicate_readings += 1;
                 continue;
             }
@@ -515,22 +525,28 @@ impl State {
 
 type ReadingRow<'a> = (i64, Instant, f64, &'static str, &'a str);
 
-/// Inserts readings unless their sensor has one at that instant; returns the
-/// (sensor, ts, message id) of those stored.
-fn insert_readings<'a>(
+/// Inserts readings, each numbered by its place in `stored`, unless their
+/// sensor has one at that instant; sets `stored` for those stored.
+fn insert_readings(
     conn: &mut AnyConnection,
-    rows: &[ReadingRow<'a>],
-) -> QueryResult<HashSet<(i64, DateTime<Utc>, &'a str)>> {
-    let by_key: HashMap<(i64, DateTime<Utc>), &'a str> =
-        rows.iter().map(|r| ((r.0, r.1 .0), r.4)).collect();
-    let stored = match conn {
-        AnyConnection::Pg(c) => insert_readings_unnest(c, rows)?,
-        AnyConnection::Sqlite(c) => insert_readings_values(c, rows)?,
-    };
-    Ok(stored
-        .into_iter()
-        .map(|(sensor, ts)| (sensor, ts, by_key[&(sensor, ts)]))
-        .collect())
+    rows: &[(usize, ReadingRow<'_>)],
+    stored: &mut [bool],
+) -> QueryResult<()> {
+    match conn {
+        AnyConnection::Pg(c) => {
+            let place: HashMap<(i64, DateTime<Utc>), usize> =
+                rows.iter().map(|(i, r)| ((r.0, r.1 .0), *i)).collect();
+            for key in insert_readings_unnest(c, rows)? {
+                stored[place[&key]] = true;
+            }
+        }
+        AnyConnection::Sqlite(c) => {
+            for (i, row) in rows {
+                stored[*i] = Fixed(InsertReading(row)).run(c)? == 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// PostgreSQL: one statement of five arrays per 10,000 rows, parsed and
@@ -538,7 +554,7 @@ fn insert_readings<'a>(
 /// (docs/PERFORMANCE.md, "PostgreSQL: a batch's readings in one `INSERT … SELECT FROM unnest(…)`").
 fn insert_readings_unnest(
     c: &mut diesel::PgConnection,
-    rows: &[ReadingRow<'_>],
+    rows: &[(usize, ReadingRow<'_>)],
 ) -> QueryResult<Vec<(i64, DateTime<Utc>)>> {
     let mut stored = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(CHUNK * 10) {
@@ -547,7 +563,7 @@ fn insert_readings_unnest(
         let mut values = Vec::with_capacity(chunk.len());
         let mut qualities = Vec::with_capacity(chunk.len());
         let mut ids = Vec::with_capacity(chunk.len());
-        for (sensor, ts, value, quality, id) in chunk {
+        for (_, (sensor, ts, value, quality, id)) in chunk {
             sensors.push(*sensor);
             instants.push(ts.0);
             values.push(*value);
@@ -570,35 +586,29 @@ fn insert_readings_unnest(
     Ok(stored)
 }
 
-/// SQLite: one single-row statement, prepared once and run for each row in
-/// key order: the index is walked forward instead of all over, and a
-/// single-row write needs no statement journal (docs/PERFORMANCE.md, "A
-/// write path made for SQLite").
-fn insert_readings_values(
-    c: &mut diesel::SqliteConnection,
-    rows: &[ReadingRow<'_>],
-) -> QueryResult<Vec<(i64, DateTime<Utc>)>> {
-    use readings::dsl as rd;
-    let mut sorted: Vec<&ReadingRow<'_>> = rows.iter().collect();
-    sorted.sort_unstable_by_key(|r| (r.0, r.1 .0));
-    let mut stored = Vec::with_capacity(rows.len());
-    for (sensor, ts, value, quality, id) in sorted {
-        let inserted = diesel::insert_into(rd::readings)
-            .values((
-                rd::sensor_id.eq(*sensor),
-                rd::ts.eq(*ts),
-                rd::value.eq(*value),
-                rd::quality.eq(*quality),
-                rd::message_id.eq(*id),
-            ))
-            .on_conflict((rd::sensor_id, rd::ts))
-            .do_nothing()
-            .execute(c)?;
-        if inserted == 1 {
-            stored.push((*sensor, ts.0));
-        }
+/// SQLite: one reading, unless its sensor has one at that instant. One
+/// statement a row, prepared once ([`fixed`]), run in key order; its row
+/// count says whether the row was stored, and a single-row write needs no
+/// statement journal (docs/PERFORMANCE.md, "A write path made for SQLite").
+struct InsertReading<'r, 'a>(&'r ReadingRow<'a>);
+
+impl fixed::Statement for InsertReading<'_, '_> {
+    type Key = InsertReading<'static, 'static>;
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        let (sensor, ts, value, quality, id) = self.0;
+        out.push_sql("INSERT INTO readings (sensor_id, ts, value, quality, message_id) VALUES (");
+        out.push_bind_param::<BigInt, _>(sensor)?;
+        out.push_sql(", ");
+        out.push_bind_param::<UtcTime, _>(ts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Double, _>(value)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(quality)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(id)?;
+        out.push_sql(") ON CONFLICT (sensor_id, ts) DO NOTHING");
+        Ok(())
     }
-    Ok(stored)
 }
 
 /// A reading the PostgreSQL insert stored.
@@ -650,17 +660,45 @@ fn touch_devices(
 
 /// A dead-lettered id that is now processed (a replay after provisioning)
 /// loses its dead-letter row.
+/// SQLite: one prepared statement a row (see [`fixed`]).
 fn remove_dead_letters(conn: &mut AnyConnection, ids: HashSet<&str>) -> QueryResult<()> {
     let ids: Vec<&str> = ids.into_iter().collect();
-    for chunk in ids.chunks(CHUNK) {
-        dispatch!(conn, c => diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c))?;
+    match conn {
+        AnyConnection::Pg(c) => {
+            for chunk in ids.chunks(CHUNK) {
+                diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c)?;
+            }
+        }
+        AnyConnection::Sqlite(c) => {
+            for id in ids {
+                Fixed(RemoveDeadLetter(id)).run(c)?;
+            }
+        }
     }
     Ok(())
 }
 
+/// SQLite: the dead letter of a message id that is now processed.
+struct RemoveDeadLetter<'a>(&'a str);
+
+impl fixed::Statement for RemoveDeadLetter<'_> {
+    type Key = RemoveDeadLetter<'static>;
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_sql("DELETE FROM dead_letters WHERE message_id = ");
+        out.push_bind_param::<Text, _>(&self.0)
+    }
+}
+
+/// SQLite: one prepared statement a row (see [`fixed`]).
 fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResult<()> {
     use processed_messages::dsl as p;
     let now = Instant(Utc::now());
+    if let AnyConnection::Sqlite(c) = conn {
+        for (id, token) in done {
+            Fixed(MarkProcessed { id, token, now }).run(c)?;
+        }
+        return Ok(());
+    }
     for chunk in done.chunks(CHUNK) {
         let rows: Vec<_> = chunk
             .iter()
@@ -675,4 +713,27 @@ fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResul
         dispatch!(conn, c => diesel::insert_into(p::processed_messages).values(&rows).execute(c))?;
     }
     Ok(())
+}
+
+/// SQLite: a message id processed.
+struct MarkProcessed<'a> {
+    id: &'a str,
+    token: &'a str,
+    now: Instant,
+}
+
+impl fixed::Statement for MarkProcessed<'_> {
+    type Key = MarkProcessed<'static>;
+    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_sql(
+            "INSERT INTO processed_messages (message_id, processed_at, write_token) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&self.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<UtcTime, _>(&self.now)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.token)?;
+        out.push_sql(")");
+        Ok(())
+    }
 }
