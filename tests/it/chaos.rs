@@ -29,6 +29,13 @@ pub(crate) fn size() -> usize {
         .unwrap_or(10_000)
 }
 
+/// [`size`], at least 50,000: SQLite's one writer commits groups of up to
+/// 16,000 (`SQLITE_BATCH_SIZE`), and a smaller run of a test that injects
+/// its fault at 30% can end between that point and the fault.
+pub(crate) fn sqlite_size() -> usize {
+    size().max(50_000)
+}
+
 pub(crate) fn input(messages: usize) -> (String, String) {
     let options = GenOptions {
         devices: 60,
@@ -712,9 +719,7 @@ fn fewer_server_connections_than_the_pool_loses_and_doubles_nothing() {
 
 #[test]
 fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
-    // SQLite's one writer commits groups of thousands: a smaller run can end
-    // between 30% and the moment the lock holder takes the lock.
-    let messages = size().max(50_000);
+    let messages = sqlite_size();
     let (devices, text) = input(messages);
     let settings = PoolSettings {
         busy_timeout: Duration::from_millis(100),

@@ -258,10 +258,9 @@ fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_spa
 
 #[test]
 fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
-    // CHAOS_MESSAGES (10,000 unless set): scripts/chaos draws this run. At
-    // least 50,000: SQLite's one writer commits groups of up to 16,000, and
-    // a smaller run can end between 30% and the moment the disk is full.
-    let (text, _dir, clean, disk, url) = sqlite_on_a_small_disk(crate::chaos::size().max(50_000));
+    // CHAOS_MESSAGES (10,000 unless set; scripts/chaos draws this run), at
+    // least 50,000.
+    let (text, _dir, clean, disk, url) = sqlite_on_a_small_disk(crate::chaos::sqlite_size());
     let messages = text.lines().count();
     let how = format!(
         "serve on SQLite, its disk filled at 30% of the input, space freed {} s after it was felt",
