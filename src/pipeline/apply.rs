@@ -2,12 +2,14 @@
 //! error or a panic down to the one message, which gets one more try on its
 //! own and is then dead-lettered.
 
-use crossbeam_channel::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use super::job::{Cost, Job, Work};
 use super::Done;
-use crate::core::message::raw_for_storage;
-use crate::core::{DeadLetterKind, Message};
+use crate::core::message::{parse_line, raw_for_storage, MAX_RAW_BYTES};
+use crate::core::{DeadLetterKind, Message, Parsed};
 use crate::db::repo::fences::{self as fence_repo, Fence};
 use crate::db::repo::reference::ReferenceCache;
 use crate::db::repo::{batch, dead_letters};
@@ -27,8 +29,23 @@ pub(super) struct Prepared {
 }
 
 enum PreparedKind {
-    Apply { message: Message, raw: Vec<u8> },
-    Letter { letter: DeadLetter, detail: String },
+    // Boxed, as the letter is: a parked job keeps only the enum's size.
+    Apply {
+        message: Box<Message>,
+        raw: Vec<u8>,
+    },
+    /// Applied by an earlier pass of a transaction still open
+    /// ([`run_in_passes`]): the parsed message is dropped to keep a long
+    /// transaction's memory to its lines, and parsed again from the line
+    /// if the transaction has to run again.
+    Parked {
+        id: String,
+        raw: Vec<u8>,
+    },
+    Letter {
+        letter: Box<DeadLetter>,
+        detail: String,
+    },
 }
 
 impl Prepared {
@@ -44,6 +61,37 @@ impl Prepared {
                 letter,
                 token: &self.token,
             },
+            PreparedKind::Parked { .. } => unreachable!("a parked job is unparked before it runs"),
+        }
+    }
+
+    /// Drops the parsed message of an applied job whose line is whole (a
+    /// line longer than [`MAX_RAW_BYTES`] keeps its message: its kept line
+    /// is only the head).
+    fn park(&mut self) {
+        if let PreparedKind::Apply { message, raw } = &mut self.kind {
+            if raw.len() < MAX_RAW_BYTES {
+                self.kind = PreparedKind::Parked {
+                    id: std::mem::take(&mut message.id),
+                    raw: std::mem::take(raw),
+                };
+            }
+        }
+    }
+
+    /// Parses a parked job's line again: the same line gives the same
+    /// message.
+    fn unpark(&mut self) {
+        if let PreparedKind::Parked { raw, .. } = &mut self.kind {
+            let raw = std::mem::take(raw);
+            let message = match parse_line(&raw, false) {
+                Parsed::Message(message) => message,
+                _ => unreachable!("a parked line parsed as a message before"),
+            };
+            self.kind = PreparedKind::Apply {
+                message: Box::new(message),
+                raw,
+            };
         }
     }
 }
@@ -51,16 +99,19 @@ impl Prepared {
 impl From<Job> for Prepared {
     fn from(job: Job) -> Self {
         let kind = match job.work {
-            Work::Apply { message, raw } => PreparedKind::Apply { message, raw },
+            Work::Apply { message, raw } => PreparedKind::Apply {
+                message: Box::new(message),
+                raw,
+            },
             Work::Reject { rejection, raw } => PreparedKind::Letter {
                 detail: rejection.error.clone(),
-                letter: DeadLetter {
+                letter: Box::new(DeadLetter {
                     message_id: rejection.message_id,
                     device_key: rejection.device_key,
                     kind: rejection.kind,
                     error: rejection.error,
                     raw: raw_for_storage(&raw),
-                },
+                }),
             },
         };
         let (token, fence) = match job.origin {
@@ -82,6 +133,7 @@ impl Prepared {
     fn id(&self) -> Option<String> {
         match &self.kind {
             PreparedKind::Apply { message, .. } => Some(message.id.clone()),
+            PreparedKind::Parked { id, .. } => Some(id.clone()),
             PreparedKind::Letter { letter, .. } => letter.message_id.clone(),
         }
     }
@@ -91,7 +143,7 @@ impl Prepared {
     pub(super) fn reply(&self, result: Result<Outcome, Failure>) {
         let detail = match &self.kind {
             PreparedKind::Letter { detail, .. } => Some(detail.clone()),
-            PreparedKind::Apply { .. } => None,
+            PreparedKind::Apply { .. } | PreparedKind::Parked { .. } => None,
         };
         let _ = self.reply.send(Done {
             ticket: self.job_ticket,
@@ -114,6 +166,7 @@ pub(super) fn run_alone(
     match &job.kind {
         PreparedKind::Letter { letter, .. } => file_dead_letter(db, letter, &job.token, fence),
         PreparedKind::Apply { message, raw } => apply_message(db, cache, job, message, raw, hook),
+        PreparedKind::Parked { .. } => unreachable!("a parked job is unparked before it runs"),
     }
 }
 
@@ -157,9 +210,10 @@ const BATCH_TRANSIENT_ATTEMPTS: u32 = 4;
 pub(super) fn run_batch(
     db: &Database,
     cache: &ReferenceCache,
-    jobs: Vec<Prepared>,
+    mut jobs: Vec<Prepared>,
     hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
 ) -> bool {
+    jobs.iter_mut().for_each(Prepared::unpark);
     if jobs.len() == 1 {
         let job = &jobs[0];
         job.reply(run_alone(db, cache, job, hook));
@@ -211,6 +265,96 @@ pub(super) fn run_batch(
             let second = jobs.split_off(jobs.len() / 2);
             run_batch(db, cache, jobs, hook);
             run_batch(db, cache, second, hook);
+            true
+        }
+    }
+}
+
+/// Applies `first` and then, in the same transaction, what is queued on
+/// `more` when each pass ends, `pass` jobs at a time, until `limit` jobs,
+/// an empty queue or a raised stop flag: SQLite's one writer, whose commits cost about the same
+/// whatever they hold (docs/PERFORMANCE.md, "A write path made for
+/// SQLite"). Each pass is a batch of the one engine, in arrival order, so
+/// the transaction ends in the state of the passes committed one by one.
+/// An applied job is parked (its parsed message dropped), so memory holds
+/// one pass's messages and the others' lines. A transaction that fails is
+/// run again as batches of one pass each (parsed again from their lines),
+/// which split themselves down to the failing message as ever. Returns
+/// whether it had to be split.
+pub(super) fn run_in_passes(
+    db: &Database,
+    cache: &ReferenceCache,
+    first: Vec<Prepared>,
+    (more, stop): (&Receiver<Job>, &AtomicBool),
+    pass: usize,
+    limit: usize,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+) -> bool {
+    let pass = pass.max(1);
+    let mut jobs = first;
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(jobs.len());
+    let mut lost: Vec<Fence> = Vec::new();
+    let result = db.transaction_splittable(BATCH_TRANSIENT_ATTEMPTS, |conn| {
+        outcomes.clear();
+        lost.clear();
+        let mut applied = 0;
+        loop {
+            if applied == jobs.len() && !stop.load(Ordering::SeqCst) {
+                let room = limit.saturating_sub(jobs.len()).min(pass);
+                jobs.extend(more.try_iter().take(room).map(Prepared::from));
+            }
+            if applied == jobs.len() {
+                break;
+            }
+            let end = (applied + pass).min(jobs.len());
+            let chunk = &mut jobs[applied..end];
+            chunk.iter_mut().for_each(Prepared::unpark);
+            let items: Vec<batch::Item<'_>> = chunk.iter().map(Prepared::item).collect();
+            if let Some(hook) = hook {
+                for item in &items {
+                    if let batch::Item::Message { message, .. } = item {
+                        hook(message);
+                    }
+                }
+            }
+            outcomes.extend(batch::apply(conn, &items, cache)?);
+            drop(items);
+            chunk.iter_mut().for_each(Prepared::park);
+            applied = end;
+        }
+        let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
+        fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
+        fences.dedup();
+        fenced(conn, &fences, &mut lost, |_| Ok(()))
+    });
+    if !lost.is_empty() {
+        end_fenced(db, cache, jobs, &lost, hook);
+        return false;
+    }
+    match result {
+        Ok(()) => {
+            for (job, outcome) in jobs.iter().zip(outcomes) {
+                job.reply(Ok(outcome));
+            }
+            false
+        }
+        Err(failure) if failure.is_stop() => {
+            for job in &jobs {
+                job.reply(Err(failure.clone()));
+            }
+            false
+        }
+        Err(failure) => {
+            log::warn!(
+                event = "batch_split", batch = jobs.len();
+                "a transaction of {} in passes of {pass} failed ({failure}); applying its passes one by one",
+                jobs.len()
+            );
+            let mut rest = jobs.into_iter().peekable();
+            while rest.peek().is_some() {
+                let batch: Vec<Prepared> = rest.by_ref().take(pass).collect();
+                run_batch(db, cache, batch, hook);
+            }
             true
         }
     }

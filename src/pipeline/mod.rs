@@ -46,6 +46,11 @@ pub struct IngestOptions {
     /// Most messages applied in one transaction; 1 is one message per
     /// transaction.
     pub batch_size: usize,
+    /// Jobs a batch applies at a time: a transaction larger than this goes
+    /// on, pass after pass, with what is queued when each pass ends (up to
+    /// `batch_size`), and holds only one pass's parsed messages. Unbounded
+    /// by default; SQLite's one writer sets it ([`SQLITE_PASS_SIZE`]).
+    pub pass_size: usize,
     /// How long a worker waits for more jobs to fill a batch.
     pub batch_wait: std::time::Duration,
     /// See [`ApplyHook`].
@@ -65,6 +70,7 @@ impl Default for IngestOptions {
             queue_per_worker: 2048,
             queue_bytes: 64 * 1024 * 1024,
             batch_size: 5000,
+            pass_size: usize::MAX,
             batch_wait: std::time::Duration::from_millis(2),
             hook: None,
             interrupt: None,
@@ -74,22 +80,30 @@ impl Default for IngestOptions {
 }
 
 /// Most messages in one transaction on SQLite when `--batch-size` is not
-/// given: one writer's group commit (see [`IngestOptions::one_writer`]).
-/// Chosen by measurement, with peak RSS under 100 MiB at 1,000,000 messages
-/// (docs/PERFORMANCE.md, "A write path made for SQLite").
-pub const SQLITE_BATCH_SIZE: usize = 16_000;
+/// given: one writer's group commit (see [`IngestOptions::one_writer`]),
+/// applied in passes of [`SQLITE_PASS_SIZE`]. Chosen by measurement, with
+/// peak RSS under 100 MiB at 1,000,000 messages (docs/PERFORMANCE.md, "A
+/// write path made for SQLite").
+pub const SQLITE_BATCH_SIZE: usize = 48_000;
+
+/// Messages in one pass of SQLite's one writer: what its queue holds
+/// parsed, and what a pass of its group commit applies at a time.
+pub const SQLITE_PASS_SIZE: usize = 16_000;
 
 impl IngestOptions {
     /// The plan for SQLite, which has one write lock: more writers only
     /// take turns at it. One worker applies everything, in transactions of
-    /// whatever is queued up to `batch_size` (a group commit), and its
-    /// queue holds a whole group, so the next one gathers while this one
-    /// commits. Each commit's cost is mostly the index pages it rewrites,
-    /// so larger groups rewrite each page for more rows.
+    /// whatever is queued up to `batch_size` (a group commit), in passes of
+    /// up to [`SQLITE_PASS_SIZE`], and its queue holds a whole pass, so the
+    /// next one gathers while this one is applied. Each commit's cost is
+    /// mostly the index pages it rewrites, so larger groups rewrite each
+    /// page for more rows.
     pub fn one_writer(self) -> IngestOptions {
+        let pass_size = self.pass_size.min(SQLITE_PASS_SIZE).min(self.batch_size);
         IngestOptions {
             workers: 1,
-            queue_per_worker: self.queue_per_worker.max(self.batch_size),
+            queue_per_worker: self.queue_per_worker.max(pass_size),
+            pass_size,
             ..self
         }
     }

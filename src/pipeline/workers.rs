@@ -8,7 +8,7 @@ use std::thread::Scope;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::apply::{run_alone, run_batch, Prepared};
+use super::apply::{run_alone, run_batch, run_in_passes, Prepared};
 use super::job::{Budget, Cost, Job, Origin, Work};
 use super::{Done, IngestOptions};
 use crate::core::message::{parse_line, MAX_RAW_BYTES};
@@ -152,7 +152,8 @@ fn work(
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         let deadline = std::time::Instant::now() + options.batch_wait;
-        while batch.len() < limit {
+        let pass = options.pass_size.min(limit);
+        while batch.len() < pass {
             match jobs.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(crossbeam_channel::TryRecvError::Disconnected) => break,
@@ -174,7 +175,12 @@ fn work(
             }
         } else {
             let size = prepared.len();
-            limit = if run_batch(db, cache, prepared, hook) {
+            let split = if pass < limit {
+                run_in_passes(db, cache, prepared, (&jobs, stop), pass, limit, hook)
+            } else {
+                run_batch(db, cache, prepared, hook)
+            };
+            limit = if split {
                 (size / 2).max(1)
             } else {
                 (limit * 2).min(options.batch_size)

@@ -29,8 +29,8 @@ pub(crate) fn size() -> usize {
         .unwrap_or(10_000)
 }
 
-/// [`size`], at least 50,000: SQLite's one writer commits groups of up to
-/// 16,000 (`SQLITE_BATCH_SIZE`), and a smaller run of a test that injects
+/// [`size`], at least 50,000: SQLite's one writer queues a pass of up to
+/// 16,000 (`SQLITE_PASS_SIZE`), and a smaller run of a test that injects
 /// its fault at 30% can end between that point and the fault.
 pub(crate) fn sqlite_size() -> usize {
     size().max(50_000)
@@ -227,17 +227,31 @@ fn batch_for(text: &str) -> usize {
     (text.lines().count() / 10).max(1)
 }
 
+/// The options of a fault case: batches of [`batch_for`]; on SQLite, whose
+/// one writer commits a group in passes, passes of a quarter of it (as
+/// `SQLITE_PASS_SIZE` is of `SQLITE_BATCH_SIZE`), so that a fault meets a
+/// transaction with passes applied and parked.
+fn chaos_options(db: &Database, text: &str, workers: usize) -> IngestOptions {
+    let batch_size = crate::support::options().batch_size.min(batch_for(text));
+    let pass_size = match db.url() {
+        normalizer::db::DatabaseUrl::Sqlite(_) => (batch_size / 4).max(1),
+        normalizer::db::DatabaseUrl::Postgres(_) => usize::MAX,
+    };
+    IngestOptions {
+        workers,
+        batch_size,
+        pass_size,
+        ..crate::support::options()
+    }
+}
+
 pub(crate) fn ingest_observed(db: &Database, text: &str, run: &Run, workers: usize) -> Summary {
     let mut last = Instant::now();
     let mut max_stall = Duration::ZERO;
     let summary = pipeline::ingest(
         db,
         std::io::Cursor::new(text.as_bytes().to_vec()),
-        &IngestOptions {
-            workers,
-            batch_size: crate::support::options().batch_size.min(batch_for(text)),
-            ..crate::support::options()
-        },
+        &chaos_options(db, text, workers),
         &Progress::default(),
         |s| {
             run.completed.store(s.completed, Ordering::SeqCst);

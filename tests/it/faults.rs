@@ -212,6 +212,99 @@ fn a_panicking_message_is_dead_lettered_as_internal_and_nothing_else_is_affected
     }
 }
 
+/// A transaction of many passes that fails in a late one: nothing of it
+/// commits; its jobs, parked after their pass, are parsed again from their
+/// lines and applied in batches of one pass, which split down to the
+/// panicking message alone.
+#[test]
+fn a_panic_in_a_late_pass_of_a_transaction_dead_letters_only_its_message() {
+    for t in both() {
+        t.provision(DEVICES);
+        let options = IngestOptions {
+            workers: 1,
+            batch_size: 400,
+            pass_size: 10,
+            hook: Some(Arc::new(|m| {
+                if m.id == "boom" {
+                    panic!("injected panic for {}", m.id);
+                }
+            })),
+            ..crate::support::options()
+        };
+        let mut lines: Vec<String> = messages(300, "g").lines().map(String::from).collect();
+        lines.insert(
+            250,
+            msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
+        );
+        let s = t.ingest_with(&lines.join("\n"), &options).unwrap();
+        assert_eq!(
+            (s.processed, s.dead_letters_by_kind["internal"]),
+            (300, 1),
+            "{}",
+            t.name
+        );
+        let snap = t.snapshot();
+        assert_eq!(snap.processed.len(), 300, "{}", t.name);
+        assert!(
+            snap.dead_letters[0].3.contains("injected panic for boom"),
+            "{}",
+            t.name
+        );
+        // The same lines without it, in one batch, leave the same readings.
+        let again = crate::support::both()
+            .into_iter()
+            .find(|o| o.name == t.name)
+            .unwrap();
+        again.provision(DEVICES);
+        lines.remove(250);
+        again.ingest(&lines.join("\n"));
+        assert_eq!(snap.readings, again.snapshot().readings, "{}", t.name);
+        assert_eq!(snap.alerts, again.snapshot().alerts, "{}", t.name);
+    }
+}
+
+/// A transaction of many passes whose connection is cut in a late pass:
+/// the retry runs it again from its first pass (the parked jobs parsed
+/// again from their lines), and each message is applied once.
+#[test]
+fn a_connection_cut_in_a_late_pass_is_retried_from_the_first_and_applies_each_message_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let t = postgres_with(PoolSettings {
+        max_size: 2,
+        ..PoolSettings::default()
+    });
+    t.provision(DEVICES);
+    let cut = Arc::new(AtomicBool::new(false));
+    let options = IngestOptions {
+        workers: 1,
+        batch_size: 400,
+        pass_size: 10,
+        hook: Some(Arc::new({
+            let (cut, url) = (cut.clone(), t.url.clone());
+            move |m| {
+                if m.id == "g250" && !cut.swap(true, Ordering::SeqCst) {
+                    // 25 passes applied and parked in the open transaction.
+                    assert!(pg::shared().terminate_normalizer_backends(&url) >= 1);
+                }
+            }
+        })),
+        ..crate::support::options()
+    };
+    let text = messages(300, "g");
+    let s = t.ingest_with(&text, &options).unwrap();
+    assert!(cut.load(Ordering::SeqCst), "the connection was cut");
+    assert_eq!((s.processed, s.dead_letters), (300, 0));
+    let c = t.db.counters();
+    assert!(
+        c.retries_of(Cause::AdminShutdown) + c.retries_of(Cause::ConnectionLost) >= 1,
+        "{c:?}"
+    );
+    let clean = postgres();
+    clean.provision(DEVICES);
+    clean.ingest(&text);
+    assert_eq!(t.snapshot(), clean.snapshot());
+}
+
 #[test]
 fn a_commit_whose_acknowledgement_was_lost_is_not_applied_twice() {
     for t in both() {

@@ -15,7 +15,7 @@ use normalizer::core::provisioning::Provisioning;
 use normalizer::core::DeadLetterKind;
 use normalizer::db::repo::snapshot::{AlertRow, DeadLetterRow, ReadingRow, Snapshot};
 use normalizer::gen::{self, GenOptions};
-use normalizer::pipeline::{IngestOptions, SQLITE_BATCH_SIZE};
+use normalizer::pipeline::{IngestOptions, SQLITE_BATCH_SIZE, SQLITE_PASS_SIZE};
 
 use crate::support::{self, both, msg, TestDb};
 
@@ -356,15 +356,26 @@ fn the_engine_ends_where_the_contract_applied_one_message_at_a_time_ends() {
         "a letter seen twice"
     );
 
-    for batch_size in [1, 7, IngestOptions::default().batch_size, SQLITE_BATCH_SIZE] {
+    // (batch size, pass size): one message a transaction, small batches,
+    // each backend's default, and transactions of many passes (each pass a
+    // batch of the engine, applied then parked in the open transaction).
+    let unbounded = usize::MAX;
+    for (batch_size, pass_size) in [
+        (1, unbounded),
+        (7, unbounded),
+        (IngestOptions::default().batch_size, unbounded),
+        (SQLITE_BATCH_SIZE, SQLITE_PASS_SIZE),
+        (500, 7),
+    ] {
         for t in both() {
             t.provision(&provisioning_text);
             let options = IngestOptions {
                 batch_size,
+                pass_size,
                 ..support::options()
             };
             t.ingest_with(&input, &options).unwrap();
-            let at = format!("{}, batch size {batch_size}", t.name);
+            let at = format!("{}, batch size {batch_size}, pass size {pass_size}", t.name);
             same_state(&at, t.snapshot(), expected.clone());
         }
     }
@@ -434,11 +445,16 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
             .unwrap()
             .n
     };
+    // Groups of a pass and a half: each transaction applies one pass,
+    // parks it and goes on with a second in the same transaction, and the
+    // 60,000 messages make three of them, so that both runs see a commit
+    // and then a group open.
+    let group = (SQLITE_PASS_SIZE * 3 / 2).to_string();
     let mut kills = Vec::new();
     for _ in 0..2 {
         let before = committed(&mut probe);
         let mut child = normalizer()
-            .arg("ingest")
+            .args(["ingest", "--batch-size", &group])
             .arg(&input)
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -467,7 +483,11 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
         );
         kills.push(after);
     }
-    let status = normalizer().arg("ingest").arg(&input).status().unwrap();
+    let status = normalizer()
+        .args(["ingest", "--batch-size", &group])
+        .arg(&input)
+        .status()
+        .unwrap();
     assert!(status.success(), "the run after two kills completes");
     drop(probe);
     let t = TestDb::open(&url, normalizer::db::PoolSettings::default());
