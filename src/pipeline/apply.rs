@@ -220,25 +220,42 @@ pub(super) fn run_batch(
         return false;
     }
     let items: Vec<batch::Item<'_>> = jobs.iter().map(Prepared::item).collect();
-    let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
-    fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
-    fences.dedup();
+    let fences = fences_of(&jobs);
     let mut lost = Vec::new();
     let result = db.transaction_splittable(BATCH_TRANSIENT_ATTEMPTS, |conn| {
         fenced(conn, &fences, &mut lost, |conn| {
-            if let Some(hook) = hook {
-                for item in &items {
-                    if let batch::Item::Message { message, .. } = item {
-                        hook(message);
-                    }
-                }
-            }
+            run_hook(hook, &items);
             batch::apply(conn, &items, cache)
         })
     });
     drop(items);
+    settle(db, cache, jobs, &lost, result, hook, |mut jobs, failure| {
+        log::warn!(
+            event = "batch_split", batch = jobs.len();
+            "a batch of {} failed ({failure}); splitting it to find the message",
+            jobs.len()
+        );
+        let second = jobs.split_off(jobs.len() / 2);
+        run_batch(db, cache, jobs, hook);
+        run_batch(db, cache, second, hook);
+    })
+}
+
+/// Ends the transaction of `jobs`: the jobs of a raised fence end there and
+/// the others run again; a commit replies each job's outcome; a stop is
+/// every job's reply; any other failure hands the jobs to `split`.
+/// Returns whether they were split.
+fn settle(
+    db: &Database,
+    cache: &ReferenceCache,
+    jobs: Vec<Prepared>,
+    lost: &[Fence],
+    result: Result<Vec<Outcome>, Failure>,
+    hook: Option<&(dyn Fn(&Message) + Send + Sync)>,
+    split: impl FnOnce(Vec<Prepared>, Failure),
+) -> bool {
     if !lost.is_empty() {
-        end_fenced(db, cache, jobs, &lost, hook);
+        end_fenced(db, cache, jobs, lost, hook);
         return false;
     }
     match result {
@@ -256,18 +273,28 @@ pub(super) fn run_batch(
             false
         }
         Err(failure) => {
-            log::warn!(
-                event = "batch_split", batch = jobs.len();
-                "a batch of {} failed ({failure}); splitting it to find the message",
-                jobs.len()
-            );
-            let mut jobs = jobs;
-            let second = jobs.split_off(jobs.len() / 2);
-            run_batch(db, cache, jobs, hook);
-            run_batch(db, cache, second, hook);
+            split(jobs, failure);
             true
         }
     }
+}
+
+/// The hook, for each message of `items`, inside their transaction.
+fn run_hook(hook: Option<&(dyn Fn(&Message) + Send + Sync)>, items: &[batch::Item<'_>]) {
+    let Some(hook) = hook else { return };
+    for item in items {
+        if let batch::Item::Message { message, .. } = item {
+            hook(message);
+        }
+    }
+}
+
+/// The fences of `jobs`, each once, in the order they are checked.
+fn fences_of(jobs: &[Prepared]) -> Vec<&Fence> {
+    let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
+    fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
+    fences.dedup();
+    fences
 }
 
 /// Applies `first` and then, in the same transaction, what is queued on
@@ -310,54 +337,27 @@ pub(super) fn run_in_passes(
             let chunk = &mut jobs[applied..end];
             chunk.iter_mut().for_each(Prepared::unpark);
             let items: Vec<batch::Item<'_>> = chunk.iter().map(Prepared::item).collect();
-            if let Some(hook) = hook {
-                for item in &items {
-                    if let batch::Item::Message { message, .. } = item {
-                        hook(message);
-                    }
-                }
-            }
+            run_hook(hook, &items);
             outcomes.extend(batch::apply(conn, &items, cache)?);
             drop(items);
             chunk.iter_mut().for_each(Prepared::park);
             applied = end;
         }
-        let mut fences: Vec<&Fence> = jobs.iter().filter_map(|j| j.fence.as_ref()).collect();
-        fences.sort_unstable_by(|a, b| (&a.key, a.token).cmp(&(&b.key, b.token)));
-        fences.dedup();
-        fenced(conn, &fences, &mut lost, |_| Ok(()))
+        fenced(conn, &fences_of(&jobs), &mut lost, |_| Ok(()))
     });
-    if !lost.is_empty() {
-        end_fenced(db, cache, jobs, &lost, hook);
-        return false;
-    }
-    match result {
-        Ok(()) => {
-            for (job, outcome) in jobs.iter().zip(outcomes) {
-                job.reply(Ok(outcome));
-            }
-            false
+    let result = result.map(|()| outcomes);
+    settle(db, cache, jobs, &lost, result, hook, |jobs, failure| {
+        log::warn!(
+            event = "batch_split", batch = jobs.len();
+            "a transaction of {} in passes of {pass} failed ({failure}); applying its passes one by one",
+            jobs.len()
+        );
+        let mut rest = jobs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<Prepared> = rest.by_ref().take(pass).collect();
+            run_batch(db, cache, batch, hook);
         }
-        Err(failure) if failure.is_stop() => {
-            for job in &jobs {
-                job.reply(Err(failure.clone()));
-            }
-            false
-        }
-        Err(failure) => {
-            log::warn!(
-                event = "batch_split", batch = jobs.len();
-                "a transaction of {} in passes of {pass} failed ({failure}); applying its passes one by one",
-                jobs.len()
-            );
-            let mut rest = jobs.into_iter().peekable();
-            while rest.peek().is_some() {
-                let batch: Vec<Prepared> = rest.by_ref().take(pass).collect();
-                run_batch(db, cache, batch, hook);
-            }
-            true
-        }
-    }
+    })
 }
 
 /// A batch that met a raised fence: the jobs of the lost partitions end

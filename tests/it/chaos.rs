@@ -758,7 +758,10 @@ fn sqlite_busy_from_another_writer_loses_and_doubles_nothing() {
     // to start).
     let mut holder = std::process::Command::new("python3")
         .arg("-c")
-        .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); print('ready', flush=True); sys.stdin.readline(); c.execute('BEGIN IMMEDIATE'); time.sleep(1.5); c.execute('COMMIT')")
+        // It polls for the lock without a busy handler: SQLite's sleeps
+        // (1, 2, 5 … 100 ms) can miss every gap between the one writer's
+        // back-to-back group commits, and the run ends before it gets in.
+        .arg("import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)\nprint('ready', flush=True)\nsys.stdin.readline()\nwhile True:\n    try:\n        c.execute('BEGIN IMMEDIATE')\n        break\n    except sqlite3.OperationalError:\n        time.sleep(0.0002)\ntime.sleep(1.5)\nc.execute('COMMIT')")
         .arg(&path)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

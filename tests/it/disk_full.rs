@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use normalizer::pipeline::SQLITE_BATCH_SIZE;
+use normalizer::pipeline::SQLITE_PASS_SIZE;
 
 use crate::chaos::{compare, input};
 use crate::pg::PgCluster;
@@ -260,15 +260,15 @@ fn a_full_postgres_tablespace_stops_ingest_at_once_and_a_rerun_after_freeing_spa
 #[test]
 fn serve_waits_out_a_full_disk_and_resumes_when_space_is_freed() {
     // CHAOS_MESSAGES (10,000 unless set; scripts/chaos draws this run), at
-    // least 50,000; and with group commits (serve's default on SQLite), four
-    // groups, so that three are still to come when the disk fills after the
+    // least 50,000; and with group commits (serve's default on SQLite: one
+    // pass), four groups, so that three are still to come when the disk fills after the
     // first commit: the next may still fit in the space of the log file
     // (SQLite writes its WAL again from the start after a checkpoint, and a
     // checkpoint that cannot grow the database file fails unseen), the one
     // after it cannot.
     let messages = match crate::support::options().batch_size {
         1 => crate::chaos::sqlite_size(),
-        _ => crate::chaos::sqlite_size().max(4 * SQLITE_BATCH_SIZE),
+        _ => crate::chaos::sqlite_size().max(4 * SQLITE_PASS_SIZE),
     };
     let (text, _dir, clean, disk, url) = sqlite_on_a_small_disk(messages);
     let messages = text.lines().count();

@@ -181,9 +181,9 @@ fn split(lines: &[String], producers: usize) -> Vec<Vec<String>> {
 fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_run() {
     let dir = tempfile::tempdir().unwrap();
     // More lines than serve holds in flight: SQLite's one writer queues a
-    // pass (16,000) and its open transaction may hold a group of 48,000
-    // (`SQLITE_BATCH_SIZE`), and shutting down finishes both, so 30,000
-    // lines could all be acknowledged after a SIGTERM at 10%.
+    // whole group (16,000, one pass), and shutting down finishes what is
+    // queued, so 30,000 lines could all be acknowledged after a SIGTERM at
+    // 10%.
     let (devices, lines) = input(100_000);
     let devices_path = dir.path().join("devices.json");
     std::fs::write(&devices_path, &devices).unwrap();
