@@ -299,9 +299,9 @@ fn fences_of(jobs: &[Prepared]) -> Vec<&Fence> {
 
 /// Applies `first` and then, in the same transaction, what is queued on
 /// `more` when each pass ends, `pass` jobs at a time, until `limit` jobs,
-/// an empty queue or a raised stop flag: SQLite's one writer, whose commits cost about the same
-/// whatever they hold (docs/PERFORMANCE.md, "A write path made for
-/// SQLite"). Each pass is a batch of the one engine, in arrival order, so
+/// an empty queue or a raised stop flag: SQLite's one writer, whose
+/// commits cost about the same whatever they hold (docs/PERFORMANCE.md, "A
+/// write path made for SQLite"). Each pass is a batch of the one engine, in arrival order, so
 /// the transaction ends in the state of the passes committed one by one.
 /// An applied job is parked (its parsed message dropped), so memory holds
 /// one pass's messages and the others' lines. A transaction that fails is

@@ -176,25 +176,35 @@ fn a_poison_message_is_dead_lettered_as_db_rejected_and_the_rest_commit() {
     }
 }
 
+/// A hook that panics on the message "boom", as a bug in the engine would.
+fn panics_at_boom() -> Option<normalizer::pipeline::ApplyHook> {
+    Some(Arc::new(|m| {
+        if m.id == "boom" {
+            panic!("injected panic for {}", m.id);
+        }
+    }))
+}
+
+/// `n` messages of [`messages`] with the message "boom" at place `at`.
+fn with_boom(n: usize, at: usize) -> String {
+    let mut lines: Vec<String> = messages(n, "g").lines().map(String::from).collect();
+    lines.insert(
+        at,
+        msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
+    );
+    lines.join("\n")
+}
+
 #[test]
 fn a_panicking_message_is_dead_lettered_as_internal_and_nothing_else_is_affected() {
     for t in both() {
         t.provision(DEVICES);
         let options = IngestOptions {
             workers: 2,
-            hook: Some(Arc::new(|m| {
-                if m.id == "boom" {
-                    panic!("injected panic for {}", m.id);
-                }
-            })),
+            hook: panics_at_boom(),
             ..crate::support::options()
         };
-        let mut lines: Vec<String> = messages(30, "g").lines().map(String::from).collect();
-        lines.insert(
-            7,
-            msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
-        );
-        let s = t.ingest_with(&lines.join("\n"), &options).unwrap();
+        let s = t.ingest_with(&with_boom(30, 7), &options).unwrap();
         assert_eq!(
             (s.processed, s.dead_letters_by_kind["internal"]),
             (30, 1),
@@ -224,19 +234,10 @@ fn a_panic_in_a_late_pass_of_a_transaction_dead_letters_only_its_message() {
             workers: 1,
             batch_size: 400,
             pass_size: 10,
-            hook: Some(Arc::new(|m| {
-                if m.id == "boom" {
-                    panic!("injected panic for {}", m.id);
-                }
-            })),
+            hook: panics_at_boom(),
             ..crate::support::options()
         };
-        let mut lines: Vec<String> = messages(300, "g").lines().map(String::from).collect();
-        lines.insert(
-            250,
-            msg("boom", "dev-0042", "2026-11-29T23:00:00Z", r#"{"t":21}"#),
-        );
-        let s = t.ingest_with(&lines.join("\n"), &options).unwrap();
+        let s = t.ingest_with(&with_boom(300, 250), &options).unwrap();
         assert_eq!(
             (s.processed, s.dead_letters_by_kind["internal"]),
             (300, 1),
@@ -256,8 +257,7 @@ fn a_panic_in_a_late_pass_of_a_transaction_dead_letters_only_its_message() {
             .find(|o| o.name == t.name)
             .unwrap();
         again.provision(DEVICES);
-        lines.remove(250);
-        again.ingest(&lines.join("\n"));
+        again.ingest(&messages(300, "g"));
         assert_eq!(snap.readings, again.snapshot().readings, "{}", t.name);
         assert_eq!(snap.alerts, again.snapshot().alerts, "{}", t.name);
     }
