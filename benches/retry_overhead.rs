@@ -65,7 +65,7 @@ fn insert_plain(pool: &Pool<ConnectionManager<SqliteConnection>>) {
 
 fn insert_wrapper(db: &Database) {
     db.transaction(|conn| match conn {
-        AnyConnection::Sqlite(c) => diesel::sql_query(INSERT).execute(c),
+        AnyConnection::Sqlite(c, _) => diesel::sql_query(INSERT).execute(c),
         AnyConnection::Pg(c) => diesel::sql_query(INSERT).execute(c),
     })
     .unwrap();

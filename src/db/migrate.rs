@@ -32,7 +32,7 @@ pub fn run(db: &Database) -> Result<Vec<String>, Failure> {
                 diesel::sql_query("SELECT pg_advisory_xact_lock(7350429001)").execute(c)?;
                 c.run_pending_migrations(POSTGRES).map(versions)
             }
-            AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE).map(versions),
+            AnyConnection::Sqlite(c, _) => c.run_pending_migrations(SQLITE).map(versions),
         };
         applied.map_err(unbox)
     })
@@ -63,7 +63,7 @@ fn pending_in(conn: &mut AnyConnection) -> QueryResult<Vec<String>> {
             .get_result::<Count>(c)?,
             names(MigrationSource::<diesel::pg::Pg>::migrations(&POSTGRES)),
         ),
-        AnyConnection::Sqlite(c) => (
+        AnyConnection::Sqlite(c, _) => (
             diesel::sql_query(
                 "SELECT count(*) AS n FROM sqlite_master \
                  WHERE type = 'table' AND name = '__diesel_schema_migrations'",

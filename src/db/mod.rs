@@ -9,6 +9,7 @@
 mod breaker;
 mod classify;
 mod deadline;
+mod lite;
 pub mod migrate;
 mod pool;
 pub mod repo;
@@ -29,6 +30,8 @@ use diesel::QueryResult;
 use self::breaker::{Breaker, Outage};
 pub use self::classify::{classify, remedy, Classified, DbError, ErrorClass, Reason};
 use self::deadline::Watchdog;
+pub use self::lite::SqliteHandle;
+pub(crate) use self::lite::{Fixed, Value};
 use self::pool::Access;
 pub use self::pool::{AnyConnection, PoolSettings, SQLITE_PRAGMAS};
 use self::pool::{Manager, PooledConn, QuietErrors, Session};
@@ -44,7 +47,7 @@ macro_rules! dispatch {
     ($conn:expr, $c:ident => $body:expr) => {
         match $conn {
             $crate::db::AnyConnection::Pg($c) => $body,
-            $crate::db::AnyConnection::Sqlite($c) => $body,
+            $crate::db::AnyConnection::Sqlite($c, _) => $body,
         }
     };
 }

@@ -20,6 +20,7 @@ use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, ConnectionError, QueryResult};
 
 use super::deadline::{self, Registry, Watch};
+use super::lite::{self, SqliteHandle};
 use super::url::DatabaseUrl;
 use crate::metrics::DbMetrics;
 
@@ -37,8 +38,9 @@ pub(super) enum Access {
 pub enum AnyConnection {
     /// PostgreSQL.
     Pg(PgConnection),
-    /// SQLite.
-    Sqlite(SqliteConnection),
+    /// SQLite, and its handle for the statements diesel does not run
+    /// ([`super::lite`]).
+    Sqlite(SqliteConnection, SqliteHandle),
 }
 
 impl AnyConnection {
@@ -51,10 +53,10 @@ impl AnyConnection {
             (AnyConnection::Pg(c), Access::Read) => {
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN READ ONLY")
             }
-            (AnyConnection::Sqlite(c), Access::Write) => {
+            (AnyConnection::Sqlite(c, _), Access::Write) => {
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")
             }
-            (AnyConnection::Sqlite(c), Access::Read) => {
+            (AnyConnection::Sqlite(c, _), Access::Read) => {
                 AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")
             }
         }
@@ -64,7 +66,7 @@ impl AnyConnection {
     pub(crate) fn commit(&mut self) -> QueryResult<()> {
         match self {
             AnyConnection::Pg(c) => AnsiTransactionManager::commit_transaction(c),
-            AnyConnection::Sqlite(c) => AnsiTransactionManager::commit_transaction(c),
+            AnyConnection::Sqlite(c, _) => AnsiTransactionManager::commit_transaction(c),
         }
     }
 
@@ -72,7 +74,7 @@ impl AnyConnection {
     pub(crate) fn rollback(&mut self) -> QueryResult<()> {
         match self {
             AnyConnection::Pg(c) => AnsiTransactionManager::rollback_transaction(c),
-            AnyConnection::Sqlite(c) => AnsiTransactionManager::rollback_transaction(c),
+            AnyConnection::Sqlite(c, _) => AnsiTransactionManager::rollback_transaction(c),
         }
     }
 
@@ -80,14 +82,14 @@ impl AnyConnection {
     pub fn batch_execute(&mut self, sql: &str) -> QueryResult<()> {
         match self {
             AnyConnection::Pg(c) => c.batch_execute(sql),
-            AnyConnection::Sqlite(c) => c.batch_execute(sql),
+            AnyConnection::Sqlite(c, _) => c.batch_execute(sql),
         }
     }
 
     fn is_broken(&mut self) -> bool {
         match self {
             AnyConnection::Pg(c) => c.is_broken(),
-            AnyConnection::Sqlite(c) => c.is_broken(),
+            AnyConnection::Sqlite(c, _) => c.is_broken(),
         }
     }
 }
@@ -344,6 +346,10 @@ fn configure_sqlite() {
     if results.iter().any(|rc| *rc != SQLITE_OK) {
         log::debug!("SQLite was initialised before its first connection here: its default mutexes and memory statistics stay (sqlite3_config: {results:?})");
     }
+    let rc = lite::watch_opens();
+    if rc != SQLITE_OK {
+        log::warn!("SQLite refused the extension that tells a new connection's handle ({rc}): connections will not open");
+    }
 }
 
 /// Opens a SQLite file. One in WAL mode that was closed cleanly (no `-shm`
@@ -354,14 +360,17 @@ fn configure_sqlite() {
 /// read-only, which `ingest` and `serve` report as such.
 /// `setup` runs on the connection (SQLite opens the file at the first
 /// statement, so that is where it fails).
-fn open_sqlite(path: &str, setup: &str) -> Result<SqliteConnection, ConnectionError> {
+fn open_sqlite(
+    path: &str,
+    setup: &str,
+) -> Result<(SqliteConnection, SqliteHandle), ConnectionError> {
     static CONFIGURE: std::sync::Once = std::sync::Once::new();
     CONFIGURE.call_once(configure_sqlite);
     let open = |target: &str| {
-        let mut conn = SqliteConnection::establish(target)?;
+        let (mut conn, handle) = lite::establish(target)?;
         conn.batch_execute(setup)
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
-        Ok(conn)
+        Ok((conn, handle))
     };
     match open(path) {
         Err(e) if cannot_be_written(Path::new(path)) => {
@@ -423,10 +432,8 @@ impl r2d2::ManageConnection for Manager {
                 let path = path.to_str().ok_or_else(|| {
                     ConnectionError::InvalidConnectionUrl("the SQLite path is not UTF-8".into())
                 })?;
-                (
-                    AnyConnection::Sqlite(open_sqlite(path, &self.setup_sql())?),
-                    None,
-                )
+                let (conn, handle) = open_sqlite(path, &self.setup_sql())?;
+                (AnyConnection::Sqlite(conn, handle), None)
             }
         };
         if let AnyConnection::Pg(c) = &mut conn {
@@ -437,7 +444,7 @@ impl r2d2::ManageConnection for Manager {
             AnyConnection::Pg(c) => {
                 Some(Session::of(c).map_err(ConnectionError::CouldntSetupConfiguration)?)
             }
-            AnyConnection::Sqlite(_) => None,
+            AnyConnection::Sqlite(..) => None,
         };
         self.metrics.connection_opened();
         log::debug!("opened a {} connection", self.url.backend_name());

@@ -42,10 +42,18 @@ impl FromSql<UtcTime, Pg> for Instant {
 
 impl ToSql<UtcTime, Sqlite> for Instant {
     fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Sqlite>) -> serialize::Result {
-        // The same text as `SQLITE_FORMAT` for the years 0 to 9999, written
-        // without parsing a format string for each value (a tested fact).
-        out.set_value(self.0.to_rfc3339_opts(SecondsFormat::Micros, true));
+        out.set_value(self.sqlite_text());
         Ok(IsNull::No)
+    }
+}
+
+impl Instant {
+    /// The text SQLite stores for this instant, whichever path binds it
+    /// (diesel's or a [`super::Fixed`] statement's): the same text as
+    /// `SQLITE_FORMAT` for the years 0 to 9999, written without parsing a
+    /// format string for each value (a tested fact).
+    pub(crate) fn sqlite_text(&self) -> String {
+        self.0.to_rfc3339_opts(SecondsFormat::Micros, true)
     }
 }
 

@@ -63,7 +63,7 @@ fn backend_pid(conn: &mut AnyConnection) -> QueryResult<i32> {
         AnyConnection::Pg(c) => diesel::sql_query("SELECT pg_backend_pid() AS pid")
             .get_result::<Pid>(c)
             .map(|p| p.pid),
-        AnyConnection::Sqlite(_) => unreachable!("PostgreSQL only"),
+        AnyConnection::Sqlite(..) => unreachable!("PostgreSQL only"),
     }
 }
 
@@ -134,7 +134,7 @@ fn a_failed_rollback_discards_the_connection_and_the_next_attempt_succeeds() {
                 )
                 .execute(c)
                 .unwrap_err(),
-                AnyConnection::Sqlite(_) => unreachable!(),
+                AnyConnection::Sqlite(..) => unreachable!(),
             };
             // Kill the session before the wrapper rolls back.
             let mut admin = PgConnection::establish(&admin_url).unwrap();

@@ -74,7 +74,7 @@ fn sqlite_connections_use_wal_a_busy_timeout_and_foreign_keys() {
     let t = crate::support::sqlite();
     let (mode, fk, busy) =
         t.db.transaction(|c| match c {
-            normalizer::db::AnyConnection::Sqlite(c) => Ok((
+            normalizer::db::AnyConnection::Sqlite(c, _) => Ok((
                 diesel::sql_query("PRAGMA journal_mode")
                     .get_result::<Mode>(c)?
                     .journal_mode,

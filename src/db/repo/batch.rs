@@ -26,20 +26,16 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::query_builder::AstPass;
-use diesel::sql_types::{BigInt, Double, Text};
-use diesel::sqlite::Sqlite;
 
 use crate::core::alarm::{evaluates_alarms, transition, Transition};
 use crate::core::normalize::{normalize, DeviceSpec, Quality};
 use crate::core::{DeadLetterKind, Message};
 use crate::db::schema::{alerts, dead_letters as dl, devices, processed_messages, sensors};
-use crate::db::types::{Instant, UtcTime};
-use crate::db::{dispatch, AnyConnection};
+use crate::db::types::Instant;
+use crate::db::{dispatch, AnyConnection, Fixed, Value};
 use crate::outcome::{Applied, DeadLetter, Outcome};
 
 use super::dead_letters;
-use super::fixed::{self, Fixed};
 use super::reference::{Reference, ReferenceCache};
 
 /// One line of a batch.
@@ -336,7 +332,7 @@ fn lock_devices(conn: &mut AnyConnection, keys: &[&str]) -> QueryResult<HashMap<
             .order(d::id);
         let rows: Vec<(i64, String)> = match conn {
             AnyConnection::Pg(c) => query.for_update().load(c)?,
-            AnyConnection::Sqlite(c) => query.load(c)?,
+            AnyConnection::Sqlite(c, _) => query.load(c)?,
         };
         out.extend(rows.into_iter().map(|(id, key)| (key, id)));
     }
@@ -489,12 +485,12 @@ impl State {
                     .execute(c)?;
                 }
             }
-            AnyConnection::Sqlite(c) => {
-                use sensors::dsl as s;
+            AnyConnection::Sqlite(c, db) => {
+                let mut update =
+                    Fixed::prepare(c, *db, "UPDATE sensors SET last_good_at = ?1 WHERE id = ?2")?;
                 for (id, ts) in &sensors {
-                    diesel::update(s::sensors.find(id))
-                        .set(s::last_good_at.eq(Instant(*ts)))
-                        .execute(c)?;
+                    let ts = Instant(*ts).sqlite_text();
+                    update.run(&[Value::Text(&ts), Value::Int(*id)])?;
                 }
             }
         }
@@ -540,9 +536,18 @@ fn insert_readings(
                 stored[place[&key]] = true;
             }
         }
-        AnyConnection::Sqlite(c) => {
-            for (i, row) in rows {
-                stored[*i] = Fixed(InsertReading(row)).run(c)? == 1;
+        AnyConnection::Sqlite(c, db) => {
+            let mut insert = Fixed::prepare(c, *db, INSERT_READING)?;
+            for (i, (sensor, ts, value, quality, id)) in rows {
+                let ts = ts.sqlite_text();
+                let row = [
+                    Value::Int(*sensor),
+                    Value::Text(&ts),
+                    Value::Real(*value),
+                    Value::Text(quality),
+                    Value::Text(id),
+                ];
+                stored[*i] = insert.run(&row)? == 1;
             }
         }
     }
@@ -587,29 +592,12 @@ fn insert_readings_unnest(
 }
 
 /// SQLite: one reading, unless its sensor has one at that instant. One
-/// statement a row, prepared once ([`fixed`]), run in key order; its row
-/// count says whether the row was stored, and a single-row write needs no
-/// statement journal (docs/PERFORMANCE.md, "A write path made for SQLite").
-struct InsertReading<'r, 'a>(&'r ReadingRow<'a>);
-
-impl fixed::Statement for InsertReading<'_, '_> {
-    type Key = InsertReading<'static, 'static>;
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        let (sensor, ts, value, quality, id) = self.0;
-        out.push_sql("INSERT INTO readings (sensor_id, ts, value, quality, message_id) VALUES (");
-        out.push_bind_param::<BigInt, _>(sensor)?;
-        out.push_sql(", ");
-        out.push_bind_param::<UtcTime, _>(ts)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Double, _>(value)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(quality)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(id)?;
-        out.push_sql(") ON CONFLICT (sensor_id, ts) DO NOTHING");
-        Ok(())
-    }
-}
+/// statement a row, prepared once a pass ([`Fixed`]), run in key order; its
+/// row count says whether the row was stored, and a single-row write needs
+/// no statement journal (docs/PERFORMANCE.md, "A write path made for
+/// SQLite").
+const INSERT_READING: &str = "INSERT INTO readings (sensor_id, ts, value, quality, message_id) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sensor_id, ts) DO NOTHING";
 
 /// A reading the PostgreSQL insert stored.
 #[derive(diesel::QueryableByName)]
@@ -640,18 +628,16 @@ fn touch_devices(
                 .execute(c)?;
             }
         }
-        AnyConnection::Sqlite(c) => {
-            use devices::dsl as d;
+        AnyConnection::Sqlite(c, db) => {
+            let mut update = Fixed::prepare(
+                c,
+                *db,
+                "UPDATE devices SET last_seen_at = ?1 \
+                 WHERE id = ?2 AND (last_seen_at IS NULL OR last_seen_at < ?1)",
+            )?;
             for (id, ts) in rows {
-                diesel::update(
-                    d::devices.filter(d::id.eq(id)).filter(
-                        d::last_seen_at
-                            .is_null()
-                            .or(d::last_seen_at.lt(Instant(ts))),
-                    ),
-                )
-                .set(d::last_seen_at.eq(Instant(ts)))
-                .execute(c)?;
+                let ts = Instant(ts).sqlite_text();
+                update.run(&[Value::Text(&ts), Value::Int(id)])?;
             }
         }
     }
@@ -660,7 +646,7 @@ fn touch_devices(
 
 /// A dead-lettered id that is now processed (a replay after provisioning)
 /// loses its dead-letter row.
-/// SQLite: one prepared statement a row (see [`fixed`]).
+/// SQLite: one prepared statement a row (see [`Fixed`]).
 fn remove_dead_letters(conn: &mut AnyConnection, ids: HashSet<&str>) -> QueryResult<()> {
     let ids: Vec<&str> = ids.into_iter().collect();
     match conn {
@@ -669,33 +655,31 @@ fn remove_dead_letters(conn: &mut AnyConnection, ids: HashSet<&str>) -> QueryRes
                 diesel::delete(dl::table.filter(dl::message_id.eq_any(chunk))).execute(c)?;
             }
         }
-        AnyConnection::Sqlite(c) => {
+        AnyConnection::Sqlite(c, db) => {
+            let mut delete =
+                Fixed::prepare(c, *db, "DELETE FROM dead_letters WHERE message_id = ?1")?;
             for id in ids {
-                Fixed(RemoveDeadLetter(id)).run(c)?;
+                delete.run(&[Value::Text(id)])?;
             }
         }
     }
     Ok(())
 }
 
-/// SQLite: the dead letter of a message id that is now processed.
-struct RemoveDeadLetter<'a>(&'a str);
-
-impl fixed::Statement for RemoveDeadLetter<'_> {
-    type Key = RemoveDeadLetter<'static>;
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        out.push_sql("DELETE FROM dead_letters WHERE message_id = ");
-        out.push_bind_param::<Text, _>(&self.0)
-    }
-}
-
-/// SQLite: one prepared statement a row (see [`fixed`]).
+/// SQLite: one prepared statement a row (see [`Fixed`]).
 fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResult<()> {
     use processed_messages::dsl as p;
     let now = Instant(Utc::now());
-    if let AnyConnection::Sqlite(c) = conn {
+    if let AnyConnection::Sqlite(c, db) = conn {
+        let mut insert = Fixed::prepare(
+            c,
+            *db,
+            "INSERT INTO processed_messages (message_id, processed_at, write_token) \
+             VALUES (?1, ?2, ?3)",
+        )?;
+        let now = now.sqlite_text();
         for (id, token) in done {
-            Fixed(MarkProcessed { id, token, now }).run(c)?;
+            insert.run(&[Value::Text(id), Value::Text(&now), Value::Text(token)])?;
         }
         return Ok(());
     }
@@ -713,27 +697,4 @@ fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResul
         dispatch!(conn, c => diesel::insert_into(p::processed_messages).values(&rows).execute(c))?;
     }
     Ok(())
-}
-
-/// SQLite: a message id processed.
-struct MarkProcessed<'a> {
-    id: &'a str,
-    token: &'a str,
-    now: Instant,
-}
-
-impl fixed::Statement for MarkProcessed<'_> {
-    type Key = MarkProcessed<'static>;
-    fn walk<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        out.push_sql(
-            "INSERT INTO processed_messages (message_id, processed_at, write_token) VALUES (",
-        );
-        out.push_bind_param::<Text, _>(&self.id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<UtcTime, _>(&self.now)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.token)?;
-        out.push_sql(")");
-        Ok(())
-    }
 }

@@ -111,7 +111,7 @@ pub fn check<'a>(conn: &mut AnyConnection, fences: &[&'a Fence]) -> QueryResult<
         .select((f::partition_key, f::token));
     let stored: Vec<(String, i64)> = match conn {
         AnyConnection::Pg(c) => query.for_share().load(c)?,
-        AnyConnection::Sqlite(c) => query.load(c)?,
+        AnyConnection::Sqlite(c, _) => query.load(c)?,
     };
     Ok(fences
         .iter()

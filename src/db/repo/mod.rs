@@ -5,7 +5,6 @@
 pub mod batch;
 pub mod dead_letters;
 pub mod fences;
-mod fixed;
 pub mod provisioning;
 pub mod reference;
 pub mod snapshot;
