@@ -15,7 +15,7 @@
 //! automatic extension (`sqlite3_auto_extension`) with the handle of every
 //! connection it opens, on the thread that opens it, before the open
 //! returns: [`establish`] opens through diesel and takes the handle that the
-//! extension ([`watch_opens`]) left for its thread.
+//! extension ([`opened`]) left for its thread.
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -28,15 +28,41 @@ use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, ConnectionError, QueryResult};
 use libsqlite3_sys as ffi;
 
+use super::checkpointer::Hook;
+
 /// The handle of one SQLite connection, beside the diesel connection that
-/// owns it (`AnyConnection::Sqlite`). Valid as long as that connection is.
-#[derive(Debug, Clone, Copy)]
-pub struct SqliteHandle(NonNull<ffi::sqlite3>);
+/// owns it (`AnyConnection::Sqlite`), and the connection's commit hook.
+/// Valid as long as that connection is; dropped after it.
+pub struct SqliteHandle {
+    db: NonNull<ffi::sqlite3>,
+    hook: Option<Box<Hook>>,
+}
+
+impl SqliteHandle {
+    /// Gives the connection `hook` as its commit hook (see
+    /// [`super::checkpointer`]).
+    pub(super) fn set_hook(&mut self, hook: Hook) {
+        let hook = Box::new(hook);
+        // SAFETY: the connection is open, and this handle, which owns the
+        // boxed hook, is dropped after it (the variant's field order, or the
+        // pair `establish` returns).
+        unsafe { hook.install(self.db.as_ptr()) };
+        self.hook = Some(hook);
+    }
+}
+
+impl std::fmt::Debug for SqliteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteHandle")
+            .field("hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 // SAFETY: the handle travels with the diesel connection that owns it (which
 // is Send), and is used only through that connection's exclusive borrow
 // ([`Fixed::prepare`]); SQLite's multi-thread mode allows a connection on
-// any one thread at a time.
+// any one thread at a time. The hook is Send.
 unsafe impl Send for SqliteHandle {}
 
 thread_local! {
@@ -54,24 +80,31 @@ unsafe extern "C" fn opened(
     ffi::SQLITE_OK
 }
 
-/// Registers [`opened`] with SQLite: once, before the first [`establish`].
-/// Returns SQLite's result code.
-pub(super) fn watch_opens() -> c_int {
+/// Registers [`opened`] with SQLite, once; returns SQLite's result code.
+fn watch_opens() -> c_int {
+    static RESULT: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();
     // SAFETY: `opened` has the signature SQLite calls an extension with, and
     // touches only a thread-local.
-    unsafe { ffi::sqlite3_auto_extension(Some(opened)) }
+    *RESULT.get_or_init(|| unsafe { ffi::sqlite3_auto_extension(Some(opened)) })
 }
 
 /// Opens `target` through diesel; returns the connection and its handle.
 pub(super) fn establish(target: &str) -> Result<(SqliteConnection, SqliteHandle), ConnectionError> {
+    let watching = watch_opens();
     OPENED.with(|slot| slot.set(None));
     let conn = SqliteConnection::establish(target)?;
     let handle = OPENED.with(Cell::take).ok_or_else(|| {
-        ConnectionError::BadConnection(
-            "SQLite opened a connection without calling its automatic extension".into(),
-        )
+        ConnectionError::BadConnection(format!(
+            "SQLite did not tell the new connection's handle (sqlite3_auto_extension: {watching})"
+        ))
     })?;
-    Ok((conn, SqliteHandle(handle)))
+    Ok((
+        conn,
+        SqliteHandle {
+            db: handle,
+            hook: None,
+        },
+    ))
 }
 
 /// A value bound to a [`Fixed`] statement's parameter.
@@ -89,7 +122,7 @@ pub(crate) enum Value<'a> {
 /// dropped. It borrows its connection, so the connection outlives it.
 pub(crate) struct Fixed<'c> {
     stmt: NonNull<ffi::sqlite3_stmt>,
-    db: SqliteHandle,
+    db: NonNull<ffi::sqlite3>,
     _conn: PhantomData<&'c mut SqliteConnection>,
 }
 
@@ -97,16 +130,17 @@ impl<'c> Fixed<'c> {
     /// Prepares `sql` on the connection `conn` whose handle is `db`.
     pub(crate) fn prepare(
         _conn: &'c mut SqliteConnection,
-        db: SqliteHandle,
+        db: &SqliteHandle,
         sql: &str,
     ) -> QueryResult<Fixed<'c>> {
+        let db = db.db;
         let mut stmt = std::ptr::null_mut();
         let len = c_int::try_from(sql.len()).map_err(|_| too_long())?;
         // SAFETY: a live handle (borrowed with its connection), a text of
         // `len` bytes, and an out-pointer for the statement.
         let rc = unsafe {
             ffi::sqlite3_prepare_v2(
-                db.0.as_ptr(),
+                db.as_ptr(),
                 sql.as_ptr().cast(),
                 len,
                 &mut stmt,
@@ -162,7 +196,7 @@ impl<'c> Fixed<'c> {
             // SAFETY: a prepared statement with every parameter bound.
             match unsafe { ffi::sqlite3_step(stmt) } {
                 // SAFETY: a live handle.
-                ffi::SQLITE_DONE => Ok(unsafe { ffi::sqlite3_changes64(self.db.0.as_ptr()) }),
+                ffi::SQLITE_DONE => Ok(unsafe { ffi::sqlite3_changes64(self.db.as_ptr()) }),
                 ffi::SQLITE_ROW => Err(Error::QueryBuilderError(
                     "a fixed statement returned a row".into(),
                 )),
@@ -191,12 +225,12 @@ impl Drop for Fixed<'_> {
 /// The connection's last error, as diesel reports SQLite's errors (its
 /// kinds by extended code, SQLite's message), so that `classify` reads it
 /// the same whichever path ran the statement.
-fn last_error(db: SqliteHandle) -> Error {
+fn last_error(db: NonNull<ffi::sqlite3>) -> Error {
     // SAFETY: a live handle; the message is copied before any other call.
     let (code, message) = unsafe {
         (
-            ffi::sqlite3_extended_errcode(db.0.as_ptr()),
-            CStr::from_ptr(ffi::sqlite3_errmsg(db.0.as_ptr()))
+            ffi::sqlite3_extended_errcode(db.as_ptr()),
+            CStr::from_ptr(ffi::sqlite3_errmsg(db.as_ptr()))
                 .to_string_lossy()
                 .into_owned(),
         )
@@ -232,8 +266,6 @@ mod tests {
     }
 
     fn open() -> (SqliteConnection, SqliteHandle) {
-        static WATCH: std::sync::Once = std::sync::Once::new();
-        WATCH.call_once(|| assert_eq!(watch_opens(), ffi::SQLITE_OK));
         let (mut conn, db) = establish(":memory:").unwrap();
         conn.batch_execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
             .unwrap();
@@ -246,7 +278,7 @@ mod tests {
         {
             let mut insert = Fixed::prepare(
                 &mut conn,
-                db,
+                &db,
                 "INSERT INTO t (id, name) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )
             .unwrap();
@@ -277,7 +309,7 @@ mod tests {
     fn an_error_reads_as_diesel_reports_it_and_the_statement_runs_again() {
         let (mut conn, db) = open();
         let mut insert =
-            Fixed::prepare(&mut conn, db, "INSERT INTO t (id, name) VALUES (?, ?)").unwrap();
+            Fixed::prepare(&mut conn, &db, "INSERT INTO t (id, name) VALUES (?, ?)").unwrap();
         insert.run(&[Value::Int(1), Value::Text("a")]).unwrap();
         match insert.run(&[Value::Int(2), Value::Text("a")]) {
             Err(Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info)) => {
@@ -291,7 +323,7 @@ mod tests {
     #[test]
     fn a_statement_that_does_not_prepare_is_an_error_with_sqlites_message() {
         let (mut conn, db) = open();
-        let result = Fixed::prepare(&mut conn, db, "INSERT INTO no_such_table VALUES (?)").err();
+        let result = Fixed::prepare(&mut conn, &db, "INSERT INTO no_such_table VALUES (?)").err();
         match result {
             Some(Error::DatabaseError(DatabaseErrorKind::Unknown, info)) => {
                 assert!(

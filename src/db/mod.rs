@@ -7,6 +7,7 @@
 //! - [`Database::transaction`]: every transaction goes through it.
 
 mod breaker;
+mod checkpointer;
 mod classify;
 mod deadline;
 mod lite;

@@ -19,6 +19,7 @@ use diesel::r2d2::R2D2Connection;
 use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, ConnectionError, QueryResult};
 
+use super::checkpointer::{self, Checkpointer};
 use super::deadline::{self, Registry, Watch};
 use super::lite::{self, SqliteHandle};
 use super::url::DatabaseUrl;
@@ -219,11 +220,9 @@ impl PooledConn {
 /// default is 2 MiB): a batch reads index pages all over `readings
 /// (sensor_id, ts)`. Measured in docs/PERFORMANCE.md ("SQLite's settings").
 /// Statement journals in memory (`temp_store = MEMORY`): written to a
-/// temporary file they were 18% of the writer's time. The checkpoint
-/// interval stays SQLite's 1,000 pages: 10,000 was 2% faster with batches
-/// of 1000 and ~8% with the one writer's groups of 16,000, and it lets the
-/// WAL grow to 40–64 MB, which a 24 MiB volume in the full-disk tests could
-/// not hold (docs/PERFORMANCE.md, "A write path made for SQLite").
+/// temporary file they were 18% of the writer's time. Checkpoints are not
+/// set here: a pooled connection's commits hand them to a thread of their
+/// own ([`super::checkpointer`]).
 /// Public for the benchmarks, whose plain connections must be set the same.
 pub const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY;";
@@ -236,6 +235,8 @@ pub(super) struct Manager {
     /// Where new PostgreSQL connections register with the deadline
     /// watchdog, when there is one.
     deadline: Option<Registry>,
+    /// SQLite: the thread that checkpoints for this pool's connections.
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Manager {
@@ -245,11 +246,23 @@ impl Manager {
         metrics: Arc<DbMetrics>,
         deadline: Option<Registry>,
     ) -> Self {
+        let checkpointer = match &url {
+            DatabaseUrl::Sqlite(path) => path.to_str().map(|path| {
+                let (path, setup) = (path.to_owned(), sqlite_setup(&settings));
+                Checkpointer::start(checkpointer::PAGES, move || {
+                    open_sqlite(&path, &setup)
+                        .map(|(conn, _)| conn)
+                        .map_err(|e| e.to_string())
+                })
+            }),
+            DatabaseUrl::Postgres(_) => None,
+        };
         Manager {
             url,
             settings,
             metrics,
             deadline,
+            checkpointer,
         }
     }
 
@@ -308,12 +321,17 @@ impl Manager {
                 s.lock_timeout.as_millis(),
                 s.idle_in_transaction_timeout.as_millis(),
             ),
-            DatabaseUrl::Sqlite(_) => format!(
-                "PRAGMA busy_timeout = {}; {SQLITE_PRAGMAS}",
-                s.busy_timeout.as_millis()
-            ),
+            DatabaseUrl::Sqlite(_) => sqlite_setup(s),
         }
     }
+}
+
+/// What every new SQLite connection runs first.
+fn sqlite_setup(settings: &PoolSettings) -> String {
+    format!(
+        "PRAGMA busy_timeout = {}; {SQLITE_PRAGMAS}",
+        settings.busy_timeout.as_millis()
+    )
 }
 
 /// Sets SQLite's process-wide options, before its first connection:
@@ -345,10 +363,6 @@ fn configure_sqlite() {
     };
     if results.iter().any(|rc| *rc != SQLITE_OK) {
         log::debug!("SQLite was initialised before its first connection here: its default mutexes and memory statistics stay (sqlite3_config: {results:?})");
-    }
-    let rc = lite::watch_opens();
-    if rc != SQLITE_OK {
-        log::warn!("SQLite refused the extension that tells a new connection's handle ({rc}): connections will not open");
     }
 }
 
@@ -432,7 +446,10 @@ impl r2d2::ManageConnection for Manager {
                 let path = path.to_str().ok_or_else(|| {
                     ConnectionError::InvalidConnectionUrl("the SQLite path is not UTF-8".into())
                 })?;
-                let (conn, handle) = open_sqlite(path, &self.setup_sql())?;
+                let (conn, mut handle) = open_sqlite(path, &self.setup_sql())?;
+                if let Some(checkpointer) = &self.checkpointer {
+                    handle.set_hook(checkpointer.hook());
+                }
                 (AnyConnection::Sqlite(conn, handle), None)
             }
         };

@@ -487,7 +487,7 @@ impl State {
             }
             AnyConnection::Sqlite(c, db) => {
                 let mut update =
-                    Fixed::prepare(c, *db, "UPDATE sensors SET last_good_at = ?1 WHERE id = ?2")?;
+                    Fixed::prepare(c, db, "UPDATE sensors SET last_good_at = ?1 WHERE id = ?2")?;
                 for (id, ts) in &sensors {
                     let ts = Instant(*ts).sqlite_text();
                     update.run(&[Value::Text(&ts), Value::Int(*id)])?;
@@ -537,7 +537,7 @@ fn insert_readings(
             }
         }
         AnyConnection::Sqlite(c, db) => {
-            let mut insert = Fixed::prepare(c, *db, INSERT_READING)?;
+            let mut insert = Fixed::prepare(c, db, INSERT_READING)?;
             for (i, (sensor, ts, value, quality, id)) in rows {
                 let ts = ts.sqlite_text();
                 let row = [
@@ -631,7 +631,7 @@ fn touch_devices(
         AnyConnection::Sqlite(c, db) => {
             let mut update = Fixed::prepare(
                 c,
-                *db,
+                db,
                 "UPDATE devices SET last_seen_at = ?1 \
                  WHERE id = ?2 AND (last_seen_at IS NULL OR last_seen_at < ?1)",
             )?;
@@ -657,7 +657,7 @@ fn remove_dead_letters(conn: &mut AnyConnection, ids: HashSet<&str>) -> QueryRes
         }
         AnyConnection::Sqlite(c, db) => {
             let mut delete =
-                Fixed::prepare(c, *db, "DELETE FROM dead_letters WHERE message_id = ?1")?;
+                Fixed::prepare(c, db, "DELETE FROM dead_letters WHERE message_id = ?1")?;
             for id in ids {
                 delete.run(&[Value::Text(id)])?;
             }
@@ -673,7 +673,7 @@ fn mark_processed(conn: &mut AnyConnection, done: &[(&str, &str)]) -> QueryResul
     if let AnyConnection::Sqlite(c, db) = conn {
         let mut insert = Fixed::prepare(
             c,
-            *db,
+            db,
             "INSERT INTO processed_messages (message_id, processed_at, write_token) \
              VALUES (?1, ?2, ?3)",
         )?;
