@@ -25,7 +25,7 @@ pub(super) struct Prepared {
     token: String,
     fence: Option<Fence>,
     kind: PreparedKind,
-    _cost: Cost,
+    cost: Cost,
 }
 
 enum PreparedKind {
@@ -124,7 +124,7 @@ impl From<Job> for Prepared {
             token,
             fence,
             kind,
-            _cost: job.cost,
+            cost: job.cost,
         }
     }
 }
@@ -263,6 +263,8 @@ fn settle(
             for (job, outcome) in jobs.iter().zip(outcomes) {
                 job.reply(Ok(outcome));
             }
+            let mut jobs = jobs;
+            Cost::release_together(jobs.iter_mut().map(|job| &mut job.cost));
             false
         }
         Err(failure) if failure.is_stop() => {

@@ -21,7 +21,7 @@
 //! 5. [`mark_processed`] and the removal of replayed ids' dead letters
 //!    (step 8).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
