@@ -11,40 +11,56 @@
 //! `sqlite3_wal_hook`, which replaces SQLite's own automatic checkpoint):
 //! once the log holds [`NUDGE_PAGES`], it nudges the [`Checkpointer`],
 //! whose thread runs a PASSIVE checkpoint on a connection of its own (it
-//! never waits for a lock, and never makes anyone wait). A PASSIVE
-//! checkpoint cannot restart the log while the writer keeps appending to
-//! it, so the log grows while the writer streams; at [`BACKSTOP_PAGES`] the
-//! committing connection checkpoints itself, as SQLite would have: cheaply,
-//! since the thread has copied most of the pages by then, and the log
-//! starts over at the writer's next transaction. The log therefore stays
-//! under the backstop plus one group commit, whether the thread keeps up,
-//! falls behind, or fails (a full disk, say: it logs and waits for the
-//! next nudge).
+//! never waits for a lock, and never makes anyone wait).
+//!
+//! The log starts over (is written again from its beginning) only at a
+//! transaction that begins when every page of it has been copied back, which
+//! a thread copying beside a writer that keeps committing seldom sees. So the
+//! committing connection checkpoints itself, as SQLite would have, in two
+//! cases: from [`RESTART_PAGES`] when the thread has left at most
+//! [`NUDGE_PAGES`] to copy (cheap: what came since the thread's last pass;
+//! small commits, as `serve` and one message per transaction make, keep the
+//! log near this size), and from [`BACKSTOP_PAGES`] whatever is left (the
+//! one writer's large group commits, or a thread that falls behind or
+//! fails: a full disk, say, which it logs and tries again at the next
+//! nudge). The log stays under the backstop plus one commit.
 
 use std::os::raw::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use diesel::connection::SimpleConnection;
+use diesel::sql_types::Integer;
+use diesel::sqlite::SqliteConnection;
+use diesel::RunQueryDsl;
 use libsqlite3_sys as ffi;
 
 /// Log pages after a commit from which the checkpointer is nudged:
 /// SQLite's own automatic checkpoint point.
 pub(crate) const NUDGE_PAGES: c_int = 1000;
 
+/// Log pages after a commit from which the committing connection copies
+/// back what the thread has not, if that is little (16 MiB of 4 KiB pages).
+pub(crate) const RESTART_PAGES: c_int = 4096;
+
 /// Log pages after a commit from which the committing connection
-/// checkpoints itself (64 MiB of 4 KiB pages).
+/// checkpoints itself, whatever is left (64 MiB of 4 KiB pages).
 pub(crate) const BACKSTOP_PAGES: c_int = 16_384;
 
-/// What the checkpoints did, for the tests and the debug log.
+/// The log as the checkpoints see it, and what they did.
 #[derive(Debug, Default)]
-pub(crate) struct Counts {
+struct Counts {
+    /// Pages in the log after the last commit.
+    log: AtomicI32,
+    /// Pages of the log copied back, as the last checkpoint reported.
+    copied: AtomicI32,
+    /// Nudges sent to the thread.
+    nudged: AtomicU64,
     /// Checkpoints the thread ran.
-    pub(crate) off_thread: AtomicU64,
-    /// Checkpoints a committing connection ran at the backstop.
-    pub(crate) backstop: AtomicU64,
+    off_thread: AtomicU64,
+    /// Checkpoints committing connections ran.
+    inline: AtomicU64,
 }
 
 /// When a commit nudges the thread, and when it checkpoints itself, in log
@@ -52,12 +68,15 @@ pub(crate) struct Counts {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pages {
     pub(crate) nudge: c_int,
+    pub(crate) restart: c_int,
     pub(crate) backstop: c_int,
 }
 
-/// The points of every pool: [`NUDGE_PAGES`], [`BACKSTOP_PAGES`].
+/// The points of every pool: [`NUDGE_PAGES`], [`RESTART_PAGES`],
+/// [`BACKSTOP_PAGES`].
 pub(crate) const PAGES: Pages = Pages {
     nudge: NUDGE_PAGES,
+    restart: RESTART_PAGES,
     backstop: BACKSTOP_PAGES,
 };
 
@@ -73,10 +92,9 @@ pub(crate) struct Checkpointer {
 impl Checkpointer {
     /// Starts the thread; `open` opens its connection, at the first nudge
     /// (a database only read is never opened again).
-    pub(crate) fn start<C, F>(pages: Pages, open: F) -> Checkpointer
+    pub(crate) fn start<F>(pages: Pages, open: F) -> Checkpointer
     where
-        C: SimpleConnection,
-        F: FnMut() -> Result<C, String> + Send + 'static,
+        F: FnMut() -> Result<SqliteConnection, String> + Send + 'static,
     {
         let (nudge, nudges) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -125,10 +143,9 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run<C, F>(mut open: F, nudges: Receiver<()>, stop: &AtomicBool, counts: &Counts)
+fn run<F>(mut open: F, nudges: Receiver<()>, stop: &AtomicBool, counts: &Counts)
 where
-    C: SimpleConnection,
-    F: FnMut() -> Result<C, String>,
+    F: FnMut() -> Result<SqliteConnection, String>,
 {
     let mut conn = None;
     while nudges.recv().is_ok() && !stop.load(Ordering::SeqCst) {
@@ -142,9 +159,10 @@ where
             }
         }
         let c = conn.as_mut().expect("opened above");
-        match c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)") {
-            Ok(()) => {
-                counts.off_thread.fetch_add(1, Ordering::Relaxed);
+        match diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)").get_result::<Checkpointed>(c) {
+            Ok(done) => {
+                counts.copied.store(done.copied, Ordering::SeqCst);
+                counts.off_thread.fetch_add(1, Ordering::SeqCst);
             }
             Err(e) => {
                 // Its connection may be what failed: a new one next time.
@@ -153,6 +171,14 @@ where
             }
         }
     }
+}
+
+/// What `PRAGMA wal_checkpoint` reports, of its three columns.
+#[derive(diesel::QueryableByName)]
+struct Checkpointed {
+    /// Pages of the log copied back.
+    #[diesel(sql_type = Integer, column_name = checkpointed)]
+    copied: i32,
 }
 
 /// A connection's commit hook: owned beside the connection, and dropped
@@ -188,25 +214,71 @@ unsafe extern "C" fn committed(
 ) -> c_int {
     // SAFETY: the context installed with this function (see `install`).
     let hook = unsafe { &*(context as *const Hook) };
-    if pages >= hook.pages.backstop {
-        // SAFETY: the connection and schema name SQLite passed in; a
-        // PASSIVE checkpoint from the hook is what SQLite's own does. Its
-        // failure is the next commit's to retry, as with SQLite's own.
-        unsafe {
-            ffi::sqlite3_wal_checkpoint_v2(
-                db,
-                name,
-                ffi::SQLITE_CHECKPOINT_PASSIVE,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        };
-        hook.counts.backstop.fetch_add(1, Ordering::Relaxed);
-    } else if pages >= hook.pages.nudge {
-        // Full: a checkpoint is already due. Gone: the pool is closing.
-        let _ = hook.nudge.try_send(());
+    let counts = &hook.counts;
+    if counts.log.swap(pages, Ordering::SeqCst) > pages {
+        // The log started over: nothing of it is copied yet.
+        counts.copied.store(0, Ordering::SeqCst);
+    }
+    let copied = counts.copied.load(Ordering::SeqCst);
+    match hook.pages.after_commit(pages, copied) {
+        After::Nothing => {}
+        After::Nudge => {
+            // Not sent: a checkpoint is already due, or the pool is closing.
+            if hook.nudge.try_send(()).is_ok() {
+                counts.nudged.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        After::Checkpoint => {
+            let mut copied = 0;
+            // SAFETY: the connection and schema name SQLite passed in; a
+            // PASSIVE checkpoint from the hook is what SQLite's own does.
+            // Its failure is the next commit's to retry, as with SQLite's.
+            let rc = unsafe {
+                ffi::sqlite3_wal_checkpoint_v2(
+                    db,
+                    name,
+                    ffi::SQLITE_CHECKPOINT_PASSIVE,
+                    std::ptr::null_mut(),
+                    &mut copied,
+                )
+            };
+            if rc == ffi::SQLITE_OK {
+                counts.copied.store(copied, Ordering::SeqCst);
+            }
+            counts.inline.fetch_add(1, Ordering::SeqCst);
+        }
     }
     ffi::SQLITE_OK
+}
+
+/// What a commit does about the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    Nothing,
+    /// Nudges the thread.
+    Nudge,
+    /// Checkpoints on the committing connection.
+    Checkpoint,
+}
+
+impl Pages {
+    /// What a commit that leaves `pages` in the log, `copied` of them
+    /// copied back by the last checkpoint, does.
+    fn after_commit(&self, pages: c_int, copied: c_int) -> After {
+        // More copied than there is: a copy of an earlier log, so none.
+        let left = if copied > pages {
+            pages
+        } else {
+            pages - copied.max(0)
+        };
+        if pages >= self.backstop || (pages >= self.restart && left <= self.nudge) {
+            After::Checkpoint
+        } else if pages >= self.nudge {
+            After::Nudge
+        } else {
+            After::Nothing
+        }
+    }
 }
 
 #[cfg(test)]
@@ -214,15 +286,13 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use diesel::connection::SimpleConnection;
-    use diesel::sql_types::Integer;
-    use diesel::sqlite::SqliteConnection;
-    use diesel::RunQueryDsl;
 
     use super::*;
     use crate::db::lite::{self, SqliteHandle};
 
     const SMALL: Pages = Pages {
         nudge: 10,
+        restart: 40,
         backstop: 100,
     };
 
@@ -233,60 +303,87 @@ mod tests {
         (conn, db)
     }
 
-    /// Commits `pages` pages of new rows (4 KiB pages, a row of 4,000 bytes
-    /// a page).
-    fn commit(conn: &mut SqliteConnection, pages: u32) {
+    fn start(path: &str) -> Checkpointer {
+        let path = path.to_owned();
+        Checkpointer::start(SMALL, move || Ok(open(&path).0))
+    }
+
+    /// Commits about `pages` pages of new rows (4 KiB pages, a row of 4,000
+    /// bytes a page); returns the pages in the log after it.
+    fn commit(conn: &mut SqliteConnection, checkpointer: &Checkpointer, pages: u32) -> i32 {
         conn.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS t (b BLOB); BEGIN IMMEDIATE; \
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {pages}) \
              INSERT INTO t SELECT randomblob(4000) FROM n; COMMIT;"
         ))
         .unwrap();
+        checkpointer.counts().log.load(Ordering::SeqCst)
     }
 
-    #[derive(diesel::QueryableByName)]
-    struct Log {
-        #[diesel(sql_type = Integer)]
-        log: i32,
+    fn count(of: &AtomicU64) -> u64 {
+        of.load(Ordering::SeqCst)
     }
 
-    /// The pages in the log now (a PASSIVE checkpoint reports them).
-    fn log_pages(conn: &mut SqliteConnection) -> i32 {
-        diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
-            .get_result::<Log>(conn)
-            .unwrap()
-            .log
-    }
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    /// Waits until the thread has run as many checkpoints as it was nudged
+    /// for.
+    fn caught_up(checkpointer: &Checkpointer) {
+        let c = checkpointer.counts();
         let started = Instant::now();
-        while !done() {
-            assert!(started.elapsed() < Duration::from_secs(60), "{what}");
-            std::thread::sleep(Duration::from_millis(10));
+        while count(&c.off_thread) < count(&c.nudged) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the thread checkpoints"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     #[test]
-    fn the_thread_checkpoints_a_commit_past_the_nudge_and_the_log_starts_over() {
+    fn the_thread_copies_a_commit_past_the_nudge_and_the_log_then_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db").to_str().unwrap().to_owned();
-        let checkpointer = Checkpointer::start(SMALL, {
-            let path = path.clone();
-            move || Ok::<_, String>(open(&path).0)
-        });
+        let checkpointer = start(&path);
         let (mut conn, mut db) = open(&path);
         db.set_hook(checkpointer.hook());
-        commit(&mut conn, 50);
-        wait_for("the thread checkpoints", || {
-            checkpointer.counts().off_thread.load(Ordering::SeqCst) == 1
-        });
-        assert_eq!(checkpointer.counts().backstop.load(Ordering::SeqCst), 0);
-        // Every page was copied back, so the next commit starts the log
-        // over instead of appending to it.
-        commit(&mut conn, 2);
-        let log = log_pages(&mut conn);
+        let log = commit(&mut conn, &checkpointer, 30);
+        assert!((30..40).contains(&log), "{log} pages in the log");
+        assert_eq!(count(&checkpointer.counts().nudged), 1);
+        caught_up(&checkpointer);
+        assert_eq!(count(&checkpointer.counts().off_thread), 1);
+        // Every page was copied back, so the next commit writes the log
+        // from its beginning.
+        let log = commit(&mut conn, &checkpointer, 2);
         assert!(log < 10, "{log} pages in the log");
-        drop(conn);
+        assert_eq!(count(&checkpointer.counts().inline), 0);
+    }
+
+    #[test]
+    fn what_a_commit_does_by_the_pages_in_the_log_and_those_copied() {
+        use After::*;
+        let p = PAGES;
+        for (pages, copied, after) in [
+            (999, 0, Nothing),
+            (1000, 0, Nudge),
+            (4095, 4000, Nudge),
+            // From the restart point, the committing connection copies the
+            // rest if the thread left little.
+            (4096, 3096, Checkpoint),
+            (4096, 3095, Nudge),
+            (9000, 8500, Checkpoint),
+            // A copy reported for an earlier log counts as none.
+            (5000, 9000, Nudge),
+            // One large commit: the thread's, up to the backstop.
+            (8000, 0, Nudge),
+            (16_383, 8000, Nudge),
+            (16_384, 0, Checkpoint),
+            (40_000, 39_000, Checkpoint),
+        ] {
+            assert_eq!(
+                p.after_commit(pages, copied),
+                after,
+                "{pages} pages, {copied} copied"
+            );
+        }
     }
 
     #[test]
@@ -294,19 +391,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db").to_str().unwrap().to_owned();
         let checkpointer = Checkpointer::start(SMALL, || {
-            Err::<SqliteConnection, _>("no connection for the checkpointer".to_owned())
+            Err("no connection for the checkpointer".to_owned())
         });
         let (mut conn, mut db) = open(&path);
         db.set_hook(checkpointer.hook());
-        commit(&mut conn, 50);
-        commit(&mut conn, 30);
-        assert_eq!(checkpointer.counts().backstop.load(Ordering::SeqCst), 0);
-        commit(&mut conn, 30);
-        assert_eq!(checkpointer.counts().backstop.load(Ordering::SeqCst), 1);
-        commit(&mut conn, 2);
-        let log = log_pages(&mut conn);
+        commit(&mut conn, &checkpointer, 50);
+        commit(&mut conn, &checkpointer, 30);
+        assert_eq!(count(&checkpointer.counts().inline), 0);
+        let log = commit(&mut conn, &checkpointer, 30);
+        assert!(log >= SMALL.backstop, "{log} pages in the log");
+        assert_eq!(count(&checkpointer.counts().inline), 1);
+        let log = commit(&mut conn, &checkpointer, 2);
         assert!(log < 10, "{log} pages in the log");
-        assert_eq!(checkpointer.counts().off_thread.load(Ordering::SeqCst), 0);
-        drop(conn);
+        assert_eq!(count(&checkpointer.counts().off_thread), 0);
     }
 }
