@@ -161,6 +161,43 @@ impl<'c> Fixed<'c> {
     /// (`?1` is the first); returns the rows it changed. No binding outlives
     /// the call.
     pub(crate) fn run(&mut self, values: &[Value<'_>]) -> QueryResult<usize> {
+        let changed = self.step_with(values, |stmt, db| match stmt {
+            None => Ok(unsafe_changes(db)),
+            Some(_) => Err(Error::QueryBuilderError(
+                "a fixed statement returned a row".into(),
+            )),
+        })?;
+        Ok(usize::try_from(changed).unwrap_or(0))
+    }
+
+    /// Runs a query with `values` bound as [`Fixed::run`] does; returns its
+    /// first row's first column as text (`None`: no row, or NULL).
+    pub(crate) fn first_text(&mut self, values: &[Value<'_>]) -> QueryResult<Option<String>> {
+        self.step_with(values, |row, _| {
+            Ok(row.and_then(|stmt| {
+                // SAFETY: a statement on a row; the text (NULL for NULL) is
+                // copied before the statement moves on.
+                unsafe {
+                    let text = ffi::sqlite3_column_text(stmt, 0);
+                    (!text.is_null()).then(|| {
+                        let len = ffi::sqlite3_column_bytes(stmt, 0);
+                        let bytes =
+                            std::slice::from_raw_parts(text, usize::try_from(len).unwrap_or(0));
+                        String::from_utf8_lossy(bytes).into_owned()
+                    })
+                }
+            }))
+        })
+    }
+
+    /// Binds `values`, steps once, and gives `done` the statement if it is on
+    /// a row (`None` once it is done); then resets the statement and clears
+    /// its bindings, whatever happened.
+    fn step_with<T>(
+        &mut self,
+        values: &[Value<'_>],
+        done: impl FnOnce(Option<*mut ffi::sqlite3_stmt>, NonNull<ffi::sqlite3>) -> QueryResult<T>,
+    ) -> QueryResult<T> {
         let stmt = self.stmt.as_ptr();
         let mut result = Ok(());
         for (at, value) in (1..).zip(values) {
@@ -195,11 +232,8 @@ impl<'c> Fixed<'c> {
         let result = result.and_then(|()| {
             // SAFETY: a prepared statement with every parameter bound.
             match unsafe { ffi::sqlite3_step(stmt) } {
-                // SAFETY: a live handle.
-                ffi::SQLITE_DONE => Ok(unsafe { ffi::sqlite3_changes64(self.db.as_ptr()) }),
-                ffi::SQLITE_ROW => Err(Error::QueryBuilderError(
-                    "a fixed statement returned a row".into(),
-                )),
+                ffi::SQLITE_DONE => done(None, self.db),
+                ffi::SQLITE_ROW => done(Some(stmt), self.db),
                 // The error is read before the reset, which may replace it.
                 _ => Err(last_error(self.db)),
             }
@@ -210,8 +244,14 @@ impl<'c> Fixed<'c> {
             ffi::sqlite3_reset(stmt);
             ffi::sqlite3_clear_bindings(stmt);
         }
-        result.map(|changed| usize::try_from(changed).unwrap_or(0))
+        result
     }
+}
+
+/// The rows the connection's last statement changed.
+fn unsafe_changes(db: NonNull<ffi::sqlite3>) -> i64 {
+    // SAFETY: a live handle (a statement of it just ran).
+    unsafe { ffi::sqlite3_changes64(db.as_ptr()) }
 }
 
 impl Drop for Fixed<'_> {
@@ -303,6 +343,23 @@ mod tests {
             name: name.into(),
         });
         assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn a_fixed_query_reads_its_first_column_as_text() {
+        let (mut conn, db) = open();
+        conn.batch_execute("INSERT INTO t (id, name) VALUES (7, 'seven')")
+            .unwrap();
+        let mut name = Fixed::prepare(&mut conn, &db, "SELECT name FROM t WHERE id = ?1").unwrap();
+        assert_eq!(
+            name.first_text(&[Value::Int(7)]).unwrap().as_deref(),
+            Some("seven")
+        );
+        assert_eq!(name.first_text(&[Value::Int(8)]).unwrap(), None);
+        assert_eq!(
+            name.first_text(&[Value::Int(7)]).unwrap().as_deref(),
+            Some("seven")
+        );
     }
 
     #[test]

@@ -309,6 +309,21 @@ fn processed_tokens(
 ) -> QueryResult<HashMap<String, String>> {
     use processed_messages::dsl as p;
     let mut out = HashMap::new();
+    if let AnyConnection::Sqlite(c, db) = conn {
+        // One prepared lookup an id: no `IN` list of a thousand values
+        // parsed, prepared and built into a temporary index each time.
+        let mut token = Fixed::prepare(
+            c,
+            db,
+            "SELECT write_token FROM processed_messages WHERE message_id = ?1",
+        )?;
+        for id in ids {
+            if let Some(stored) = token.first_text(&[Value::Text(id)])? {
+                out.insert((*id).to_owned(), stored);
+            }
+        }
+        return Ok(out);
+    }
     for chunk in ids.chunks(CHUNK) {
         let rows: Vec<(String, String)> = dispatch!(conn, c => p::processed_messages
             .filter(p::message_id.eq_any(chunk))
