@@ -63,7 +63,7 @@ pub struct WorkerArgs {
     /// Worker threads [default: the number of CPUs].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Most messages per transaction; 1 is one message per transaction [default: 5000; on SQLite 48000 for ingest (applied in passes of 16000), 16000 for serve].
+    /// Most messages per transaction; 1 is one message per transaction [default: 5000; on SQLite 48000 for ingest (applied in passes of 24000), 16000 for serve].
     #[arg(long, env = "NORMALIZER_BATCH_SIZE", hide_env_values = true)]
     pub batch_size: Option<usize>,
     /// How long a worker waits for more messages to fill a batch [default: 2ms].

@@ -17,7 +17,7 @@ pub use args::{Cli, Command, DeadLetterCommand, WorkerArgs};
 use crate::config::{FileSettings, Settings};
 use crate::db::{migrate, Database, DatabaseUrl, Failure, PoolSettings, RetryPolicy};
 use crate::feed::publish::PublishOptions;
-use crate::pipeline::{IngestError, IngestOptions, SQLITE_BATCH_SIZE, SQLITE_PASS_SIZE};
+use crate::pipeline::{IngestError, IngestOptions, SQLITE_BATCH_SIZE, SQLITE_SERVE_BATCH_SIZE};
 use crate::service::logfile::{self, LogFile};
 
 /// Exit code of a run that gave up on an unreachable database.
@@ -242,14 +242,14 @@ impl Context {
             ..IngestOptions::default()
         };
         if let (DatabaseUrl::Sqlite(_), false) = (&url, batch_size_given) {
-            // `serve` keeps groups of one pass (16,000, as before passes):
-            // a transaction's acknowledgements go out through each
-            // connection's bounded channel, and a connection slow to read
-            // them holds the one writer back; a larger group holds it
-            // longer (producers that paused reading at a barrier
-            // deadlocked it with groups of 48,000).
+            // `serve` keeps groups of 16,000, one pass: a transaction's
+            // acknowledgements go out through each connection's bounded
+            // channel, and a connection slow to read them holds the one
+            // writer back; a larger group holds it longer (producers that
+            // paused reading at a barrier deadlocked it with groups of
+            // 48,000).
             options.batch_size = match cli.command {
-                Command::Serve { .. } => SQLITE_PASS_SIZE,
+                Command::Serve { .. } => SQLITE_SERVE_BATCH_SIZE,
                 _ => SQLITE_BATCH_SIZE,
             };
         }

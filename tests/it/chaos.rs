@@ -29,11 +29,11 @@ pub(crate) fn size() -> usize {
         .unwrap_or(10_000)
 }
 
-/// [`size`], at least 50,000: SQLite's one writer queues a pass of up to
-/// 16,000 (`SQLITE_PASS_SIZE`), and a smaller run of a test that injects
+/// [`size`], at least three passes and a third: SQLite's one writer queues
+/// a pass (`SQLITE_PASS_SIZE`), and a smaller run of a test that injects
 /// its fault at 30% can end between that point and the fault.
 pub(crate) fn sqlite_size() -> usize {
-    size().max(50_000)
+    size().max(normalizer::pipeline::SQLITE_PASS_SIZE * 10 / 3)
 }
 
 pub(crate) fn input(messages: usize) -> (String, String) {
@@ -228,9 +228,8 @@ fn batch_for(text: &str) -> usize {
 }
 
 /// The options of a fault case: batches of [`batch_for`]; on SQLite, whose
-/// one writer commits a group in passes, passes of a quarter of it (as
-/// `SQLITE_PASS_SIZE` is of `SQLITE_BATCH_SIZE`), so that a fault meets a
-/// transaction with passes applied and parked.
+/// one writer commits a group in passes, passes of a quarter of it, so
+/// that a fault meets a transaction with passes applied and parked.
 fn chaos_options(db: &Database, text: &str, workers: usize) -> IngestOptions {
     let batch_size = crate::support::options().batch_size.min(batch_for(text));
     let pass_size = match db.url() {

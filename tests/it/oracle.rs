@@ -394,7 +394,11 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
     // which the model (one run) would not.
     let options = GenOptions {
         devices: 300,
-        messages: 60_000,
+        // Groups of a pass and a half (below), five passes: three groups
+        // and a part, so that the second run, whose first group holds only
+        // ids the first committed, still sees a commit and then a group
+        // open.
+        messages: SQLITE_PASS_SIZE * 5,
         seed: 23,
         bad_share: 0.0,
         duplicate_share: 0.02,
@@ -446,9 +450,7 @@ fn sqlite_killed_in_the_middle_of_a_group_commit_ends_in_the_models_state() {
             .n
     };
     // Groups of a pass and a half: each transaction applies one pass,
-    // parks it and goes on with a second in the same transaction, and the
-    // 60,000 messages make three of them, so that both runs see a commit
-    // and then a group open.
+    // parks it and goes on with a second in the same transaction.
     let group = (SQLITE_PASS_SIZE * 3 / 2).to_string();
     let mut kills = Vec::new();
     for _ in 0..2 {
