@@ -162,7 +162,7 @@ impl<'c> Fixed<'c> {
     /// the call.
     pub(crate) fn run(&mut self, values: &[Value<'_>]) -> QueryResult<usize> {
         let changed = self.step_with(values, |stmt, db| match stmt {
-            None => Ok(unsafe_changes(db)),
+            None => Ok(changes(db)),
             Some(_) => Err(Error::QueryBuilderError(
                 "a fixed statement returned a row".into(),
             )),
@@ -249,7 +249,7 @@ impl<'c> Fixed<'c> {
 }
 
 /// The rows the connection's last statement changed.
-fn unsafe_changes(db: NonNull<ffi::sqlite3>) -> i64 {
+fn changes(db: NonNull<ffi::sqlite3>) -> i64 {
     // SAFETY: a live handle (a statement of it just ran).
     unsafe { ffi::sqlite3_changes64(db.as_ptr()) }
 }

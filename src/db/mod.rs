@@ -110,12 +110,9 @@ impl Database {
             .idle_timeout(Some(Duration::from_secs(600)))
             .test_on_check_out(true)
             .error_handler(Box::new(QuietErrors))
-            .build_unchecked(Manager::new(
-                url.clone(),
-                settings,
-                metrics.clone(),
-                registry,
-            ));
+            .build_unchecked(
+                Manager::new(url.clone(), settings, metrics.clone(), registry).checkpointing(),
+            );
         Database {
             url,
             pool,

@@ -246,24 +246,30 @@ impl Manager {
         metrics: Arc<DbMetrics>,
         deadline: Option<Registry>,
     ) -> Self {
-        let checkpointer = match &url {
-            DatabaseUrl::Sqlite(path) => path.to_str().map(|path| {
-                let (path, setup) = (path.to_owned(), sqlite_setup(&settings));
-                Checkpointer::start(checkpointer::PAGES, move || {
-                    open_sqlite(&path, &setup)
-                        .map(|(conn, _)| conn)
-                        .map_err(|e| e.to_string())
-                })
-            }),
-            DatabaseUrl::Postgres(_) => None,
-        };
         Manager {
             url,
             settings,
             metrics,
             deadline,
-            checkpointer,
+            checkpointer: None,
         }
+    }
+
+    /// On SQLite, gives this manager's connections a checkpointer thread
+    /// (the pool's; a health check's connection writes nothing, and SQLite's
+    /// own automatic checkpoint stays on it).
+    pub(crate) fn checkpointing(mut self) -> Self {
+        if let DatabaseUrl::Sqlite(path) = &self.url {
+            self.checkpointer = path.to_str().map(|path| {
+                let (path, setup) = (path.to_owned(), sqlite_setup(&self.settings));
+                Checkpointer::start(checkpointer::PAGES, move || {
+                    open_sqlite(&path, &setup)
+                        .map(|(conn, _)| conn)
+                        .map_err(|e| e.to_string())
+                })
+            });
+        }
+        self
     }
 
     /// A PostgreSQL connection with client-side timeouts, its calls
