@@ -59,7 +59,9 @@ pub(super) fn ingest(
         .transpose()?;
     let db = context.open_migrated(Pool::Workers)?;
     if let Some((file, path)) = &provisioning {
-        log::info!("{}", load_provisioning(&db, file, path)?);
+        // Loaded before the log call: a disabled level skips its arguments.
+        let loaded = load_provisioning(&db, file, path)?;
+        log::info!("{loaded}");
     }
     // Ctrl-C or SIGTERM: stop reading, finish what is in flight, say where
     // to resume. A second one ends the process at once.

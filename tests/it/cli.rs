@@ -49,6 +49,32 @@ fn the_quickstart_runs_into_normalizer_db_and_prints_the_summary() {
 }
 
 #[test]
+fn ingest_provisions_first_at_every_log_level() {
+    // The load once ran inside `log::info!`, whose arguments a quieter
+    // level never evaluates: `--log-level warn` skipped the provisioning.
+    for level in ["off", "error", "warn", "info"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = normalizer(
+            dir.path(),
+            &[
+                "--log-level",
+                level,
+                "ingest",
+                "--provision",
+                &examples("devices.json"),
+                &examples("messages.jsonl"),
+            ],
+        );
+        assert!(out.status.success(), "{level}: {}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("processed 579, duplicate 1, dead letter 6"),
+            "{level}: {text}"
+        );
+    }
+}
+
+#[test]
 fn json_summary_counts_every_outcome_and_reads_stdin() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("x.db");
