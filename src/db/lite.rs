@@ -190,6 +190,36 @@ impl<'c> Fixed<'c> {
         })
     }
 
+    /// Runs a query with `values` bound as [`Fixed::run`] does; returns
+    /// every row's first column as text (NULLs left out).
+    pub(crate) fn texts(&mut self, values: &[Value<'_>]) -> QueryResult<Vec<String>> {
+        let mut out = Vec::new();
+        self.step_with(values, |mut row, db| {
+            while let Some(stmt) = row {
+                // SAFETY: a statement on a row; the text is copied before
+                // the statement steps again.
+                unsafe {
+                    let text = ffi::sqlite3_column_text(stmt, 0);
+                    if !text.is_null() {
+                        let len = ffi::sqlite3_column_bytes(stmt, 0);
+                        let bytes =
+                            std::slice::from_raw_parts(text, usize::try_from(len).unwrap_or(0));
+                        out.push(String::from_utf8_lossy(bytes).into_owned());
+                    }
+                    // SAFETY: the statement is on a row; stepping on is
+                    // what a query's rows need.
+                    row = match ffi::sqlite3_step(stmt) {
+                        ffi::SQLITE_ROW => Some(stmt),
+                        ffi::SQLITE_DONE => None,
+                        _ => return Err(last_error(db)),
+                    };
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Binds `values`, steps once, and gives `done` the statement if it is on
     /// a row (`None` once it is done); then resets the statement and clears
     /// its bindings, whatever happened.
@@ -360,6 +390,28 @@ mod tests {
             name.first_text(&[Value::Int(7)]).unwrap().as_deref(),
             Some("seven")
         );
+    }
+
+    #[test]
+    fn a_fixed_query_reads_every_row_and_runs_again() {
+        let (mut conn, db) = open();
+        conn.batch_execute("INSERT INTO t (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+            .unwrap();
+        let mut names = Fixed::prepare(
+            &mut conn,
+            &db,
+            "SELECT name FROM t WHERE id >= ?1 ORDER BY id LIMIT ?2",
+        )
+        .unwrap();
+        assert_eq!(
+            names.texts(&[Value::Int(2), Value::Int(10)]).unwrap(),
+            ["b", "c"]
+        );
+        assert_eq!(names.texts(&[Value::Int(1), Value::Int(1)]).unwrap(), ["a"]);
+        assert!(names
+            .texts(&[Value::Int(4), Value::Int(10)])
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -53,7 +53,30 @@ impl Instant {
     /// `SQLITE_FORMAT` for the years 0 to 9999, written without parsing a
     /// format string for each value (a tested fact).
     pub(crate) fn sqlite_text(&self) -> String {
-        self.0.to_rfc3339_opts(SecondsFormat::Micros, true)
+        use chrono::{Datelike, Timelike};
+        let t = self.0.naive_utc();
+        let nanos = t.nanosecond();
+        // Outside the fixed width, or a leap second: chrono's own form.
+        if !(1..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+            return self.0.to_rfc3339_opts(SecondsFormat::Micros, true);
+        }
+        let mut text = *b"0000-00-00T00:00:00.000000Z";
+        let fields = [
+            (0..4, t.year().unsigned_abs()),
+            (5..7, t.month()),
+            (8..10, t.day()),
+            (11..13, t.hour()),
+            (14..16, t.minute()),
+            (17..19, t.second()),
+            (20..26, nanos / 1000),
+        ];
+        for (at, mut n) in fields {
+            for digit in text[at].iter_mut().rev() {
+                *digit = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        }
+        std::str::from_utf8(&text).expect("ASCII digits").to_owned()
     }
 }
 
@@ -93,11 +116,31 @@ mod tests {
         let step = chrono::Duration::seconds(86_400 * 37 + 3_723)
             + chrono::Duration::microseconds(1_234_567);
         while t <= end {
-            let fast = t.to_rfc3339_opts(SecondsFormat::Micros, true);
+            let fast = Instant(t).sqlite_text();
             assert_eq!(fast, t.format(SQLITE_FORMAT).to_string());
+            assert_eq!(fast, t.to_rfc3339_opts(SecondsFormat::Micros, true));
             let back = DateTime::parse_from_rfc3339(&fast).unwrap().to_utc();
             assert_eq!(back, t);
             t += step;
+        }
+        // Nanoseconds are cut to microseconds, as the format does.
+        let t: DateTime<Utc> = "2026-11-29T10:00:00.123456789Z".parse().unwrap();
+        assert_eq!(Instant(t).sqlite_text(), "2026-11-29T10:00:00.123456Z");
+    }
+
+    #[test]
+    fn a_leap_second_and_years_past_the_fixed_width_keep_chrono_s_form() {
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_micro_opt(23, 59, 59, 1_500_000)
+            .unwrap()
+            .and_utc();
+        let far: DateTime<Utc> = "+10000-01-01T00:00:00Z".parse().unwrap();
+        for t in [leap, far] {
+            assert_eq!(
+                Instant(t).sqlite_text(),
+                t.to_rfc3339_opts(SecondsFormat::Micros, true)
+            );
         }
     }
 }
