@@ -345,6 +345,7 @@ pub(super) fn run_in_passes(
         outcomes.clear();
         lost.clear();
         let mut applied = 0;
+        let mut group = batch::Group::default();
         loop {
             if applied == jobs.len() && !stop.load(Ordering::SeqCst) {
                 let room = limit.saturating_sub(jobs.len()).min(pass);
@@ -358,11 +359,12 @@ pub(super) fn run_in_passes(
             chunk.iter_mut().for_each(Prepared::unpark);
             let items: Vec<batch::Item<'_>> = chunk.iter().map(Prepared::item).collect();
             run_hook(hook, &items);
-            outcomes.extend(batch::apply(conn, &items, cache)?);
+            outcomes.extend(group.apply(conn, &items, cache)?);
             drop(items);
             chunk.iter_mut().for_each(Prepared::park);
             applied = end;
         }
+        group.finish(conn)?;
         fenced(conn, &fences_of(&jobs), &mut lost, |_| Ok(()))
     });
     let result = result.map(|()| outcomes);

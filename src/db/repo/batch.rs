@@ -16,10 +16,13 @@
 //!    (steps 1, 3 and 4, filed at once, in order) or to be processed;
 //! 3. [`store_readings`]: the readings, the first of a sensor and instant
 //!    winning (step 5);
-//! 4. [`evaluate_and_touch`]: alarms and last-seen, in arrival order
-//!    (steps 6 and 7);
+//! 4. [`evaluate`]: alarms and last-seen, in arrival order (steps 6 and
+//!    7), in memory;
 //! 5. [`mark_processed`] and the removal of replayed ids' dead letters
-//!    (step 8).
+//!    (step 8);
+//! 6. [`Group::finish`], once a transaction: the sensors', alerts' and
+//!    devices' rows that step 4 changed. A transaction applied in several
+//!    passes ([`Group`]) reads each device's state once and writes it once.
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
@@ -89,41 +92,106 @@ pub fn apply(
     items: &[Item<'_>],
     cache: &ReferenceCache,
 ) -> QueryResult<Vec<Outcome>> {
-    let messages: Vec<&Message> = items
-        .iter()
-        .filter_map(|item| match item {
-            Item::Message { message, .. } => Some(*message),
-            Item::Letter { .. } => None,
-        })
-        .collect();
-    let mut keys: Vec<&str> = messages.iter().map(|m| m.device.as_str()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    // Devices are locked before the processed ids are read: a transaction
-    // of the same devices still running (one whose connection was cut and
-    // abandoned, say) has ended by then, and its commit is seen.
-    let known = lock_devices(conn, &keys)?;
-    let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
-    let processed = processed_tokens(conn, &ids)?;
-    let device_ids: Vec<i64> = known.values().copied().collect();
-    let reference = cache.current(conn, &device_ids)?;
-    let mut state = State::load(conn, &device_ids, reference)?;
+    let mut group = Group::default();
+    let outcomes = group.apply(conn, items, cache)?;
+    group.finish(conn)?;
+    Ok(outcomes)
+}
 
-    let mut decided = decide(conn, items, &known, &processed, &state)?;
-    let stored = store_readings(conn, &decided.candidates)?;
-    evaluate_and_touch(conn, &mut state, &stored, &mut decided)?;
-    let done: Vec<(&str, &str)> = decided
-        .candidates
-        .iter()
-        .map(|c| (c.message.id.as_str(), c.token))
-        .collect();
-    mark_processed(conn, &done)?;
-    remove_dead_letters(conn, decided.pending_delete)?;
-    Ok(decided
-        .outcomes
-        .into_iter()
-        .map(|o| o.expect("every item decided"))
-        .collect())
+/// What the passes of one transaction share (SQLite's group commit applies
+/// its messages a pass at a time, see `pipeline::apply::run_in_passes`):
+/// the devices looked up (and locked, on PostgreSQL), their sensors' last
+/// good instants and open alerts, and their last-seen instants. Each is
+/// read once a transaction, for the devices a pass brings first, and the
+/// sensors, alerts and devices are written once, by [`Group::finish`],
+/// instead of once a pass: with a thousand devices a pass of 24,000
+/// messages updated some 3,700 sensor and device rows. The transaction
+/// holds SQLite's write lock from its first pass, so what the first pass
+/// read is still what the table holds at the last.
+#[derive(Default)]
+pub struct Group {
+    known: HashMap<String, i64>,
+    looked_up: HashSet<String>,
+    state: Option<State>,
+    loaded: HashSet<i64>,
+    last_seen: HashMap<i64, DateTime<Utc>>,
+}
+
+impl Group {
+    /// Applies one pass, `items` in order, after the passes before it in
+    /// the same transaction; returns one outcome per item.
+    pub fn apply(
+        &mut self,
+        conn: &mut AnyConnection,
+        items: &[Item<'_>],
+        cache: &ReferenceCache,
+    ) -> QueryResult<Vec<Outcome>> {
+        let messages: Vec<&Message> = items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Message { message, .. } => Some(*message),
+                Item::Letter { .. } => None,
+            })
+            .collect();
+        let mut keys: Vec<&str> = messages.iter().map(|m| m.device.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // Devices are locked before the processed ids are read: a
+        // transaction of the same devices still running (one whose
+        // connection was cut and abandoned, say) has ended by then, and its
+        // commit is seen.
+        let new_keys: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !self.looked_up.contains(*k))
+            .collect();
+        self.known.extend(lock_devices(conn, &new_keys)?);
+        self.looked_up
+            .extend(new_keys.iter().map(|k| (*k).to_owned()));
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let processed = processed_tokens(conn, &ids)?;
+        let device_ids: Vec<i64> = keys
+            .iter()
+            .filter_map(|k| self.known.get(*k).copied())
+            .collect();
+        let reference = cache.current(conn, &device_ids)?;
+        let fresh: Vec<i64> = device_ids
+            .iter()
+            .copied()
+            .filter(|d| !self.loaded.contains(d))
+            .collect();
+        let state = self
+            .state
+            .get_or_insert_with(|| State::new(reference.clone()));
+        state.reference = reference;
+        state.load(conn, &fresh)?;
+        self.loaded.extend(fresh);
+
+        let mut decided = decide(conn, items, &self.known, &processed, state)?;
+        let stored = store_readings(conn, &decided.candidates)?;
+        evaluate(state, &stored, &mut decided, &mut self.last_seen);
+        let done: Vec<(&str, &str)> = decided
+            .candidates
+            .iter()
+            .map(|c| (c.message.id.as_str(), c.token))
+            .collect();
+        mark_processed(conn, &done)?;
+        remove_dead_letters(conn, decided.pending_delete)?;
+        Ok(decided
+            .outcomes
+            .into_iter()
+            .map(|o| o.expect("every item decided"))
+            .collect())
+    }
+
+    /// Writes what the passes changed of sensors, alerts and devices (the
+    /// contract's steps 6 and 7); the transaction may then commit.
+    pub fn finish(self, conn: &mut AnyConnection) -> QueryResult<()> {
+        if let Some(state) = &self.state {
+            state.write(conn)?;
+        }
+        touch_devices(conn, &self.last_seen)
+    }
 }
 
 /// A message of the batch that will be processed, with its readings.
@@ -252,14 +320,14 @@ fn store_readings(
     Ok(stored)
 }
 
-/// Pass 3: alarms and last-seen, in arrival order.
-fn evaluate_and_touch(
-    conn: &mut AnyConnection,
+/// Pass 3: alarms and last-seen, in arrival order, in memory (written by
+/// [`Group::finish`]).
+fn evaluate(
     state: &mut State,
     stored: &[bool],
     decided: &mut Decided<'_>,
-) -> QueryResult<()> {
-    let mut last_seen: HashMap<i64, DateTime<Utc>> = HashMap::new();
+    last_seen: &mut HashMap<i64, DateTime<Utc>>,
+) {
     let mut stored = stored.iter();
     for c in &decided.candidates {
         let m = c.message;
@@ -283,8 +351,6 @@ fn evaluate_and_touch(
         *seen_at = (*seen_at).max(m.ts);
         decided.outcomes[c.index] = Some(Outcome::Processed(applied));
     }
-    state.write(conn)?;
-    touch_devices(conn, &last_seen)
 }
 
 /// Files a dead letter at its place in the batch. If this batch processed
@@ -378,25 +444,36 @@ struct State {
 }
 
 impl State {
-    fn load(
-        conn: &mut AnyConnection,
-        device_ids: &[i64],
-        reference: Arc<Reference>,
-    ) -> QueryResult<State> {
+    fn new(reference: Arc<Reference>) -> State {
+        State {
+            reference,
+            no_sensors: DeviceSpec::default(),
+            latest_good: HashMap::new(),
+            latest_changed: HashSet::new(),
+            open: HashMap::new(),
+            new_alerts: Vec::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    /// Reads the last good instants and open alerts of `device_ids`'
+    /// sensors (devices not read before in this transaction).
+    fn load(&mut self, conn: &mut AnyConnection, device_ids: &[i64]) -> QueryResult<()> {
+        let reference = self.reference.clone();
         let mut sensor_ids = Vec::new();
         for device in device_ids {
             if let Some(spec) = reference.specs.get(device) {
                 sensor_ids.extend(spec.sensors.values().map(|s| s.id));
             }
         }
-        let mut latest_good = HashMap::new();
         for chunk in sensor_ids.chunks(CHUNK) {
             use sensors::dsl as s;
             let rows: Vec<(i64, Option<Instant>)> = dispatch!(conn, c => s::sensors
                 .filter(s::id.eq_any(chunk))
                 .select((s::id, s::last_good_at))
                 .load(c))?;
-            latest_good.extend(rows.into_iter().map(|(id, t)| (id, t.map(|i| i.0))));
+            self.latest_good
+                .extend(rows.into_iter().map(|(id, t)| (id, t.map(|i| i.0))));
         }
         let alarm_ids: Vec<i64> = sensor_ids
             .iter()
@@ -404,7 +481,6 @@ impl State {
             .flatten()
             .map(|a| a.id)
             .collect();
-        let mut open = HashMap::new();
         for chunk in alarm_ids.chunks(CHUNK) {
             use alerts::dsl as al;
             let rows: Vec<(i64, i64)> = dispatch!(conn, c => al::alerts
@@ -412,20 +488,12 @@ impl State {
                 .filter(al::closed_at.is_null())
                 .select((al::alarm_id, al::id))
                 .load(c))?;
-            open.extend(
+            self.open.extend(
                 rows.into_iter()
                     .map(|(alarm, alert)| (alarm, OpenAlert::Stored(alert))),
             );
         }
-        Ok(State {
-            reference,
-            no_sensors: DeviceSpec::default(),
-            latest_good,
-            latest_changed: HashSet::new(),
-            open,
-            new_alerts: Vec::new(),
-            closed: Vec::new(),
-        })
+        Ok(())
     }
 
     fn spec(&self, device_id: i64) -> &DeviceSpec {
