@@ -155,6 +155,63 @@ fn an_unknown_device_is_dead_lettered_and_succeeds_after_provisioning() {
 }
 
 #[test]
+fn a_processed_batch_removes_only_its_own_ids_dead_letters() {
+    use normalizer::core::message::{parse_line, Parsed};
+    use normalizer::db::repo::batch;
+    use normalizer::db::repo::reference::ReferenceCache;
+
+    let line = |id: &str| msg(id, "dev-late", "2026-11-29T10:00:00Z", r#"{"t":20}"#);
+    for t in provisioned() {
+        // Seven dead letters, m2 to m8, of a device not yet provisioned.
+        let letters: Vec<String> = (2..=8).map(|i| line(&format!("m{i}"))).collect();
+        let s = t.ingest(&letters.join("\n"));
+        assert_eq!(s.dead_letters_by_kind["unknown_device"], 7, "{}", t.name);
+        t.provision(r#"{"devices":[{"key":"dev-late","profile":"th-v1","sensors":[{"metric":"temperature"}]}]}"#);
+        let cache = ReferenceCache::default();
+        // SQLite finds the rows to remove by one walk over the batch's id
+        // range when it holds no more rows than the batch has ids, else by
+        // id: m1..m9 holds seven for three ids (by id), m3..m3 one (a walk).
+        for batch_ids in [&["m1", "m5", "m9"][..], &["m3"]] {
+            let lines: Vec<String> = batch_ids.iter().map(|id| line(id)).collect();
+            let messages: Vec<_> = lines
+                .iter()
+                .map(|l| match parse_line(l.as_bytes(), false) {
+                    Parsed::Message(m) => m,
+                    _ => panic!("{l}"),
+                })
+                .collect();
+            let tokens: Vec<String> = batch_ids.iter().map(|id| format!("token-{id}")).collect();
+            let items: Vec<batch::Item<'_>> = messages
+                .iter()
+                .zip(&lines)
+                .zip(&tokens)
+                .map(|((message, raw), token)| batch::Item::Message {
+                    message,
+                    raw: raw.as_bytes(),
+                    token,
+                })
+                .collect();
+            let outcomes =
+                t.db.transaction(|c| batch::apply(c, &items, &cache))
+                    .unwrap();
+            assert_eq!(outcomes.len(), batch_ids.len(), "{}", t.name);
+        }
+        let mut left: Vec<Option<String>> = t
+            .snapshot()
+            .dead_letters
+            .into_iter()
+            .map(|row| row.0)
+            .collect();
+        left.sort();
+        let expected: Vec<Option<String>> = ["m2", "m4", "m6", "m7", "m8"]
+            .iter()
+            .map(|id| Some(id.to_string()))
+            .collect();
+        assert_eq!(left, expected, "{}", t.name);
+    }
+}
+
+#[test]
 fn nulls_are_skipped_and_a_non_number_invalidates_the_whole_message() {
     for t in provisioned() {
         let s = t.ingest(&msg(
