@@ -102,10 +102,16 @@ impl Drop for Server {
 }
 
 /// A producer on a raw socket: sends its lines, collects acks by seq.
+/// Sends `lines` and reads their acknowledgements. With `report`, counts
+/// itself in its counter once it holds that many acknowledgements (or its
+/// stream ended first), and goes on reading: a producer that stopped
+/// reading its acknowledgements while waiting for the others would hold the
+/// one SQLite writer back (its acknowledgements' channel full) and so
+/// starve the others of theirs, and none would get there.
 fn produce(
     socket: &Path,
     lines: &[String],
-    stop_after_acks: Option<(&std::sync::Barrier, usize)>,
+    report: Option<(&std::sync::atomic::AtomicUsize, usize)>,
 ) -> BTreeMap<u64, serde_json::Value> {
     let stream = UnixStream::connect(socket).unwrap();
     let reader = stream.try_clone().unwrap();
@@ -122,20 +128,20 @@ fn produce(
             drop(w);
             let _ = stream.shutdown(std::net::Shutdown::Write);
         });
-        let mut barrier = stop_after_acks;
+        let mut report = report;
         for line in BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             acks.insert(v["seq"].as_u64().unwrap(), v);
-            if let Some((b, n)) = barrier {
+            if let Some((reached, n)) = report {
                 if acks.len() >= n {
-                    b.wait();
-                    barrier = None;
+                    reached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    report = None;
                 }
             }
         }
-        if let Some((b, _)) = barrier {
-            b.wait();
+        if let Some((reached, _)) = report {
+            reached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         writer.join().unwrap();
     });
@@ -218,16 +224,19 @@ fn sigterm_mid_stream_then_a_resend_of_what_was_not_acknowledged_equals_a_clean_
     );
     let parts = split(&lines, 3);
     let total: usize = parts.iter().map(Vec::len).sum();
-    let barrier = std::sync::Barrier::new(parts.len() + 1);
+    let reached = std::sync::atomic::AtomicUsize::new(0);
     let first: Vec<BTreeMap<u64, serde_json::Value>> = std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
             .map(|part| {
-                let (socket, barrier) = (&server.socket, &barrier);
-                s.spawn(move || produce(socket, part, Some((barrier, part.len() / 10))))
+                let (socket, reached) = (&server.socket, &reached);
+                s.spawn(move || produce(socket, part, Some((reached, part.len() / 10))))
             })
             .collect();
-        barrier.wait();
+        // Every producer holds a tenth of its acknowledgements.
+        while reached.load(std::sync::atomic::Ordering::SeqCst) < parts.len() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         // Rotate the log, as logrotate would, then SIGTERM mid-stream.
         std::fs::rename(
             dir.path().join("normalizer.log"),
