@@ -173,21 +173,7 @@ impl<'c> Fixed<'c> {
     /// Runs a query with `values` bound as [`Fixed::run`] does; returns its
     /// first row's first column as text (`None`: no row, or NULL).
     pub(crate) fn first_text(&mut self, values: &[Value<'_>]) -> QueryResult<Option<String>> {
-        self.step_with(values, |row, _| {
-            Ok(row.and_then(|stmt| {
-                // SAFETY: a statement on a row; the text (NULL for NULL) is
-                // copied before the statement moves on.
-                unsafe {
-                    let text = ffi::sqlite3_column_text(stmt, 0);
-                    (!text.is_null()).then(|| {
-                        let len = ffi::sqlite3_column_bytes(stmt, 0);
-                        let bytes =
-                            std::slice::from_raw_parts(text, usize::try_from(len).unwrap_or(0));
-                        String::from_utf8_lossy(bytes).into_owned()
-                    })
-                }
-            }))
-        })
+        self.step_with(values, |row, _| Ok(row.and_then(first_column)))
     }
 
     /// Runs a query with `values` bound as [`Fixed::run`] does; returns
@@ -196,18 +182,10 @@ impl<'c> Fixed<'c> {
         let mut out = Vec::new();
         self.step_with(values, |mut row, db| {
             while let Some(stmt) = row {
-                // SAFETY: a statement on a row; the text is copied before
-                // the statement steps again.
+                out.extend(first_column(stmt));
+                // SAFETY: the statement is on a row; stepping on is what a
+                // query's rows need.
                 unsafe {
-                    let text = ffi::sqlite3_column_text(stmt, 0);
-                    if !text.is_null() {
-                        let len = ffi::sqlite3_column_bytes(stmt, 0);
-                        let bytes =
-                            std::slice::from_raw_parts(text, usize::try_from(len).unwrap_or(0));
-                        out.push(String::from_utf8_lossy(bytes).into_owned());
-                    }
-                    // SAFETY: the statement is on a row; stepping on is
-                    // what a query's rows need.
                     row = match ffi::sqlite3_step(stmt) {
                         ffi::SQLITE_ROW => Some(stmt),
                         ffi::SQLITE_DONE => None,
@@ -275,6 +253,21 @@ impl<'c> Fixed<'c> {
             ffi::sqlite3_clear_bindings(stmt);
         }
         result
+    }
+}
+
+/// The first column of the row `stmt` is on, as text (`None` for NULL),
+/// copied before the statement moves on.
+fn first_column(stmt: *mut ffi::sqlite3_stmt) -> Option<String> {
+    // SAFETY: a statement on a row (every caller's precondition); the text
+    // is read before any other call on it.
+    unsafe {
+        let text = ffi::sqlite3_column_text(stmt, 0);
+        (!text.is_null()).then(|| {
+            let len = ffi::sqlite3_column_bytes(stmt, 0);
+            let bytes = std::slice::from_raw_parts(text, usize::try_from(len).unwrap_or(0));
+            String::from_utf8_lossy(bytes).into_owned()
+        })
     }
 }
 
